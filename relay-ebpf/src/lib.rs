@@ -1,0 +1,2 @@
+#![no_std]
+// Exists so that relay can name relay-ebpf as a build-dependency (cache invalidation).

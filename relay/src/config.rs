@@ -1,0 +1,542 @@
+//! The configuration file (SPEC §5): TOML parsed with serde into typed structs, then validated.
+//!
+//! Every error names the file, the line and the key (`relay.toml:14: service[0].inbound.cert:
+//! ...`), because an operator fixing a config at 3 a.m. should not have to guess. Serde errors
+//! get their key path from `serde_path_to_error` and their line from toml's span; semantic errors
+//! found after deserialization locate their key in a span-preserving `toml_edit` document.
+//!
+//! Relative file paths (certificates, keys, CAs) are relative to the config file's directory.
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::tls;
+
+/// Security level of one side of a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Plain,
+    Tls,
+    Mtls,
+}
+
+impl fmt::Display for Level {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Level::Plain => "plain",
+            Level::Tls => "tls",
+            Level::Mtls => "mtls",
+        })
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub relay: RelaySection,
+    pub datapath: Option<Datapath>,
+    #[serde(default, rename = "service")]
+    pub services: Vec<Service>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelaySection {
+    pub control_socket: PathBuf,
+    /// Prometheus endpoint; absent means no metrics listener.
+    pub metrics: Option<SocketAddr>,
+    /// Time allowed for the inbound and outbound TLS handshakes, each.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Time allowed to connect to the backend.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// A relayed connection with no byte moving in either direction for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// On SIGTERM/SIGINT, established connections get this long to finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Connections open at once over all services; more are closed right after accept.
+    pub max_connections: usize,
+}
+
+impl Default for RelaySection {
+    fn default() -> Self {
+        Self {
+            control_socket: PathBuf::from("/run/relay/control.sock"),
+            metrics: None,
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(300),
+            shutdown_grace: Duration::from_secs(30),
+            max_connections: 10_000,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Datapath {
+    pub interfaces: Vec<String>,
+    #[serde(default)]
+    pub xdp_mode: XdpMode,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub name: String,
+    pub server: IpAddr,
+    pub port: u16,
+    pub backend_port: u16,
+    /// Where the relay connects; defaults to (server, backend_port).
+    pub backend: Option<SocketAddr>,
+    /// Explicit mode: the relay listens here instead of being steered to by the data path.
+    pub listen: Option<SocketAddr>,
+    /// Connections open at once for this service; absent means only the total limit applies.
+    pub max_connections: Option<usize>,
+    pub inbound: Inbound,
+    pub outbound: Outbound,
+}
+
+impl Service {
+    pub fn backend_addr(&self) -> SocketAddr {
+        self.backend
+            .unwrap_or(SocketAddr::new(self.server, self.backend_port))
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Inbound {
+    pub level: Level,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub client_ca: Option<PathBuf>,
+    #[serde(default)]
+    pub allow: Vec<String>,
+    #[serde(default = "yes")]
+    pub resumption: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Outbound {
+    pub level: Level,
+    pub ca: Option<PathBuf>,
+    pub server_name: Option<String>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    #[serde(default)]
+    pub proxy_protocol: ProxyProtocol,
+    #[serde(default = "yes")]
+    pub resumption: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    #[default]
+    None,
+    V1,
+    V2,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A configuration error, located in its file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read: {source}", file.display())]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}:{line}: {key}: {message}", file.display())]
+    Invalid {
+        file: PathBuf,
+        line: usize,
+        key: String,
+        message: String,
+    },
+}
+
+/// One step of a key path: a table key or an array index.
+#[derive(Clone, Debug)]
+pub enum Seg {
+    Key(&'static str),
+    Index(usize),
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.to_path_buf(),
+            source,
+        })?;
+        Self::parse(file, &text)
+    }
+
+    /// Parses and validates config text; `file` names it in errors and anchors relative paths.
+    pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+        let located = Locator { file, text };
+        let mut config: Config = located.deserialize()?;
+        let base = file.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config
+            .validate()
+            .map_err(|(path, message)| located.at(&path, message))?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut Option<PathBuf>| {
+            if let Some(p) = p
+                && p.is_relative()
+            {
+                *p = base.join(&*p);
+            }
+        };
+        for s in &mut self.services {
+            fix(&mut s.inbound.cert);
+            fix(&mut s.inbound.key);
+            fix(&mut s.inbound.client_ca);
+            fix(&mut s.outbound.ca);
+            fix(&mut s.outbound.cert);
+            fix(&mut s.outbound.key);
+        }
+    }
+
+    /// Semantic checks serde cannot express. Returns the key path of the first problem.
+    fn validate(&self) -> Result<(), (Vec<Seg>, String)> {
+        use Seg::{Index, Key};
+        let r = &self.relay;
+        for (key, d) in [
+            ("handshake_timeout", r.handshake_timeout),
+            ("connect_timeout", r.connect_timeout),
+            ("idle_timeout", r.idle_timeout),
+        ] {
+            if d.is_zero() {
+                return Err((
+                    vec![Key("relay"), Key(key)],
+                    "must be greater than 0".into(),
+                ));
+            }
+        }
+        if r.max_connections == 0 {
+            return Err((
+                vec![Key("relay"), Key("max_connections")],
+                "must be at least 1".into(),
+            ));
+        }
+        if let Some(dp) = &self.datapath {
+            if dp.interfaces.is_empty() {
+                return Err((
+                    vec![Key("datapath"), Key("interfaces")],
+                    "name at least one client-facing interface".into(),
+                ));
+            }
+            for (i, name) in dp.interfaces.iter().enumerate() {
+                if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+                    return Err((
+                        vec![Key("datapath"), Key("interfaces"), Index(i)],
+                        format!("{name:?} is not a valid interface name"),
+                    ));
+                }
+            }
+        }
+        let mut names = HashSet::new();
+        let mut listens = HashSet::new();
+        let mut fronts = HashSet::new();
+        for (i, s) in self.services.iter().enumerate() {
+            let at = |k: &'static str| vec![Key("service"), Index(i), Key(k)];
+            let valid_name = !s.name.is_empty()
+                && s.name.len() <= 64
+                && s.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            if !valid_name {
+                return Err((
+                    at("name"),
+                    format!("{:?}: use 1-64 of A-Z a-z 0-9 - _ .", s.name),
+                ));
+            }
+            if !names.insert(&s.name) {
+                return Err((at("name"), format!("duplicate service name {:?}", s.name)));
+            }
+            if s.port == 0 {
+                return Err((at("port"), "must be 1-65535".into()));
+            }
+            if s.backend_port == 0 {
+                return Err((at("backend_port"), "must be 1-65535".into()));
+            }
+            if s.port == s.backend_port {
+                return Err((
+                    at("backend_port"),
+                    "must differ from port: the data path steers the front port and drops \
+                     the backend port"
+                        .into(),
+                ));
+            }
+            if !fronts.insert((s.server, s.port)) {
+                return Err((
+                    at("port"),
+                    format!(
+                        "another service already uses {}",
+                        SocketAddr::new(s.server, s.port)
+                    ),
+                ));
+            }
+            match s.listen {
+                Some(l) if !listens.insert(l) => {
+                    return Err((
+                        at("listen"),
+                        format!("another service already listens on {l}"),
+                    ));
+                }
+                Some(_) => {}
+                None if self.datapath.is_none() => {
+                    return Err((
+                        at("listen"),
+                        "missing: without a [datapath] section every service needs a `listen` \
+                         address (explicit mode)"
+                            .into(),
+                    ));
+                }
+                None => {}
+            }
+            if s.max_connections == Some(0) {
+                return Err((at("max_connections"), "must be at least 1".into()));
+            }
+            self.validate_inbound(i, &s.inbound)?;
+            self.validate_outbound(i, s)?;
+        }
+        Ok(())
+    }
+
+    fn validate_inbound(&self, i: usize, inb: &Inbound) -> Result<(), (Vec<Seg>, String)> {
+        use Seg::{Index, Key};
+        let at = |k: &'static str| vec![Key("service"), Index(i), Key("inbound"), Key(k)];
+        let level = inb.level;
+        if level == Level::Plain {
+            for (k, v) in [
+                ("cert", &inb.cert),
+                ("key", &inb.key),
+                ("client_ca", &inb.client_ca),
+            ] {
+                if v.is_some() {
+                    return Err((
+                        at(k),
+                        "has no effect with level = \"plain\"; remove it".into(),
+                    ));
+                }
+            }
+        } else {
+            for (k, v) in [("cert", &inb.cert), ("key", &inb.key)] {
+                if v.is_none() {
+                    return Err((at(k), format!("required with level = \"{level}\"")));
+                }
+            }
+        }
+        match (level, &inb.client_ca) {
+            (Level::Mtls, None) => {
+                return Err((
+                    at("client_ca"),
+                    "required with level = \"mtls\": the CA that signs client certificates".into(),
+                ));
+            }
+            (Level::Tls, Some(_)) => {
+                return Err((
+                    at("client_ca"),
+                    "has no effect with level = \"tls\"; use level = \"mtls\" to verify clients"
+                        .into(),
+                ));
+            }
+            _ => {}
+        }
+        if !inb.allow.is_empty() {
+            return Err((
+                at("allow"),
+                "identity-based allow rules are not supported by this version yet; any client \
+                 certificate signed by client_ca is accepted"
+                    .into(),
+            ));
+        }
+        if level != Level::Plain {
+            tls::server_config(inb).map_err(|e| (at(e.field()), e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn validate_outbound(&self, i: usize, s: &Service) -> Result<(), (Vec<Seg>, String)> {
+        use Seg::{Index, Key};
+        let at = |k: &'static str| vec![Key("service"), Index(i), Key("outbound"), Key(k)];
+        let out = &s.outbound;
+        let level = out.level;
+        if level == Level::Plain {
+            for (k, v) in [("ca", &out.ca), ("cert", &out.cert), ("key", &out.key)] {
+                if v.is_some() {
+                    return Err((
+                        at(k),
+                        "has no effect with level = \"plain\"; remove it".into(),
+                    ));
+                }
+            }
+            if out.server_name.is_some() {
+                return Err((
+                    at("server_name"),
+                    "has no effect with level = \"plain\"; remove it".into(),
+                ));
+            }
+        }
+        if level == Level::Mtls {
+            for (k, v) in [("cert", &out.cert), ("key", &out.key)] {
+                if v.is_none() {
+                    return Err((at(k), "required with level = \"mtls\"".into()));
+                }
+            }
+        }
+        if level == Level::Tls {
+            for (k, v) in [("cert", &out.cert), ("key", &out.key)] {
+                if v.is_some() {
+                    return Err((
+                        at(k),
+                        "has no effect with level = \"tls\"; use level = \"mtls\" to present a \
+                         client certificate"
+                            .into(),
+                    ));
+                }
+            }
+        }
+        if out.proxy_protocol != ProxyProtocol::None {
+            return Err((
+                at("proxy_protocol"),
+                "PROXY protocol is not supported by this version yet".into(),
+            ));
+        }
+        if level != Level::Plain {
+            tls::client_config(out).map_err(|e| (at(e.field()), e.to_string()))?;
+            tls::server_name(s).map_err(|e| (at("server_name"), e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Turns key paths and serde errors into located [`ConfigError`]s.
+struct Locator<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Locator<'_> {
+    fn deserialize(&self) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::parse(self.text).map_err(|e| {
+            self.error_at(
+                e.span().map(|s| s.start),
+                "(syntax)".into(),
+                e.message().into(),
+            )
+        })?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            self.error_at(
+                inner.span().map(|s| s.start),
+                key,
+                inner.message().to_string(),
+            )
+        })
+    }
+
+    fn error_at(&self, offset: Option<usize>, key: String, message: String) -> ConfigError {
+        let key = if key.is_empty() || key == "." {
+            "(top level)".into()
+        } else {
+            key
+        };
+        ConfigError::Invalid {
+            file: self.file.to_path_buf(),
+            line: offset.map_or(1, |o| line_of(self.text, o)),
+            key,
+            message,
+        }
+    }
+
+    /// Locates `path` in the document: the line of its key, or of the closest enclosing table
+    /// when the key itself is missing.
+    fn at(&self, path: &[Seg], message: String) -> ConfigError {
+        let offset = toml_edit::Document::parse(self.text)
+            .ok()
+            .and_then(|doc| locate(doc.as_item(), path));
+        self.error_at(offset, render(path), message)
+    }
+}
+
+fn locate(root: &toml_edit::Item, path: &[Seg]) -> Option<usize> {
+    let mut item = root;
+    let mut best = None;
+    for seg in path {
+        let (next, span) = match seg {
+            Seg::Key(k) => match item.as_table_like().and_then(|t| t.get_key_value(k)) {
+                Some((key, value)) => (value, key.span().or(value.span())),
+                None => return best,
+            },
+            Seg::Index(n) => match item.get(*n) {
+                Some(value) => (value, value.span()),
+                None => return best,
+            },
+        };
+        best = span.map(|s| s.start).or(best);
+        item = next;
+    }
+    best
+}
+
+fn render(path: &[Seg]) -> String {
+    let mut s = String::new();
+    for seg in path {
+        match seg {
+            Seg::Key(k) => {
+                if !s.is_empty() {
+                    s.push('.');
+                }
+                s.push_str(k);
+            }
+            Seg::Index(i) => s.push_str(&format!("[{i}]")),
+        }
+    }
+    s
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+#[cfg(test)]
+mod tests;

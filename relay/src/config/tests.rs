@@ -1,0 +1,235 @@
+use std::{fs, path::Path};
+
+use super::*;
+
+/// A directory with a throwaway CA, a server certificate and key, and a config file name.
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let other_key = rcgen::KeyPair::generate().unwrap();
+        fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        fs::write(dir.path().join("server.pem"), cert.pem()).unwrap();
+        fs::write(dir.path().join("server.key"), key.serialize_pem()).unwrap();
+        fs::write(dir.path().join("other.key"), other_key.serialize_pem()).unwrap();
+        fs::write(dir.path().join("garbage.pem"), "not a pem file\n").unwrap();
+        Self { dir }
+    }
+
+    fn parse(&self, text: &str) -> Result<Config, ConfigError> {
+        let file = self.dir.path().join("relay.toml");
+        fs::write(&file, text).unwrap();
+        Config::load(&file)
+    }
+
+    /// Parses `text`, expects an error, returns (line, key, message).
+    fn error(&self, text: &str) -> (usize, String, String) {
+        match self.parse(text) {
+            Ok(_) => panic!("expected an error for:\n{text}"),
+            Err(ConfigError::Invalid {
+                file,
+                line,
+                key,
+                message,
+            }) => {
+                assert_eq!(file, self.dir.path().join("relay.toml"));
+                (line, key, message)
+            }
+            Err(e) => panic!("unexpected error kind: {e}"),
+        }
+    }
+}
+
+const TLS_TO_PLAIN: &str = r#"
+[relay]
+handshake_timeout = "250ms"
+
+[[service]]
+name = "shop"
+server = "203.0.113.10"
+port = 443
+backend_port = 8080
+listen = "127.0.0.1:8443"
+
+[service.inbound]
+level = "tls"
+cert = "server.pem"
+key = "server.key"
+
+[service.outbound]
+level = "plain"
+"#;
+
+#[test]
+fn valid_config_parses_with_defaults_and_resolved_paths() {
+    let f = Fixture::new();
+    let c = f.parse(TLS_TO_PLAIN).unwrap();
+    assert_eq!(c.relay.handshake_timeout, Duration::from_millis(250));
+    assert_eq!(c.relay.idle_timeout, Duration::from_secs(300), "default");
+    assert_eq!(c.relay.control_socket, Path::new("/run/relay/control.sock"));
+    assert_eq!(c.services.len(), 1);
+    let s = &c.services[0];
+    assert_eq!(s.backend_addr(), "203.0.113.10:8080".parse().unwrap());
+    assert_eq!(
+        s.inbound.cert.as_deref(),
+        Some(f.dir.path().join("server.pem").as_path())
+    );
+    assert!(s.inbound.resumption, "resumption defaults to on");
+    assert!(c.datapath.is_none());
+}
+
+#[test]
+fn every_level_pair_is_accepted() {
+    let f = Fixture::new();
+    let mut text = String::new();
+    let mut n = 0;
+    for inb in ["plain", "tls", "mtls"] {
+        for out in ["plain", "tls", "mtls"] {
+            n += 1;
+            text.push_str(&format!(
+                "[[service]]\nname = \"s{n}\"\nserver = \"2001:db8::1\"\nport = {}\nbackend_port = 9\nlisten = \"[::1]:{}\"\n",
+                1000 + n,
+                2000 + n
+            ));
+            text.push_str(&format!("[service.inbound]\nlevel = \"{inb}\"\n"));
+            if inb != "plain" {
+                text.push_str("cert = \"server.pem\"\nkey = \"server.key\"\n");
+            }
+            if inb == "mtls" {
+                text.push_str("client_ca = \"ca.pem\"\n");
+            }
+            text.push_str(&format!("[service.outbound]\nlevel = \"{out}\"\n"));
+            if out != "plain" {
+                text.push_str("ca = \"ca.pem\"\nserver_name = \"localhost\"\n");
+            }
+            if out == "mtls" {
+                text.push_str("cert = \"server.pem\"\nkey = \"server.key\"\n");
+            }
+        }
+    }
+    let c = f.parse(&text).unwrap();
+    assert_eq!(c.services.len(), 9);
+}
+
+#[test]
+fn syntax_error_names_the_line() {
+    let f = Fixture::new();
+    let (line, _, message) = f.error("[relay]\nmetrics = \n");
+    assert_eq!(line, 2, "{message}");
+}
+
+#[test]
+fn unknown_key_names_line_and_key() {
+    let f = Fixture::new();
+    let text = TLS_TO_PLAIN.replace("cert = \"server.pem\"", "cret = \"server.pem\"");
+    let (line, key, message) = f.error(&text);
+    assert_eq!(line, 14);
+    assert!(key.starts_with("service[0].inbound"), "{key}");
+    assert!(message.contains("unknown field `cret`"), "{message}");
+}
+
+#[test]
+fn wrong_type_and_out_of_range_port() {
+    let f = Fixture::new();
+    let (line, key, _) = f.error(&TLS_TO_PLAIN.replace("port = 443", "port = \"443\""));
+    assert_eq!((line, key.as_str()), (8, "service[0].port"));
+    let (line, key, message) = f.error(&TLS_TO_PLAIN.replace("port = 443", "port = 70000"));
+    assert_eq!((line, key.as_str()), (8, "service[0].port"), "{message}");
+    let (line, key, _) = f.error(&TLS_TO_PLAIN.replace("port = 443", "port = 0"));
+    assert_eq!((line, key.as_str()), (8, "service[0].port"));
+}
+
+#[test]
+fn bad_level_and_bad_address() {
+    let f = Fixture::new();
+    let (line, key, message) =
+        f.error(&TLS_TO_PLAIN.replace("level = \"plain\"", "level = \"ssl\""));
+    assert_eq!((line, key.as_str()), (18, "service[0].outbound.level"));
+    assert!(
+        message.contains("plain") && message.contains("mtls"),
+        "{message}"
+    );
+    let (line, key, _) = f.error(&TLS_TO_PLAIN.replace("203.0.113.10", "example"));
+    assert_eq!((line, key.as_str()), (7, "service[0].server"));
+}
+
+#[test]
+fn mtls_without_client_ca_points_at_the_inbound_table() {
+    let f = Fixture::new();
+    let (line, key, message) =
+        f.error(&TLS_TO_PLAIN.replace("level = \"tls\"", "level = \"mtls\""));
+    assert_eq!(key, "service[0].inbound.client_ca");
+    assert_eq!(line, 12, "the [service.inbound] header");
+    assert!(message.contains("required"), "{message}");
+}
+
+#[test]
+fn unreadable_or_invalid_files_name_the_key() {
+    let f = Fixture::new();
+    let (line, key, message) = f.error(&TLS_TO_PLAIN.replace("server.pem", "missing.pem"));
+    assert_eq!((line, key.as_str()), (14, "service[0].inbound.cert"));
+    assert!(
+        message.contains("missing.pem") && message.contains("cannot read"),
+        "{message}"
+    );
+    let (_, key, message) = f.error(&TLS_TO_PLAIN.replace("server.key", "garbage.pem"));
+    assert_eq!(key, "service[0].inbound.key", "{message}");
+    let (_, key, message) = f.error(&TLS_TO_PLAIN.replace("server.key", "other.key"));
+    assert_eq!(key, "service[0].inbound.key");
+    assert!(message.contains("does not fit"), "{message}");
+}
+
+#[test]
+fn contradictions_are_rejected() {
+    let f = Fixture::new();
+    let (_, key, _) = f.error(&TLS_TO_PLAIN.replace("backend_port = 8080", "backend_port = 443"));
+    assert_eq!(key, "service[0].backend_port");
+    let (_, key, _) = f.error(&TLS_TO_PLAIN.replace("listen = \"127.0.0.1:8443\"\n", ""));
+    assert_eq!(key, "service[0].listen");
+    let plain_with_cert = TLS_TO_PLAIN.replace("level = \"tls\"", "level = \"plain\"");
+    let (line, key, _) = f.error(&plain_with_cert);
+    assert_eq!((line, key.as_str()), (14, "service[0].inbound.cert"));
+    let twice = format!(
+        "{TLS_TO_PLAIN}{}",
+        TLS_TO_PLAIN.replace("[relay]\nhandshake_timeout = \"250ms\"\n", "")
+    );
+    let (line, key, message) = f.error(&twice);
+    assert_eq!((line, key.as_str()), (22, "service[1].name"), "{message}");
+}
+
+#[test]
+fn transparent_services_need_a_datapath_interface() {
+    let f = Fixture::new();
+    let text = format!(
+        "[datapath]\ninterfaces = []\n{}",
+        TLS_TO_PLAIN.replace("listen = \"127.0.0.1:8443\"\n", "")
+    );
+    let (line, key, _) = f.error(&text);
+    assert_eq!((line, key.as_str()), (2, "datapath.interfaces"));
+    let ok = text.replace(
+        "interfaces = []",
+        "interfaces = [\"eth0\"]\nxdp_mode = \"native\"",
+    );
+    let c = f.parse(&ok).unwrap();
+    assert_eq!(c.datapath.unwrap().xdp_mode, XdpMode::Native);
+}
+
+#[test]
+fn missing_file_is_a_read_error() {
+    let e = Config::load(Path::new("/nonexistent/relay.toml")).unwrap_err();
+    assert!(matches!(e, ConfigError::Read { .. }));
+    assert!(e.to_string().contains("/nonexistent/relay.toml"), "{e}");
+}

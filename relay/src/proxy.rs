@@ -1,0 +1,270 @@
+//! One service at work: accepting client connections and relaying each of them.
+//!
+//! Per connection, in order: the inbound level is established (TLS handshake with the service
+//! certificate; client certificate verification for `mtls`), then the relay connects to the
+//! backend and establishes the outbound level, then bytes are copied both ways until both sides
+//! are done (see `copy`). Each step has its own timeout; every end is logged in one line and
+//! counted by outcome. A failing connection never affects another one.
+
+use std::{
+    io,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use rustls::pki_types::ServerName;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::timeout,
+};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_util::{either::Either, sync::CancellationToken, task::TaskTracker};
+use tracing::{info, warn};
+
+use crate::{
+    config::{Level, RelaySection, Service},
+    copy::{self, CopyError},
+    metrics::{Outcome, ServiceMetrics},
+    tls,
+};
+
+/// A client or backend connection at its security level.
+type Conn = Either<TcpStream, tokio_rustls::TlsStream<TcpStream>>;
+
+/// Limits and timeouts shared by every service of a relay.
+pub struct Shared {
+    pub timeouts: Timeouts,
+    /// One permit per open connection, over all services.
+    pub total: Arc<Semaphore>,
+    pub tracker: TaskTracker,
+    pub shutdown: CancellationToken,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub handshake: Duration,
+    pub connect: Duration,
+    pub idle: Duration,
+}
+
+impl From<&RelaySection> for Timeouts {
+    fn from(r: &RelaySection) -> Self {
+        Self {
+            handshake: r.handshake_timeout,
+            connect: r.connect_timeout,
+            idle: r.idle_timeout,
+        }
+    }
+}
+
+/// A service ready to relay: its config with the TLS state built from it.
+pub struct ServiceRuntime {
+    pub config: Service,
+    acceptor: Option<TlsAcceptor>,
+    connector: Option<(TlsConnector, ServerName<'static>)>,
+    limit: Option<Arc<Semaphore>>,
+    pub metrics: ServiceMetrics,
+}
+
+impl ServiceRuntime {
+    pub fn new(config: Service) -> anyhow::Result<Self> {
+        let name = &config.name;
+        let acceptor = match config.inbound.level {
+            Level::Plain => None,
+            _ => Some(TlsAcceptor::from(
+                tls::server_config(&config.inbound)
+                    .with_context(|| format!("service {name}: inbound TLS"))?,
+            )),
+        };
+        let connector = match config.outbound.level {
+            Level::Plain => None,
+            _ => Some((
+                TlsConnector::from(
+                    tls::client_config(&config.outbound)
+                        .with_context(|| format!("service {name}: outbound TLS"))?,
+                ),
+                tls::server_name(&config).map_err(anyhow::Error::msg)?,
+            )),
+        };
+        let limit = config.max_connections.map(|n| Arc::new(Semaphore::new(n)));
+        Ok(Self {
+            config,
+            acceptor,
+            connector,
+            limit,
+            metrics: ServiceMetrics::default(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+}
+
+/// Accepts connections for one service until shutdown.
+pub async fn serve(listener: TcpListener, service: Arc<ServiceRuntime>, shared: Arc<Shared>) {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let accepted = tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        let (socket, peer) = match accepted {
+            Ok(a) => {
+                backoff = Duration::from_millis(10);
+                a
+            }
+            Err(e) => {
+                // Out of file descriptors or memory: keep the queue, wait, try again. Errors that
+                // belong to one aborted connection (ECONNABORTED) need no pause.
+                if is_resource_exhaustion(&e) {
+                    warn!(service = service.name(), error = %e, "accept failed, retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                continue;
+            }
+        };
+        let Some(permits) = admit(&service, &shared) else {
+            service.metrics.count(Outcome::LimitReached);
+            warn!(service = service.name(), %peer, "connection limit reached, closing");
+            drop(socket);
+            continue;
+        };
+        let service = Arc::clone(&service);
+        let timeouts = shared.timeouts;
+        shared.tracker.spawn(async move {
+            handle(socket, peer, &service, timeouts).await;
+            drop(permits);
+        });
+    }
+}
+
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// Takes a permit from the total limit and from the service's own, or none at all.
+fn admit(
+    service: &ServiceRuntime,
+    shared: &Shared,
+) -> Option<(OwnedSemaphorePermit, Option<OwnedSemaphorePermit>)> {
+    let total = Arc::clone(&shared.total).try_acquire_owned().ok()?;
+    let own = match &service.limit {
+        Some(limit) => Some(Arc::clone(limit).try_acquire_owned().ok()?),
+        None => None,
+    };
+    Some((total, own))
+}
+
+/// Why a connection ended early, with the detail for the log line.
+struct Failure {
+    outcome: Outcome,
+    detail: String,
+}
+
+impl Failure {
+    fn new(outcome: Outcome, detail: impl ToString) -> Self {
+        Self {
+            outcome,
+            detail: detail.to_string(),
+        }
+    }
+}
+
+async fn handle(socket: TcpStream, peer: SocketAddr, service: &ServiceRuntime, t: Timeouts) {
+    let started = Instant::now();
+    service.metrics.opened();
+    let _ = socket.set_nodelay(true);
+    let mut transfer = copy::Transfer::default();
+    let result = async {
+        let inbound = accept_inbound(socket, service, t.handshake).await?;
+        let outbound = connect_outbound(service, t).await?;
+        let (moved, result) = copy::relay(inbound, outbound, t.idle).await;
+        transfer = moved;
+        result.map_err(|e| match e {
+            CopyError::Idle(_) => Failure::new(Outcome::IdleTimeout, e),
+            CopyError::Io(e) => Failure::new(Outcome::IoError, e),
+        })
+    }
+    .await;
+    let outcome = result.as_ref().err().map_or(Outcome::Closed, |f| f.outcome);
+    service
+        .metrics
+        .finished(outcome, transfer.up, transfer.down);
+    let c = &service.config;
+    let duration_ms = started.elapsed().as_millis() as u64;
+    match result {
+        Ok(()) => info!(
+            service = %c.name, %peer, inbound = %c.inbound.level, outbound = %c.outbound.level,
+            bytes_up = transfer.up, bytes_down = transfer.down, duration_ms,
+            outcome = outcome.label(), "connection closed"
+        ),
+        Err(f) => warn!(
+            service = %c.name, %peer, inbound = %c.inbound.level, outbound = %c.outbound.level,
+            bytes_up = transfer.up, bytes_down = transfer.down, duration_ms,
+            outcome = outcome.label(), error = %f.detail, "connection closed"
+        ),
+    }
+}
+
+async fn accept_inbound(
+    socket: TcpStream,
+    service: &ServiceRuntime,
+    limit: Duration,
+) -> Result<Conn, Failure> {
+    let Some(acceptor) = &service.acceptor else {
+        return Ok(Either::Left(socket));
+    };
+    match timeout(limit, acceptor.accept(socket)).await {
+        Err(_) => Err(Failure::new(
+            Outcome::HandshakeTimeout,
+            format!("no TLS handshake within {limit:?}"),
+        )),
+        Ok(Err(e)) => Err(Failure::new(
+            Outcome::HandshakeFailed,
+            format!("TLS handshake: {e}"),
+        )),
+        Ok(Ok(tls)) => Ok(Either::Right(tls.into())),
+    }
+}
+
+async fn connect_outbound(service: &ServiceRuntime, t: Timeouts) -> Result<Conn, Failure> {
+    let addr = service.config.backend_addr();
+    let socket = match timeout(t.connect, TcpStream::connect(addr)).await {
+        Err(_) => {
+            return Err(Failure::new(
+                Outcome::ConnectTimeout,
+                format!("backend {addr}: no answer within {:?}", t.connect),
+            ));
+        }
+        Ok(Err(e)) => {
+            return Err(Failure::new(
+                Outcome::ConnectFailed,
+                format!("backend {addr}: {e}"),
+            ));
+        }
+        Ok(Ok(s)) => s,
+    };
+    let _ = socket.set_nodelay(true);
+    let Some((connector, name)) = &service.connector else {
+        return Ok(Either::Left(socket));
+    };
+    match timeout(t.handshake, connector.connect(name.clone(), socket)).await {
+        Err(_) => Err(Failure::new(
+            Outcome::BackendHandshakeFailed,
+            format!("backend {addr}: no TLS handshake within {:?}", t.handshake),
+        )),
+        Ok(Err(e)) => Err(Failure::new(
+            Outcome::BackendHandshakeFailed,
+            format!("backend {addr}: TLS handshake: {e}"),
+        )),
+        Ok(Ok(tls)) => Ok(Either::Right(tls.into())),
+    }
+}

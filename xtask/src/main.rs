@@ -1,0 +1,162 @@
+//! Developer workflow for `relay`: `cargo xtask <command>`.
+//!
+//! Every command first runs the idempotent toolchain bootstrap (`setup`), so the two README
+//! commands work on a fresh machine that has only rustup's stable + nightly toolchains and root.
+
+mod demo;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, run, demo and test relay")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what the project needs (apt packages, rust-src, bpf-linker); idempotent.
+    Setup,
+    /// Build the relay (and its embedded eBPF object).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Show relay at work: real curl over TLS through the relay to a real HTTP backend.
+    Demo,
+    /// Run the relay in the foreground with a config (default: examples/relay.toml).
+    Run {
+        #[arg(long, default_value = "examples/relay.toml")]
+        config: PathBuf,
+    },
+    /// Lint and run every test (unit, eBPF, end to end). CI runs exactly this.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = dispatch(cli.command) {
+        eprintln!("\x1b[1;31merror:\x1b[0m {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
+    std::env::set_current_dir(workspace_root())?;
+    setup::setup()?;
+    match cmd {
+        Cmd::Setup => Ok(()),
+        Cmd::Build { release } => build(release),
+        Cmd::Demo => {
+            build(false)?;
+            demo::demo(&relay_bin(false))
+        }
+        Cmd::Run { config } => {
+            build(false)?;
+            demo::dev_certs(Path::new("examples/certs"))?;
+            let status = Command::new(relay_bin(false))
+                .arg("run")
+                .arg("--config")
+                .arg(&config)
+                .status()
+                .context("starting relay")?;
+            if !status.success() {
+                bail!("relay exited with {status}");
+            }
+            Ok(())
+        }
+        Cmd::Test { args } => test(&args),
+    }
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    if !setup::is_root() {
+        eprintln!(
+            "\x1b[1;33mwarning:\x1b[0m not root: the eBPF and network-namespace tests will FAIL \
+             (they need CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN); run as root, as CI does"
+        );
+    }
+    run(Command::new("cargo").args(["fmt", "--all", "--check"]))
+        .context("formatting differs: run `cargo fmt --all`")?;
+    run(Command::new("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]))
+        .context("clippy found problems")?;
+    build(false)?;
+    run(Command::new("cargo")
+        .args(["test", "--no-fail-fast"])
+        .args(args)
+        .env("RELAY_BIN", relay_bin(false)))
+    .context("tests failed")
+}
+
+fn build(release: bool) -> anyhow::Result<()> {
+    let mut cmd = Command::new("cargo");
+    cmd.args(["build", "--package", "relay"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd).context("building relay failed")
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn relay_bin(release: bool) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    target
+        .join(if release { "release" } else { "debug" })
+        .join("relay")
+}
+
+/// Runs a command with inherited stdio; fails with the command line if it fails.
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{} exited with {status}", describe(cmd));
+    }
+    Ok(())
+}
+
+/// Runs a command and returns its stdout; fails if it cannot start or fails.
+pub fn capture(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        bail!(
+            "{} exited with {}: {}",
+            describe(cmd),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}

@@ -1,0 +1,157 @@
+//! Toolchain bootstrap: everything `relay` needs beyond rustup's stable + nightly and cargo.
+//!
+//! Every step checks first and does nothing when its piece is already there, so running it before
+//! every other xtask command costs well under a second on a prepared machine. On a fresh Debian
+//! machine it installs, with a line of progress each:
+//! - Debian packages: LLVM of the same major version as the nightly rustc (bpf-linker links
+//!   against it), bpftool, and the peers the tests and the demo drive (curl, openssl, iproute2,
+//!   python3 for `http.server`).
+//! - the nightly `rust-src` component (`-Z build-std=core` for the bpfel target). rustup does not
+//!   install a toolchain file's components by itself where `RUSTUP_AUTO_INSTALL=0`.
+//! - `bpf-linker`, built from crates.io against Debian's `llvm-NN-dev`.
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+
+use crate::{capture, run};
+
+/// bpf-linker release known to build against LLVM 22 with the installed Rust.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Debian packages the project uses at run or test time (besides LLVM, chosen at run time).
+const APT_PACKAGES: &[&str] = &[
+    "bpftool", "curl", "openssl", "iproute2", "python3", "procps",
+];
+
+pub fn setup() -> anyhow::Result<()> {
+    let started = Instant::now();
+    let llvm_major = nightly_llvm_major()?;
+    let llvm_dev = format!("llvm-{llvm_major}-dev");
+    let mut wanted: Vec<&str> = APT_PACKAGES.to_vec();
+    wanted.push(&llvm_dev);
+    apt_install(&wanted)?;
+    rust_src()?;
+    bpf_linker(llvm_major)?;
+    let took = started.elapsed();
+    if took > Duration::from_secs(2) {
+        step(&format!("toolchain ready in {}", secs(took)));
+    }
+    Ok(())
+}
+
+fn step(msg: &str) {
+    eprintln!("\x1b[1m[setup]\x1b[0m {msg}");
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
+/// The LLVM major version of the nightly rustc: bpf-linker must be built against the same one,
+/// because it reads the bitcode that rustc's LLVM writes.
+fn nightly_llvm_major() -> anyhow::Result<u32> {
+    let out = capture(Command::new("rustc").args(["+nightly", "-vV"])).context(
+        "the nightly toolchain is missing: install it with `rustup toolchain install nightly`",
+    )?;
+    let version = out
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .context("`rustc +nightly -vV` printed no LLVM version")?;
+    version
+        .split('.')
+        .next()
+        .and_then(|m| m.trim().parse().ok())
+        .with_context(|| format!("unparsable LLVM version {version:?}"))
+}
+
+fn apt_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn apt_install(pkgs: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = pkgs.iter().copied().filter(|p| !apt_installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    ensure!(
+        is_root(),
+        "Debian packages missing: {} — run `cargo xtask setup` as root, or `apt-get install {}`",
+        missing.join(" "),
+        missing.join(" ")
+    );
+    let t = Instant::now();
+    step(&format!(
+        "apt: installing {} (about 30 s)",
+        missing.join(" ")
+    ));
+    run(Command::new("apt-get").args(["update", "-qq"]))
+        .context("apt-get update failed: are Debian's package mirrors reachable?")?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .with_context(|| format!("apt-get install {} failed", missing.join(" ")))?;
+    step(&format!("apt: done in {}", secs(t.elapsed())));
+    Ok(())
+}
+
+fn rust_src() -> anyhow::Result<()> {
+    let installed = capture(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))
+    .context("rustup is missing or has no nightly toolchain")?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(());
+    }
+    let t = Instant::now();
+    step("rustup: adding rust-src to nightly (build-std for the eBPF target)");
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+        .context("rustup component add rust-src --toolchain nightly failed")?;
+    step(&format!("rustup: done in {}", secs(t.elapsed())));
+    Ok(())
+}
+
+fn bpf_linker(llvm_major: u32) -> anyhow::Result<()> {
+    let current = capture(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if current.contains(BPF_LINKER_VERSION) {
+        return Ok(());
+    }
+    let prefix = format!("/usr/lib/llvm-{llvm_major}");
+    if !std::path::Path::new(&format!("{prefix}/bin/llvm-config")).exists() {
+        bail!("{prefix}/bin/llvm-config is missing: install llvm-{llvm_major}-dev");
+    }
+    let t = Instant::now();
+    step(&format!(
+        "cargo: building bpf-linker {BPF_LINKER_VERSION} against LLVM {llvm_major} (about 2 min)"
+    ));
+    let path = format!("{prefix}/bin:{}", std::env::var("PATH").unwrap_or_default());
+    // LLVM_PREFIX and PATH make bpf-linker's build script find Debian's LLVM rather than the
+    // distribution default /usr/bin/llvm-config (an older major).
+    run(Command::new("cargo")
+        .args(["install", "--locked", "--force", "--no-default-features"])
+        .arg("--features")
+        .arg(format!("llvm-{llvm_major}"))
+        .arg(format!("bpf-linker@{BPF_LINKER_VERSION}"))
+        .env("LLVM_PREFIX", &prefix)
+        .env("PATH", path))
+    .context("building bpf-linker failed")?;
+    step(&format!("cargo: bpf-linker built in {}", secs(t.elapsed())));
+    Ok(())
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
