@@ -27,6 +27,10 @@ fn main() -> anyhow::Result<()> {
         root_dir: root_dir.as_str(),
         ..Default::default()
     };
+    // aya-build relays every line the nested cargo prints as a cargo warning, replayed on every
+    // build; quiet keeps only real errors.
+    // SAFETY: build scripts are single-threaded here.
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf([package], Toolchain::default())
 }
 

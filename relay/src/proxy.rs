@@ -121,7 +121,7 @@ pub async fn serve(listener: TcpListener, service: Arc<ServiceRuntime>, shared: 
                 // Out of file descriptors or memory: keep the queue, wait, try again. Errors that
                 // belong to one aborted connection (ECONNABORTED) need no pause.
                 if is_resource_exhaustion(&e) {
-                    warn!(service = service.name(), error = %e, "accept failed, retrying in {backoff:?}");
+                    warn!(service = %service.name(), error = %e, "accept failed, retrying in {backoff:?}");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
@@ -130,7 +130,7 @@ pub async fn serve(listener: TcpListener, service: Arc<ServiceRuntime>, shared: 
         };
         let Some(permits) = admit(&service, &shared) else {
             service.metrics.count(Outcome::LimitReached);
-            warn!(service = service.name(), %peer, "connection limit reached, closing");
+            warn!(service = %service.name(), %peer, "connection limit reached, closing");
             drop(socket);
             continue;
         };

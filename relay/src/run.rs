@@ -73,7 +73,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     for s in &services {
         info!(
-            service = s.name(),
+            service = %s.name(),
             "final counters: {}",
             s.metrics.summary()
         );

@@ -1,0 +1,74 @@
+//! A real HTTP backend: Python's `http.server` serving a directory.
+
+use std::{
+    net::{IpAddr, SocketAddr, TcpStream},
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::wait_until;
+
+pub struct HttpServer {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl HttpServer {
+    /// Serves `dir` on `ip:port`, run through `wrap` (e.g. `ip netns exec NS`) if given.
+    pub fn start(dir: &Path, ip: IpAddr, port: u16, wrap: &[&str]) -> anyhow::Result<HttpServer> {
+        let mut cmd = match wrap.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg("python3");
+                c
+            }
+            None => Command::new("python3"),
+        };
+        let child = cmd
+            .args([
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                &ip.to_string(),
+            ])
+            .arg("--directory")
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("start python3 -m http.server (is python3 installed? `cargo xtask setup`)")?;
+        let mut server = HttpServer {
+            child,
+            addr: SocketAddr::new(ip, port),
+        };
+        if !wrap.is_empty() {
+            // Inside another namespace we cannot probe it from here; the caller checks.
+            std::thread::sleep(Duration::from_millis(500));
+            return Ok(server);
+        }
+        let up = wait_until(Duration::from_secs(10), || {
+            TcpStream::connect_timeout(&server.addr, Duration::from_millis(200)).is_ok()
+        });
+        if !up {
+            let _ = server.child.kill();
+            bail!("http.server did not start on {}", server.addr);
+        }
+        Ok(server)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,147 @@
+//! A throwaway PKI: one CA for servers, one for clients, and a stranger CA whose client
+//! certificate must be rejected. Server certificates cover `localhost`, loopback and the
+//! documentation addresses used by the namespace tests.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType, SignatureAlgorithm,
+};
+
+/// Key algorithm of a generated certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyKind {
+    EcdsaP256,
+    Rsa2048,
+    Ed25519,
+}
+
+impl KeyKind {
+    fn alg(self) -> &'static SignatureAlgorithm {
+        match self {
+            KeyKind::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+            KeyKind::Rsa2048 => &rcgen::PKCS_RSA_SHA256,
+            KeyKind::Ed25519 => &rcgen::PKCS_ED25519,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            KeyKind::EcdsaP256 => "ecdsa",
+            KeyKind::Rsa2048 => "rsa",
+            KeyKind::Ed25519 => "ed25519",
+        }
+    }
+}
+
+/// PEM file paths of one certificate and its key.
+#[derive(Clone, Debug)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Everything the tests need, as files in one directory.
+pub struct Pki {
+    pub dir: PathBuf,
+    /// CA of server certificates (what clients and the relay's outbound side trust).
+    pub ca: PathBuf,
+    /// CA of client certificates (what an mtls inbound side trusts).
+    pub client_ca: PathBuf,
+    /// Server certificates by key kind, for `localhost` and the test addresses.
+    pub servers: Vec<(KeyKind, CertFiles)>,
+    /// A client certificate signed by `client_ca` (CN and DNS SAN `client.test`).
+    pub client: CertFiles,
+    /// A client certificate from a CA nobody trusts.
+    pub stranger: CertFiles,
+}
+
+impl Pki {
+    /// Generates the whole PKI into `dir` (created if missing).
+    pub fn generate(dir: &Path) -> anyhow::Result<Pki> {
+        fs::create_dir_all(dir)?;
+        let (ca_pem, ca_issuer) = new_ca("relay test server CA")?;
+        let (client_ca_pem, client_issuer) = new_ca("relay test client CA")?;
+        let (_, stranger_issuer) = new_ca("stranger CA")?;
+        let write = |name: &str, pem: String| -> anyhow::Result<PathBuf> {
+            let p = dir.join(name);
+            fs::write(&p, pem)?;
+            Ok(p)
+        };
+        let ca_path = write("ca.pem", ca_pem)?;
+        let client_ca_path = write("client-ca.pem", client_ca_pem)?;
+        let mut servers = Vec::new();
+        for kind in [KeyKind::EcdsaP256, KeyKind::Rsa2048, KeyKind::Ed25519] {
+            let key = KeyPair::generate_for(kind.alg())?;
+            let mut params = CertificateParams::new(vec!["localhost".to_string()])?;
+            params
+                .distinguished_name
+                .push(DnType::CommonName, "localhost");
+            for ip in [
+                "127.0.0.1",
+                "::1",
+                "198.51.100.10",
+                "2001:db8:b::10",
+                "203.0.113.10",
+            ] {
+                params
+                    .subject_alt_names
+                    .push(SanType::IpAddress(ip.parse()?));
+            }
+            let cert = params.signed_by(&key, &ca_issuer)?;
+            let files = CertFiles {
+                cert: write(&format!("server-{}.pem", kind.label()), cert.pem())?,
+                key: write(&format!("server-{}.key", kind.label()), key.serialize_pem())?,
+            };
+            servers.push((kind, files));
+        }
+        let client = leaf(&client_issuer, "client.test")?;
+        let client = CertFiles {
+            cert: write("client.pem", client.0)?,
+            key: write("client.key", client.1)?,
+        };
+        let stranger = leaf(&stranger_issuer, "stranger.test")?;
+        let stranger = CertFiles {
+            cert: write("stranger.pem", stranger.0)?,
+            key: write("stranger.key", stranger.1)?,
+        };
+        Ok(Pki {
+            dir: dir.to_path_buf(),
+            ca: ca_path,
+            client_ca: client_ca_path,
+            servers,
+            client,
+            stranger,
+        })
+    }
+
+    /// The ECDSA server certificate, the default one.
+    pub fn server(&self) -> &CertFiles {
+        self.server_of(KeyKind::EcdsaP256)
+    }
+
+    pub fn server_of(&self, kind: KeyKind) -> &CertFiles {
+        &self.servers.iter().find(|(k, _)| *k == kind).unwrap().1
+    }
+}
+
+fn new_ca(name: &str) -> anyhow::Result<(String, Issuer<'static, KeyPair>)> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    let cert = params.self_signed(&key)?;
+    Ok((cert.pem(), Issuer::new(params, key)))
+}
+
+/// A client certificate (PEM cert, PEM key) for `name`, signed by `issuer`.
+fn leaf(issuer: &Issuer<'static, KeyPair>, name: &str) -> anyhow::Result<(String, String)> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::new(vec![name.to_string()])?;
+    params.distinguished_name.push(DnType::CommonName, name);
+    let cert = params.signed_by(&key, issuer)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}

@@ -1,0 +1,153 @@
+//! The relay binary as a child process: started with a config, its log lines captured, stopped
+//! with SIGTERM (and killed if it does not stop) when dropped.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::wait_until;
+
+/// Path of the relay binary: `$RELAY_BIN` (set by `cargo xtask test`), else the one cargo built
+/// next to this test executable.
+pub fn binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("RELAY_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/relay
+    let p = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("relay");
+    assert!(
+        p.exists(),
+        "relay binary not found at {}: run the tests with `cargo xtask test`, or build it with \
+         `cargo build -p relay`, or set RELAY_BIN",
+        p.display()
+    );
+    p
+}
+
+/// Runs `relay <args>` to completion (for `check`, `--version`, usage errors).
+pub fn cli(args: &[&str]) -> Output {
+    Command::new(binary())
+        .args(args)
+        .output()
+        .expect("run relay binary")
+}
+
+pub struct Relay {
+    child: Child,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Relay {
+    /// Starts `relay run --config <config>` and waits until it logs that it is ready.
+    pub fn start(config: &Path) -> anyhow::Result<Relay> {
+        Self::start_with(
+            Command::new(binary())
+                .arg("run")
+                .arg("--config")
+                .arg(config),
+        )
+    }
+
+    /// Starts a prepared command (e.g. wrapped in `ip netns exec`) whose stderr is relay's log.
+    pub fn start_with(cmd: &mut Command) -> anyhow::Result<Relay> {
+        let mut child = cmd
+            .env(
+                "RUST_LOG",
+                std::env::var("RELAY_TEST_LOG").unwrap_or("info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawn relay")?;
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = Arc::clone(&logs);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                // Visible with `cargo test -- --nocapture`, kept for assertions either way.
+                eprintln!("[relay] {line}");
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut relay = Relay { child, logs };
+        let ready = wait_until(Duration::from_secs(30), || {
+            relay.has_log("relay ready") || relay.exited()
+        });
+        if !ready || relay.exited() || !relay.has_log("relay ready") {
+            bail!("relay did not become ready:\n{}", relay.logs().join("\n"));
+        }
+        Ok(relay)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    pub fn has_log(&self, needle: &str) -> bool {
+        self.logs.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+
+    /// Lines containing every one of `needles`.
+    pub fn count_logs(&self, needles: &[&str]) -> usize {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .count()
+    }
+
+    /// Waits until at least `n` lines contain every one of `needles`.
+    pub fn wait_logs(&self, needles: &[&str], n: usize, limit: Duration) -> bool {
+        wait_until(limit, || self.count_logs(needles) >= n)
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Sends SIGTERM and waits up to `limit` for the exit status.
+    pub fn terminate(&mut self, limit: Duration) -> Option<ExitStatus> {
+        self.signal(libc::SIGTERM);
+        let mut status = None;
+        wait_until(limit, || {
+            status = self.child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        status
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if self.exited() {
+            return;
+        }
+        if self.terminate(Duration::from_secs(5)).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
