@@ -33,15 +33,26 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Show services, data path mode and counters of the running relay.
-    Status,
+    /// Show the data path: XDP mode per interface and counters per service.
+    Status {
+        /// Config file naming the pin directory (default: /sys/fs/bpf/relay).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Add, remove or list services of the running relay.
     #[command(subcommand)]
     Service(ServiceCommand),
     /// Reload the configuration of the running relay.
     Reload,
     /// Remove every program, link, pin, rule and route the relay attached.
-    Detach,
+    Detach {
+        /// Config file naming the pin directory and routing table (default: built-in ones).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -96,9 +96,36 @@ pub enum XdpMode {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Datapath {
+    /// Client-facing interfaces: XDP drop and TC steering are attached to each.
     pub interfaces: Vec<String>,
     #[serde(default)]
     pub xdp_mode: XdpMode,
+    /// bpffs directory for the pinned maps and links.
+    #[serde(default = "default_pin_path")]
+    pub pin_path: PathBuf,
+    /// Routing table holding the `local` routes that deliver steered packets to the relay.
+    #[serde(default = "default_route_table")]
+    pub route_table: u32,
+}
+
+impl Default for Datapath {
+    fn default() -> Self {
+        Self {
+            interfaces: Vec::new(),
+            xdp_mode: XdpMode::Auto,
+            pin_path: default_pin_path(),
+            route_table: default_route_table(),
+        }
+    }
+}
+
+fn default_pin_path() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/relay")
+}
+
+fn default_route_table() -> u32 {
+    // 0x5e1a: "sela(y)", unlikely to collide with an operator's own table numbers.
+    24090
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -256,6 +283,18 @@ impl Config {
                 return Err((
                     vec![Key("datapath"), Key("interfaces")],
                     "name at least one client-facing interface".into(),
+                ));
+            }
+            if !dp.pin_path.starts_with("/sys/fs/bpf/") {
+                return Err((
+                    vec![Key("datapath"), Key("pin_path")],
+                    "must be a directory under /sys/fs/bpf/".into(),
+                ));
+            }
+            if matches!(dp.route_table, 0 | 253..=255) {
+                return Err((
+                    vec![Key("datapath"), Key("route_table")],
+                    "0, 253, 254 and 255 are reserved routing tables".into(),
                 ));
             }
             for (i, name) in dp.interfaces.iter().enumerate() {

@@ -1,19 +1,724 @@
-//! The eBPF data path: the object built from relay-ebpf, embedded in the binary.
+//! The eBPF data path (transparent mode): loading, attaching, pinning, policy, and detaching.
 //!
-//! Transparent mode (steering and the NIC drop of backend ports) loads programs from it.
+//! On each client-facing interface, `relay_xdp` drops packets to protected backend ports and
+//! `relay_tc` (TC ingress, tcx) steers packets for front ports to the relay's transparent
+//! listeners with `bpf_sk_assign`. Why TC `sk_assign` rather than `sk_lookup`: `sk_lookup` only
+//! runs for packets the kernel already routes locally, so every server address would also need
+//! a routing rule (the policy twice, in two places); `sk_assign` needs one fwmark rule and one
+//! `local` route for any number of services, and its packet is never rewritten, so the accepted
+//! socket's local address is the client's original destination.
+//!
+//! Everything is pinned under the pin directory (default `/sys/fs/bpf/relay`): the maps (so
+//! counters and policy survive a restart) and the links (so programs stay attached while the
+//! relay is down: the backend port stays dropped). A restarted relay reopens the maps and
+//! atomically swaps its programs into the pinned links. `detach` removes all of it, plus the
+//! routing rule and routes, and nothing else.
+
+use std::{
+    collections::{HashMap as StdHashMap, HashSet},
+    ffi::CString,
+    net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues, SockMap},
+    programs::{
+        SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode,
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
+    },
+    util::nr_cpus,
+};
+use relay_common::{
+    ACTION_DROP, ACTION_STEER, Addr, COUNTER_DROPPED, COUNTER_MALFORMED, COUNTER_NO_LISTENER,
+    COUNTER_PASSED, COUNTER_STEERED, COUNTERS, LISTENER_V4, LISTENER_V6, MAX_SERVICES, NAME_LEN,
+    Policy, PolicyKey, STEER_MARK, STEER_MARK_MASK, ServiceName, counter_index,
+};
+use tracing::{info, warn};
+
+use crate::config::{self, Service, XdpMode};
 
 /// The eBPF object built by build.rs (aya-build, nightly, bpfel-unknown-none).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/relay"));
 
+const MAP_NAMES: [&str; 5] = ["POLICY", "SERVERS", "COUNTERS_MAP", "LISTENERS", "NAMES"];
+
+/// The maps shared by the programs and userspace.
+pub struct Maps {
+    policy: HashMap<MapData, PolicyKey, Policy>,
+    servers: HashMap<MapData, Addr, u32>,
+    counters: PerCpuArray<MapData, u64>,
+    names: Array<MapData, ServiceName>,
+    listeners: SockMap<MapData>,
+}
+
+/// Counters of one service (or of slot 0: traffic that belongs to no service).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ServiceCounters {
+    pub service: String,
+    pub steered: u64,
+    pub dropped: u64,
+    pub passed: u64,
+    pub malformed: u64,
+    pub no_listener: u64,
+}
+
+/// Name of slot 0 in counters: packets that belong to no service.
+pub const UNMATCHED: &str = "(no service)";
+
+impl Maps {
+    fn take(ebpf: &mut Ebpf) -> anyhow::Result<Maps> {
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .with_context(|| format!("map {name} missing from the eBPF object"))
+        };
+        Self::from_maps([
+            take("POLICY")?,
+            take("SERVERS")?,
+            take("COUNTERS_MAP")?,
+            take("LISTENERS")?,
+            take("NAMES")?,
+        ])
+    }
+
+    /// Opens the maps a relay pinned in `pin_dir` (for `relay status` while it is down, too).
+    pub fn open_pinned(pin_dir: &Path) -> anyhow::Result<Maps> {
+        let open = |name: &str| -> anyhow::Result<Map> {
+            let path = pin_dir.join(name);
+            let data = MapData::from_pin(&path)
+                .with_context(|| format!("open pinned map {}", path.display()))?;
+            Ok(Map::from_map_data(data)?)
+        };
+        Self::from_maps([
+            open("POLICY")?,
+            open("SERVERS")?,
+            open("COUNTERS_MAP")?,
+            open("LISTENERS")?,
+            open("NAMES")?,
+        ])
+    }
+
+    fn from_maps([policy, servers, counters, listeners, names]: [Map; 5]) -> anyhow::Result<Maps> {
+        Ok(Maps {
+            policy: HashMap::try_from(policy)?,
+            servers: HashMap::try_from(servers)?,
+            counters: PerCpuArray::try_from(counters)?,
+            names: Array::try_from(names)?,
+            listeners: SockMap::try_from(listeners)?,
+        })
+    }
+
+    /// Makes the maps say exactly what `services` say: (server, port) steered for transparent
+    /// services, (server, backend_port) dropped for every service. New entries go in before
+    /// stale ones come out, so no moment opens a port that stays protected.
+    pub fn sync(&mut self, services: &[Service]) -> anyhow::Result<()> {
+        let slots = self.assign_slots(services)?;
+        let mut policy = StdHashMap::new();
+        let mut servers = StdHashMap::new();
+        for s in services {
+            let slot = slots[&s.name];
+            let addr = addr(s.server);
+            policy.insert(
+                PolicyKey::new(addr, s.backend_port),
+                Policy {
+                    action: ACTION_DROP,
+                    slot,
+                },
+            );
+            if s.listen.is_none() {
+                policy.insert(
+                    PolicyKey::new(addr, s.port),
+                    Policy {
+                        action: ACTION_STEER,
+                        slot,
+                    },
+                );
+            }
+            servers.entry(addr).or_insert(slot);
+        }
+        for (k, v) in &policy {
+            self.policy.insert(k, v, 0).context("update POLICY map")?;
+        }
+        for (k, v) in &servers {
+            self.servers.insert(k, v, 0).context("update SERVERS map")?;
+        }
+        let stale: Vec<PolicyKey> = self
+            .policy
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !policy.contains_key(k))
+            .collect();
+        for k in stale {
+            self.policy.remove(&k).context("update POLICY map")?;
+        }
+        let stale: Vec<Addr> = self
+            .servers
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !servers.contains_key(k))
+            .collect();
+        for k in stale {
+            self.servers.remove(&k).context("update SERVERS map")?;
+        }
+        Ok(())
+    }
+
+    /// Gives each service a counter slot, keeping the slot (and counters) it had before.
+    fn assign_slots(&mut self, services: &[Service]) -> anyhow::Result<StdHashMap<String, u32>> {
+        let wanted: HashSet<&str> = services.iter().map(|s| s.name.as_str()).collect();
+        let mut slots = StdHashMap::new();
+        let mut free = Vec::new();
+        for slot in 1..=MAX_SERVICES {
+            let name = self.names.get(&slot, 0)?;
+            match decode_name(&name) {
+                Some(n) if wanted.contains(n.as_str()) => {
+                    slots.insert(n, slot);
+                }
+                Some(_) => {
+                    self.names.set(slot, empty_name(), 0)?;
+                    free.push(slot);
+                }
+                None => free.push(slot),
+            }
+        }
+        free.reverse();
+        let cpus = cpus()?;
+        for s in services {
+            if slots.contains_key(&s.name) {
+                continue;
+            }
+            let slot = free
+                .pop()
+                .with_context(|| format!("more than {MAX_SERVICES} services"))?;
+            for c in 0..COUNTERS {
+                let zeros = PerCpuValues::try_from(vec![0u64; cpus])?;
+                self.counters.set(counter_index(slot, c), zeros, 0)?;
+            }
+            self.names.set(slot, encode_name(&s.name), 0)?;
+            slots.insert(s.name.clone(), slot);
+        }
+        Ok(slots)
+    }
+
+    /// Counters of every named slot, and of slot 0 ([`UNMATCHED`]).
+    pub fn counters(&self) -> anyhow::Result<Vec<ServiceCounters>> {
+        let mut out = vec![self.slot_counters(0, UNMATCHED.to_string())?];
+        for slot in 1..=MAX_SERVICES {
+            if let Some(name) = decode_name(&self.names.get(&slot, 0)?) {
+                out.push(self.slot_counters(slot, name)?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn slot_counters(&self, slot: u32, service: String) -> anyhow::Result<ServiceCounters> {
+        let sum = |c: u32| -> anyhow::Result<u64> {
+            Ok(self.counters.get(&counter_index(slot, c), 0)?.iter().sum())
+        };
+        Ok(ServiceCounters {
+            service,
+            steered: sum(COUNTER_STEERED)?,
+            dropped: sum(COUNTER_DROPPED)?,
+            passed: sum(COUNTER_PASSED)?,
+            malformed: sum(COUNTER_MALFORMED)?,
+            no_listener: sum(COUNTER_NO_LISTENER)?,
+        })
+    }
+
+    /// Points the steering at the relay's transparent listeners.
+    pub fn set_listeners(
+        &mut self,
+        v4: &std::net::TcpListener,
+        v6: &std::net::TcpListener,
+    ) -> anyhow::Result<()> {
+        self.listeners
+            .set(LISTENER_V4, v4, 0)
+            .context("SOCKMAP: IPv4 listener")?;
+        self.listeners
+            .set(LISTENER_V6, v6, 0)
+            .context("SOCKMAP: IPv6 listener")?;
+        Ok(())
+    }
+}
+
+fn cpus() -> anyhow::Result<usize> {
+    nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))
+}
+
+fn addr(ip: IpAddr) -> Addr {
+    match ip {
+        IpAddr::V4(a) => Addr::v4(a.octets()),
+        IpAddr::V6(a) => Addr::v6(a.octets()),
+    }
+}
+
+fn empty_name() -> ServiceName {
+    ServiceName {
+        len: 0,
+        bytes: [0; NAME_LEN],
+    }
+}
+
+fn encode_name(name: &str) -> ServiceName {
+    let mut n = empty_name();
+    let len = name.len().min(NAME_LEN);
+    n.bytes[..len].copy_from_slice(&name.as_bytes()[..len]);
+    n.len = len as u32;
+    n
+}
+
+fn decode_name(n: &ServiceName) -> Option<String> {
+    let len = (n.len as usize).min(NAME_LEN);
+    (len > 0).then(|| String::from_utf8_lossy(&n.bytes[..len]).into_owned())
+}
+
+/// The loaded programs with their maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pub maps: Maps,
+}
+
+/// Where and how the XDP program is attached.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Attachment {
+    pub interface: String,
+    /// `native` or `generic`: the mode actually in use.
+    pub xdp_mode: String,
+}
+
+impl Datapath {
+    /// Loads the programs (through the verifier). With `pin_dir`, the maps are the pinned ones
+    /// (created and pinned on first use).
+    pub fn load(pin_dir: Option<&Path>) -> anyhow::Result<Datapath> {
+        raise_memlock();
+        let paths: Vec<(&str, PathBuf)> = match pin_dir {
+            Some(dir) => MAP_NAMES.iter().map(|m| (*m, dir.join(m))).collect(),
+            None => Vec::new(),
+        };
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .context("load the eBPF object (are you root, with BTF in the kernel?)")?;
+        let xdp: &mut Xdp = program(&mut ebpf, "relay_xdp")?;
+        xdp.load().context("verifier rejected relay_xdp")?;
+        let tc: &mut SchedClassifier = program(&mut ebpf, "relay_tc")?;
+        tc.load().context("verifier rejected relay_tc")?;
+        let maps = Maps::take(&mut ebpf)?;
+        Ok(Datapath { ebpf, maps })
+    }
+
+    /// Forwards the programs' aya-log messages (rare paths only, e.g. a failed sk_assign) to
+    /// the relay's log. Only worth its task at debug level; without it the messages cost nothing
+    /// but a full ring that nobody reads.
+    pub fn spawn_logger(&mut self) -> anyhow::Result<()> {
+        use tokio::io::{Interest, unix::AsyncFd};
+        let logger = aya_log::EbpfLogger::init(&mut self.ebpf).context("start the eBPF logger")?;
+        // SAFETY: the logger owns its ring buffer fd, keeps it open and unchanged until dropped,
+        // and the AsyncFd owns the logger.
+        let mut logger = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
+            .map_err(|e| anyhow::anyhow!("register the eBPF log ring: {e}"))?;
+        tokio::spawn(async move {
+            while let Ok(mut guard) = logger.readable_mut().await {
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+        });
+        Ok(())
+    }
+
+    pub fn xdp(&self) -> anyhow::Result<&Xdp> {
+        Ok(self
+            .ebpf
+            .program("relay_xdp")
+            .context("relay_xdp missing")?
+            .try_into()?)
+    }
+
+    /// Attaches both programs to `interface` (or swaps them into links pinned by an earlier
+    /// run, without a gap) and pins the links.
+    pub fn attach(
+        &mut self,
+        pin_dir: &Path,
+        interface: &str,
+        mode: XdpMode,
+    ) -> anyhow::Result<Attachment> {
+        let xdp_mode = self.attach_xdp(pin_dir, interface, mode)?;
+        self.attach_tc(pin_dir, interface)?;
+        Ok(Attachment {
+            interface: interface.to_string(),
+            xdp_mode,
+        })
+    }
+
+    fn attach_xdp(
+        &mut self,
+        pin_dir: &Path,
+        interface: &str,
+        mode: XdpMode,
+    ) -> anyhow::Result<String> {
+        let prog: &mut Xdp = program(&mut self.ebpf, "relay_xdp")?;
+        for existing in ["native", "generic"] {
+            let pin = pin_dir.join(format!("xdp_{existing}_{interface}"));
+            if !pin.exists() {
+                continue;
+            }
+            let compatible = match mode {
+                XdpMode::Auto => true,
+                XdpMode::Native => existing == "native",
+                XdpMode::Generic => existing == "generic",
+            };
+            if compatible {
+                let link = PinnedLink::from_pin(&pin).context("open pinned XDP link")?;
+                let link = XdpLink::try_from(FdLink::from(link))?;
+                prog.attach_to_link(link)
+                    .with_context(|| format!("replace the XDP program on {interface}"))?;
+                info!(
+                    interface,
+                    xdp_mode = existing,
+                    "XDP program replaced in the pinned link"
+                );
+                return Ok(existing.to_string());
+            }
+            warn!(interface, "XDP mode changes from {existing}: re-attaching");
+            PinnedLink::from_pin(&pin)?.unpin()?;
+        }
+        let attempts: &[(AyaXdpMode, &str)] = match mode {
+            XdpMode::Auto => &[(AyaXdpMode::Driver, "native"), (AyaXdpMode::Skb, "generic")],
+            XdpMode::Native => &[(AyaXdpMode::Driver, "native")],
+            XdpMode::Generic => &[(AyaXdpMode::Skb, "generic")],
+        };
+        let mut last_error = None;
+        for (flags, name) in attempts {
+            match prog.attach(interface, *flags) {
+                Ok(id) => {
+                    let link = FdLink::try_from(prog.take_link(id)?)
+                        .context("XDP attached without a bpf_link (kernel older than 5.9?)")?;
+                    link.pin(pin_dir.join(format!("xdp_{name}_{interface}")))
+                        .context("pin the XDP link")?;
+                    info!(interface, xdp_mode = name, "XDP program attached");
+                    return Ok(name.to_string());
+                }
+                Err(e) => {
+                    warn!(interface, xdp_mode = name, error = %e, "XDP attach failed");
+                    last_error = Some(e);
+                }
+            }
+        }
+        Err(last_error
+            .map(anyhow::Error::from)
+            .unwrap_or_else(|| anyhow::anyhow!("no XDP mode")))
+        .with_context(|| format!("attach XDP to {interface}"))
+    }
+
+    fn attach_tc(&mut self, pin_dir: &Path, interface: &str) -> anyhow::Result<()> {
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, "relay_tc")?;
+        let pin = pin_dir.join(format!("tc_{interface}"));
+        if pin.exists() {
+            let link = PinnedLink::from_pin(&pin).context("open pinned TC link")?;
+            let link = SchedClassifierLink::try_from(FdLink::from(link))?;
+            prog.attach_to_link(link)
+                .with_context(|| format!("replace the TC program on {interface}"))?;
+            return Ok(());
+        }
+        let id = prog
+            .attach(interface, TcAttachType::Ingress)
+            .with_context(|| format!("attach TC ingress (tcx) to {interface}"))?;
+        let link = FdLink::try_from(prog.take_link(id)?)
+            .context("TC attached without tcx (kernel older than 6.6?)")?;
+        link.pin(&pin).context("pin the TC link")?;
+        Ok(())
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let p = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the eBPF object"))?;
+    Ok(p.try_into()?)
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
+fn raise_memlock() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct we pass.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+}
+
+/// Mounts bpffs at /sys/fs/bpf when nothing is mounted there, as systemd would, and creates the
+/// pin directory.
+pub fn prepare_pin_dir(pin_dir: &Path) -> anyhow::Result<()> {
+    let root = Path::new("/sys/fs/bpf");
+    if pin_dir.starts_with(root) && !is_bpffs(root) {
+        let src = CString::new("bpf")?;
+        let target = CString::new(root.as_os_str().as_encoded_bytes())?;
+        let opts = CString::new("mode=0700")?;
+        // SAFETY: valid C strings; mount(2) does not keep the pointers.
+        let r = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                src.as_ptr(),
+                0,
+                opts.as_ptr().cast(),
+            )
+        };
+        if r != 0 {
+            bail!(
+                "mount bpffs on /sys/fs/bpf: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        info!("mounted bpffs on /sys/fs/bpf");
+    }
+    std::fs::create_dir_all(pin_dir)
+        .with_context(|| format!("create pin directory {}", pin_dir.display()))
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mounts")
+        .map(|m| {
+            m.lines().any(|l| {
+                let mut f = l.split_whitespace();
+                f.next();
+                let (Some(target), Some(fstype)) = (f.next(), f.next()) else {
+                    return false;
+                };
+                Path::new(target) == path && fstype == "bpf"
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// A listener for steered connections: `IP_TRANSPARENT`, so it may accept connections whose
+/// destination is not a local address and answer from that address. Bound to loopback on an
+/// ephemeral port: `bpf_sk_assign` delivers to it whatever its address, and nobody can reach
+/// it directly from outside.
+pub fn transparent_listener(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    let one: libc::c_int = 1;
+    let (level, name) = if addr.is_ipv4() {
+        (libc::SOL_IP, libc::IP_TRANSPARENT)
+    } else {
+        s.set_only_v6(true)?;
+        (libc::SOL_IPV6, libc::IPV6_TRANSPARENT)
+    };
+    // SAFETY: setsockopt with a valid int option value.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            level,
+            name,
+            std::ptr::from_ref(&one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("IP_TRANSPARENT (needs CAP_NET_ADMIN)");
+    }
+    s.bind(&addr.into())
+        .with_context(|| format!("bind {addr}"))?;
+    s.listen(4096)?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
+/// The policy routing that delivers marked (steered) packets locally.
+pub struct Routing {
+    pub table: u32,
+}
+
+impl Routing {
+    fn rule_spec(&self) -> String {
+        format!(
+            "fwmark {STEER_MARK:#x}/{STEER_MARK_MASK:#x} lookup {}",
+            self.table
+        )
+    }
+
+    /// `ip <family> rule <verb> <our rule>`.
+    fn rule(&self, family: &str, verb: &str) -> anyhow::Result<String> {
+        let mut args = vec![family.to_string(), "rule".into(), verb.into()];
+        args.extend(self.rule_spec().split(' ').map(String::from));
+        ip(&args)
+    }
+
+    /// Adds the rule and the `local` routes for IPv4 and IPv6, unless present.
+    pub fn install(&self) -> anyhow::Result<()> {
+        for family in ["-4", "-6"] {
+            if self.rule(family, "list")?.trim().is_empty() {
+                self.rule(family, "add")?;
+            }
+            let any = if family == "-4" { "0.0.0.0/0" } else { "::/0" };
+            ip(&[
+                family,
+                "route",
+                "replace",
+                "local",
+                any,
+                "dev",
+                "lo",
+                "table",
+                &self.table.to_string(),
+            ]
+            .map(String::from))?;
+        }
+        Ok(())
+    }
+
+    /// Removes exactly what `install` adds; returns what was removed.
+    pub fn remove(&self) -> Vec<String> {
+        let mut removed = Vec::new();
+        for family in ["-4", "-6"] {
+            while self
+                .rule(family, "list")
+                .is_ok_and(|o| !o.trim().is_empty())
+            {
+                if self.rule(family, "del").is_err() {
+                    break;
+                }
+                removed.push(format!("ip {family} rule {}", self.rule_spec()));
+            }
+            let any = if family == "-4" { "0.0.0.0/0" } else { "::/0" };
+            let route = [
+                family,
+                "route",
+                "del",
+                "local",
+                any,
+                "dev",
+                "lo",
+                "table",
+                &self.table.to_string(),
+            ]
+            .map(String::from);
+            if ip(&route).is_ok() {
+                removed.push(format!(
+                    "ip {family} route local {any} table {}",
+                    self.table
+                ));
+            }
+        }
+        removed
+    }
+}
+
+fn ip<S: AsRef<str>>(args: &[S]) -> anyhow::Result<String> {
+    let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
+    let out = Command::new("ip")
+        .args(&args)
+        .output()
+        .context("run `ip` (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Removes every link and map pinned in `pin_dir` (detaching the programs), the directory, and
+/// the routing. Returns what was removed.
+pub fn detach(dp: &config::Datapath) -> anyhow::Result<Vec<String>> {
+    let mut removed = Vec::new();
+    if dp.pin_path.exists() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(&dp.pin_path)
+            .with_context(|| format!("read {}", dp.pin_path.display()))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<_, _>>()?;
+        // Links first: the programs stop before their maps go.
+        entries.sort_by_key(|p| !is_link_pin(p));
+        for p in entries {
+            std::fs::remove_file(&p).with_context(|| format!("unpin {}", p.display()))?;
+            removed.push(p.display().to_string());
+        }
+        std::fs::remove_dir(&dp.pin_path)
+            .with_context(|| format!("remove {}", dp.pin_path.display()))?;
+        removed.push(dp.pin_path.display().to_string());
+    }
+    removed.extend(
+        Routing {
+            table: dp.route_table,
+        }
+        .remove(),
+    );
+    Ok(removed)
+}
+
+fn is_link_pin(p: &Path) -> bool {
+    p.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("xdp_") || n.starts_with("tc_"))
+}
+
+/// XDP attachments recorded by the pinned links' names: `xdp_<mode>_<interface>`.
+pub fn attachments(pin_dir: &Path) -> Vec<Attachment> {
+    let Ok(entries) = std::fs::read_dir(pin_dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<Attachment> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let rest = name.strip_prefix("xdp_")?;
+            let (mode, interface) = rest.split_once('_')?;
+            Some(Attachment {
+                interface: interface.to_string(),
+                xdp_mode: mode.to_string(),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.interface.cmp(&b.interface));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
-    fn embedded_object_has_the_xdp_program() {
+    fn embedded_object_has_the_programs_and_maps() {
         let obj = aya_obj::Object::parse(super::EBPF_OBJECT).expect("embedded eBPF object parses");
-        assert!(
-            obj.programs.contains_key("relay_xdp"),
-            "programs: {:?}",
-            obj.programs.keys()
+        for prog in ["relay_xdp", "relay_tc"] {
+            assert!(
+                obj.programs.contains_key(prog),
+                "programs: {:?}",
+                obj.programs.keys()
+            );
+        }
+        for map in super::MAP_NAMES {
+            assert!(obj.maps.contains_key(map), "maps: {:?}", obj.maps.keys());
+        }
+    }
+
+    #[test]
+    fn names_round_trip_and_truncate() {
+        let n = super::encode_name("shop");
+        assert_eq!(super::decode_name(&n).as_deref(), Some("shop"));
+        assert_eq!(super::decode_name(&super::empty_name()), None);
+        let long = "x".repeat(100);
+        assert_eq!(
+            super::decode_name(&super::encode_name(&long))
+                .unwrap()
+                .len(),
+            64
         );
     }
 }

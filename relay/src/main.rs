@@ -1,12 +1,13 @@
 //! The `relay` binary: command line, logging, exit codes (0 ok, 1 runtime failure, 2 usage or
 //! configuration error).
 
-use std::{io::IsTerminal as _, process::ExitCode};
+use std::{io::IsTerminal as _, path::Path, process::ExitCode};
 
 use clap::Parser as _;
 use relay::{
     cli::{Cli, Command, LogFormat},
     config::Config,
+    datapath,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -60,7 +61,9 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Status | Command::Service(_) | Command::Reload | Command::Detach => {
+        Command::Status { config, json } => exit(status(config.as_deref(), json), EXIT_RUNTIME),
+        Command::Detach { config } => exit(detach(config.as_deref()), EXIT_RUNTIME),
+        Command::Service(_) | Command::Reload => {
             eprintln!(
                 "relay: this command talks to a running relay's control socket, which this \
                  version does not have yet"
@@ -80,4 +83,64 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+fn exit(r: anyhow::Result<()>, code: u8) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("relay: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// The data path section of `config`, or the defaults when no config is given.
+fn datapath_config(config: Option<&Path>) -> anyhow::Result<relay::config::Datapath> {
+    Ok(match config {
+        Some(path) => Config::load(path)?.datapath.unwrap_or_default(),
+        None => relay::config::Datapath::default(),
+    })
+}
+
+fn status(config: Option<&Path>, json: bool) -> anyhow::Result<()> {
+    let dp = datapath_config(config)?;
+    let pin = &dp.pin_path;
+    if !pin.exists() {
+        anyhow::bail!("no data path attached ({} does not exist)", pin.display());
+    }
+    let attachments = datapath::attachments(pin);
+    let counters = datapath::Maps::open_pinned(pin)?.counters()?;
+    if json {
+        let v = serde_json::json!({ "pin_path": pin, "attachments": attachments, "counters": counters });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("data path pinned in {}", pin.display());
+    for a in &attachments {
+        println!("  interface {:<16} xdp mode {}", a.interface, a.xdp_mode);
+    }
+    println!(
+        "\n  {:<24} {:>12} {:>12} {:>12} {:>12} {:>12}",
+        "service", "steered", "dropped", "passed", "malformed", "no_listener"
+    );
+    for c in counters {
+        println!(
+            "  {:<24} {:>12} {:>12} {:>12} {:>12} {:>12}",
+            c.service, c.steered, c.dropped, c.passed, c.malformed, c.no_listener
+        );
+    }
+    Ok(())
+}
+
+fn detach(config: Option<&Path>) -> anyhow::Result<()> {
+    let dp = datapath_config(config)?;
+    let removed = datapath::detach(&dp)?;
+    if removed.is_empty() {
+        println!("nothing to detach");
+    }
+    for r in removed {
+        println!("removed {r}");
+    }
+    Ok(())
 }

@@ -7,8 +7,9 @@
 //! counted by outcome. A failing connection never affects another one.
 
 use std::{
+    collections::HashMap,
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -104,8 +105,30 @@ impl ServiceRuntime {
     }
 }
 
-/// Accepts connections for one service until shutdown.
-pub async fn serve(listener: TcpListener, service: Arc<ServiceRuntime>, shared: Arc<Shared>) {
+/// Which service an accepted connection belongs to.
+#[derive(Clone)]
+pub enum Route {
+    /// Explicit mode: the listener belongs to one service.
+    Service(Arc<ServiceRuntime>),
+    /// Transparent mode: the connection's local address is the client's original destination
+    /// (server, front port), which names the service.
+    ByDestination(Arc<HashMap<(IpAddr, u16), Arc<ServiceRuntime>>>),
+}
+
+impl Route {
+    fn service_for(&self, socket: &TcpStream) -> Option<Arc<ServiceRuntime>> {
+        match self {
+            Route::Service(s) => Some(Arc::clone(s)),
+            Route::ByDestination(map) => {
+                let dst = socket.local_addr().ok()?;
+                map.get(&(dst.ip().to_canonical(), dst.port())).cloned()
+            }
+        }
+    }
+}
+
+/// Accepts connections until shutdown.
+pub async fn serve(listener: TcpListener, route: Route, shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(10);
     loop {
         let accepted = tokio::select! {
@@ -121,12 +144,18 @@ pub async fn serve(listener: TcpListener, service: Arc<ServiceRuntime>, shared: 
                 // Out of file descriptors or memory: keep the queue, wait, try again. Errors that
                 // belong to one aborted connection (ECONNABORTED) need no pause.
                 if is_resource_exhaustion(&e) {
-                    warn!(service = %service.name(), error = %e, "accept failed, retrying in {backoff:?}");
+                    warn!(error = %e, "accept failed, retrying in {backoff:?}");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
                 continue;
             }
+        };
+        let Some(service) = route.service_for(&socket) else {
+            // Steered here by a policy entry this relay does not know (e.g. one left by another
+            // config): nothing to relay to.
+            warn!(%peer, destination = ?socket.local_addr().ok(), "no service for this destination, closing");
+            continue;
         };
         let Some(permits) = admit(&service, &shared) else {
             service.metrics.count(Outcome::LimitReached);
@@ -134,7 +163,6 @@ pub async fn serve(listener: TcpListener, service: Arc<ServiceRuntime>, shared: 
             drop(socket);
             continue;
         };
-        let service = Arc::clone(&service);
         let timeouts = shared.timeouts;
         shared.tracker.spawn(async move {
             handle(socket, peer, &service, timeouts).await;

@@ -1,12 +1,18 @@
 //! `relay run`: bring every service up, relay until told to stop, then stop gracefully.
 //!
-//! Explicit-mode services get a listener on their `listen` address. On SIGTERM or SIGINT the
-//! relay stops accepting at once and gives established connections up to `shutdown_grace` to
-//! finish; whatever is still open then is closed.
+//! Explicit-mode services get a listener on their `listen` address. Transparent services are
+//! reached through the data path: its programs are attached (or taken over from a previous
+//! run) on the client-facing interfaces, the policy maps are synced with the config, and two
+//! transparent listeners (IPv4, IPv6) receive every steered connection.
+//!
+//! On SIGTERM or SIGINT the relay stops accepting at once and gives established connections up
+//! to `shutdown_grace` to finish. The data path stays attached and pinned: the backend ports
+//! stay dropped while the relay is down, and steered SYNs are dropped (clients retransmit)
+//! until a relay listens again. `relay detach` removes it.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use socket2::{Domain, Socket, Type};
 use tokio::{
     net::TcpListener,
@@ -18,7 +24,8 @@ use tracing::{info, warn};
 
 use crate::{
     config::Config,
-    proxy::{self, ServiceRuntime, Shared},
+    datapath::{self, Datapath, Routing},
+    proxy::{self, Route, ServiceRuntime, Shared},
 };
 
 /// Listen backlog: a burst of clients waits in the kernel rather than being refused.
@@ -26,12 +33,6 @@ const BACKLOG: i32 = 4096;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     raise_fd_limit();
-    if config.datapath.is_some() || config.services.iter().any(|s| s.listen.is_none()) {
-        bail!(
-            "transparent mode ([datapath] and services without `listen`) is not available in \
-             this version yet; give every service a `listen` address"
-        );
-    }
     let shared = Arc::new(Shared {
         timeouts: (&config.relay).into(),
         total: Arc::new(Semaphore::new(config.relay.max_connections)),
@@ -39,18 +40,38 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         shutdown: CancellationToken::new(),
     });
     let mut services = Vec::new();
+    let mut transparent = HashMap::new();
     for s in &config.services {
         let runtime = Arc::new(ServiceRuntime::new(s.clone())?);
-        let addr = s.listen.expect("explicit mode checked above");
-        let listener =
-            bind(addr).with_context(|| format!("service {}: listen on {addr}", s.name))?;
-        info!(
-            service = %s.name, listen = %addr, backend = %s.backend_addr(),
-            inbound = %s.inbound.level, outbound = %s.outbound.level, "service listening"
-        );
         services.push(Arc::clone(&runtime));
-        tokio::spawn(proxy::serve(listener, runtime, Arc::clone(&shared)));
+        match s.listen {
+            Some(addr) => {
+                let listener =
+                    bind(addr).with_context(|| format!("service {}: listen on {addr}", s.name))?;
+                info!(
+                    service = %s.name, listen = %addr, backend = %s.backend_addr(),
+                    inbound = %s.inbound.level, outbound = %s.outbound.level, "service listening"
+                );
+                tokio::spawn(proxy::serve(
+                    listener,
+                    Route::Service(runtime),
+                    Arc::clone(&shared),
+                ));
+            }
+            None => {
+                info!(
+                    service = %s.name, front = %SocketAddr::new(s.server, s.port),
+                    backend = %s.backend_addr(), dropped = %SocketAddr::new(s.server, s.backend_port),
+                    inbound = %s.inbound.level, outbound = %s.outbound.level, "service steered"
+                );
+                transparent.insert((s.server.to_canonical(), s.port), runtime);
+            }
+        }
     }
+    let datapath = match &config.datapath {
+        Some(dp) => Some(start_datapath(dp, &config, transparent, &shared)?),
+        None => None,
+    };
     info!(services = services.len(), "relay ready");
 
     wait_for_stop().await?;
@@ -72,14 +93,59 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
     for s in &services {
-        info!(
-            service = %s.name(),
-            "final counters: {}",
-            s.metrics.summary()
-        );
+        info!(service = %s.name(), "final counters: {}", s.metrics.summary());
+    }
+    if let Some(dp) = datapath {
+        for c in dp.maps.counters()? {
+            info!(
+                service = %c.service, steered = c.steered, dropped = c.dropped,
+                passed = c.passed, malformed = c.malformed, no_listener = c.no_listener,
+                "data path counters"
+            );
+        }
+        info!("data path stays attached (backend ports stay dropped); `relay detach` removes it");
     }
     info!("relay stopped");
     Ok(())
+}
+
+/// Attaches (or takes over) the data path and starts the transparent listeners.
+fn start_datapath(
+    dp: &crate::config::Datapath,
+    config: &Config,
+    transparent: HashMap<(std::net::IpAddr, u16), Arc<ServiceRuntime>>,
+    shared: &Arc<Shared>,
+) -> anyhow::Result<Datapath> {
+    datapath::prepare_pin_dir(&dp.pin_path)?;
+    let mut datapath = Datapath::load(Some(&dp.pin_path))?;
+    if tracing::enabled!(tracing::Level::DEBUG)
+        && let Err(e) = datapath.spawn_logger()
+    {
+        warn!("eBPF debug log unavailable: {e:#}");
+    }
+    // Policy first: a freshly attached program must drop backend ports from its first packet.
+    datapath
+        .maps
+        .sync(&config.services)
+        .context("sync the policy maps")?;
+    Routing {
+        table: dp.route_table,
+    }
+    .install()
+    .context("install the steering route")?;
+    for interface in &dp.interfaces {
+        let a = datapath.attach(&dp.pin_path, interface, dp.xdp_mode)?;
+        info!(interface = %a.interface, xdp_mode = %a.xdp_mode, "data path attached");
+    }
+    let v4 = datapath::transparent_listener("127.0.0.1:0".parse()?)?;
+    let v6 = datapath::transparent_listener("[::1]:0".parse()?)?;
+    datapath.maps.set_listeners(&v4, &v6)?;
+    let route = Route::ByDestination(Arc::new(transparent));
+    for l in [v4, v6] {
+        let l = TcpListener::from_std(l)?;
+        tokio::spawn(proxy::serve(l, route.clone(), Arc::clone(shared)));
+    }
+    Ok(datapath)
 }
 
 fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {

@@ -11,6 +11,7 @@ pub mod backend;
 pub mod client;
 pub mod config;
 pub mod http;
+pub mod netns;
 pub mod pki;
 pub mod relay;
 
