@@ -335,11 +335,21 @@ impl Datapath {
         Ok(())
     }
 
+    /// The loaded XDP program (for `BPF_PROG_TEST_RUN`).
     pub fn xdp(&self) -> anyhow::Result<&Xdp> {
         Ok(self
             .ebpf
             .program("relay_xdp")
             .context("relay_xdp missing")?
+            .try_into()?)
+    }
+
+    /// The loaded TC program (for `BPF_PROG_TEST_RUN`).
+    pub fn tc(&self) -> anyhow::Result<&SchedClassifier> {
+        Ok(self
+            .ebpf
+            .program("relay_tc")
+            .context("relay_tc missing")?
             .try_into()?)
     }
 
