@@ -8,6 +8,8 @@ use std::{
     time::Duration,
 };
 
+// Every test here builds its own namespaces and pin directory, so they run in parallel.
+
 use relay_tests::{
     http::HttpServer,
     netns::{GW_CLIENT_IF, SERVER4, SERVER6, Topology, require_root},
@@ -203,5 +205,423 @@ fn steers_tls_and_drops_the_backend_port_over_ipv4_and_ipv6() {
     );
 }
 
-#[allow(dead_code)]
-fn unused(_: &Path, _: Command) {}
+/// `ip netns exec <gw> bpftool net show dev gw-cli`: the XDP program on the client side
+/// (`driver id N` or `generic id N`). Debian 12's bpftool predates tcx, so TC attachments are
+/// checked through their links instead ([`link_id`], [`link_exists`]).
+fn attached(gw: &Gateway) -> String {
+    let out = gw
+        .topo
+        .exec(&gw.topo.gw, "bpftool")
+        .args(["net", "show", "dev", GW_CLIENT_IF])
+        .output()
+        .expect("bpftool is installed (`cargo xtask setup`)");
+    assert!(out.status.success(), "bpftool: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+fn link_exists(id: &str) -> bool {
+    Command::new("bpftool")
+        .args(["link", "show", "id", id])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// The id of a pinned link (`bpftool link show pinned PATH`).
+fn link_id(pin: &Path) -> String {
+    let out = Command::new("bpftool")
+        .args(["-j", "link", "show", "pinned"])
+        .arg(pin)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bpftool link show pinned {}: {}",
+        pin.display(),
+        text(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["id"].to_string()
+}
+
+fn xdp_pin(gw: &Gateway) -> PathBuf {
+    let mode = gw.status_json()["attachments"][0]["xdp_mode"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    gw.pin_path.join(format!("xdp_{mode}_{GW_CLIENT_IF}"))
+}
+
+#[test]
+fn native_and_generic_xdp_modes_are_used_and_reported() {
+    for mode in ["native", "generic"] {
+        let gw = Gateway::new(&mode[..3]);
+        gw.write_config(mode, &[("shop4", SERVER4)]);
+        let relay = gw.start_relay();
+        assert!(
+            relay.has_log(&format!("xdp_mode={mode}")),
+            "{}",
+            relay.logs().join("\n")
+        );
+        assert_eq!(gw.status_json()["attachments"][0]["xdp_mode"], mode);
+        let on_nic = attached(&gw);
+        let expected = if mode == "native" {
+            "driver id"
+        } else {
+            "generic id"
+        };
+        assert!(on_nic.contains(expected), "{mode}: {on_nic}");
+        assert!(link_exists(&link_id(
+            &gw.pin_path.join(format!("tc_{GW_CLIENT_IF}"))
+        )));
+        assert_served(&gw.fetch(SERVER4), mode);
+        assert_dropped(&gw.direct(SERVER4), mode);
+    }
+}
+
+#[test]
+fn restart_keeps_the_drop_and_fails_closed_meanwhile() {
+    let gw = Gateway::new("rs");
+    gw.write_config("auto", &[("shop4", SERVER4)]);
+    let mut relay = gw.start_relay();
+    assert_served(&gw.fetch(SERVER4), "before the restart");
+    let xdp_link = link_id(&xdp_pin(&gw));
+    let status = relay
+        .terminate(Duration::from_secs(10))
+        .expect("relay stops");
+    assert!(status.success());
+    assert!(relay.has_log("data path stays attached"));
+
+    // Relay down: the backend port stays dropped, the front port answers nothing.
+    let dropped = gw.counter("shop4", "dropped");
+    assert_dropped(&gw.direct(SERVER4), "backend port while the relay is down");
+    assert!(
+        gw.counter("shop4", "dropped") > dropped,
+        "drops counted while down"
+    );
+    let refused = gw.topo.curl(&[
+        "--connect-timeout",
+        "2",
+        "--cacert",
+        gw.pki.ca.to_str().unwrap(),
+        &format!("https://{SERVER4}/"),
+    ]);
+    assert_dropped(
+        &refused,
+        "front port while the relay is down (steered SYNs dropped)",
+    );
+    assert!(gw.counter("shop4", "no_listener") > 0);
+    assert!(attached(&gw).contains(" id "), "XDP still attached");
+    assert!(
+        link_exists(&link_id(&gw.pin_path.join(format!("tc_{GW_CLIENT_IF}")))),
+        "TC still attached"
+    );
+
+    // Restarted: same link, counters kept, service back.
+    let _relay = gw.start_relay();
+    assert_eq!(
+        link_id(&xdp_pin(&gw)),
+        xdp_link,
+        "the pinned XDP link is taken over, not re-created"
+    );
+    assert!(
+        gw.counter("shop4", "dropped") > dropped,
+        "counters survive the restart"
+    );
+    assert_served(&gw.fetch(SERVER4), "after the restart");
+}
+
+#[test]
+fn services_change_by_map_updates_without_reattaching() {
+    let gw = Gateway::new("sv");
+    gw.write_config("auto", &[("shop4", SERVER4)]);
+    let mut relay = gw.start_relay();
+    let pin = xdp_pin(&gw);
+    let link = link_id(&pin);
+    let tc_link = link_id(&gw.pin_path.join(format!("tc_{GW_CLIENT_IF}")));
+    // Not yet a service: the IPv6 server's backend port is open, its port 443 has no listener.
+    let open6 = gw.topo.curl(&[
+        "--max-time",
+        "5",
+        &format!("http://[{SERVER6}]:8080/index.html"),
+    ]);
+    assert_served(&open6, "IPv6 backend port before it is protected");
+
+    // Add shop6.
+    relay.terminate(Duration::from_secs(10));
+    gw.write_config("auto", &[("shop4", SERVER4), ("shop6", SERVER6)]);
+    relay = gw.start_relay();
+    assert_served(&gw.fetch(SERVER6), "added service is steered");
+    assert_dropped(
+        &gw.direct(SERVER6),
+        "added service's backend port is dropped",
+    );
+
+    // Remove shop4.
+    relay.terminate(Duration::from_secs(10));
+    gw.write_config("auto", &[("shop6", SERVER6)]);
+    let _relay = gw.start_relay();
+    let open4 = gw.topo.curl(&[
+        "--max-time",
+        "5",
+        &format!("http://{SERVER4}:8080/index.html"),
+    ]);
+    assert_served(
+        &open4,
+        "removed service's backend port is no longer dropped",
+    );
+    let not_steered = gw.topo.curl(&[
+        "--max-time",
+        "5",
+        "--cacert",
+        gw.pki.ca.to_str().unwrap(),
+        &format!("https://{SERVER4}/"),
+    ]);
+    assert_eq!(
+        not_steered.status.code(),
+        Some(7),
+        "removed service's port 443 reaches the server itself (nothing listens)"
+    );
+    assert_served(&gw.fetch(SERVER6), "remaining service");
+
+    assert_eq!(link_id(&pin), link, "XDP link unchanged");
+    assert_eq!(
+        link_id(&gw.pin_path.join(format!("tc_{GW_CLIENT_IF}"))),
+        tc_link,
+        "TC link unchanged"
+    );
+    let names: Vec<String> = gw.status_json()["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["service"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        names.contains(&"shop6".to_string()) && !names.contains(&"shop4".to_string()),
+        "{names:?}"
+    );
+}
+
+#[test]
+fn detach_removes_everything_it_created_and_nothing_else() {
+    let gw = Gateway::new("dt");
+    gw.write_config("auto", &[("shop4", SERVER4), ("shop6", SERVER6)]);
+    // Something of the operator's in the same places: must survive the detach.
+    let gw_ns = gw.topo.gw.clone();
+    let keep_rule = [
+        "-n", &gw_ns, "rule", "add", "fwmark", "0x1", "lookup", "100",
+    ];
+    assert!(
+        Command::new("ip")
+            .args(keep_rule)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut relay = gw.start_relay();
+    assert_served(&gw.fetch(SERVER4), "attached");
+    let links = [
+        link_id(&xdp_pin(&gw)),
+        link_id(&gw.pin_path.join(format!("tc_{GW_CLIENT_IF}"))),
+    ];
+    relay.terminate(Duration::from_secs(10));
+    let route_table = "24090";
+    let rules = |family: &str| {
+        text(
+            &Command::new("ip")
+                .args([family, "-n", &gw_ns, "rule"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+    };
+    let routes = |family: &str| {
+        text(
+            &Command::new("ip")
+                .args([family, "-n", &gw_ns, "route", "show", "table", route_table])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+    };
+    assert!(rules("-4").contains("lookup 24090") && rules("-6").contains("lookup 24090"));
+    assert!(!routes("-4").is_empty() && !routes("-6").is_empty());
+
+    let out = gw.relay_cli(&["detach"]);
+    assert!(out.status.success(), "detach: {}", text(&out.stderr));
+    let said = text(&out.stdout);
+    for item in [
+        "xdp_",
+        "tc_",
+        "POLICY",
+        "COUNTERS_MAP",
+        "rule fwmark",
+        "route local",
+    ] {
+        assert!(said.contains(item), "detach reports {item}: {said}");
+    }
+    assert!(!gw.pin_path.exists(), "pin directory removed");
+    let on_nic = attached(&gw);
+    assert!(!on_nic.contains(" id "), "XDP detached: {on_nic}");
+    for id in &links {
+        assert!(!link_exists(id), "link {id} destroyed");
+    }
+    assert!(
+        !rules("-4").contains("24090") && !rules("-6").contains("24090"),
+        "rules removed"
+    );
+    assert!(
+        routes("-4").trim().is_empty() && routes("-6").trim().is_empty(),
+        "routes removed"
+    );
+    assert!(
+        rules("-4").contains("fwmark 0x1 lookup 100"),
+        "the operator's rule is untouched"
+    );
+    // Detached means unprotected: the backend port answers directly again.
+    let open = gw.topo.curl(&[
+        "--max-time",
+        "5",
+        &format!("http://{SERVER4}:8080/index.html"),
+    ]);
+    assert_served(&open, "backend after detach");
+    let again = gw.relay_cli(&["detach"]);
+    assert!(again.status.success());
+    assert!(text(&again.stdout).contains("nothing to detach"));
+}
+
+/// Sends `packets` (complete IPv4 headers) from the client namespace through a raw socket.
+fn send_raw_v4(gw: &Gateway, dst: std::net::Ipv4Addr, packets: Vec<Vec<u8>>) {
+    let ns = format!("/var/run/netns/{}", gw.topo.cli);
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd as _;
+        let f = std::fs::File::open(&ns).unwrap();
+        // SAFETY: setns on this thread only; raw socket calls with valid buffers.
+        unsafe {
+            assert_eq!(libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET), 0);
+            let s = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
+            assert!(s >= 0, "raw socket: {}", std::io::Error::last_os_error());
+            let addr = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(dst.octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            for p in &packets {
+                let n = libc::sendto(
+                    s,
+                    p.as_ptr().cast(),
+                    p.len(),
+                    0,
+                    std::ptr::from_ref(&addr).cast(),
+                    std::mem::size_of_val(&addr) as u32,
+                );
+                assert_eq!(
+                    n,
+                    p.len() as isize,
+                    "sendto: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            libc::close(s);
+        }
+    })
+    .join()
+    .unwrap();
+}
+
+/// A TCP SYN to `dport` split into two IPv4 fragments: 8 bytes (ports, sequence number), then
+/// the other 12 bytes of the TCP header.
+fn fragmented_syn(dst: std::net::Ipv4Addr, dport: u16, id: u16) -> Vec<Vec<u8>> {
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&40001u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x02;
+    let header = |frag: u16, len: usize| {
+        let mut ip = vec![0x45, 0];
+        ip.extend_from_slice(&((20 + len) as u16).to_be_bytes());
+        ip.extend_from_slice(&id.to_be_bytes());
+        ip.extend_from_slice(&frag.to_be_bytes());
+        ip.extend_from_slice(&[64, 6, 0, 0, 192, 0, 2, 2]);
+        ip.extend_from_slice(&dst.octets());
+        ip
+    };
+    let mut first = header(0x2000, 8);
+    first.extend_from_slice(&tcp[..8]);
+    let mut second = header(1, 12);
+    second.extend_from_slice(&tcp[8..]);
+    vec![first, second]
+}
+
+/// IPv4 counters of the server namespace (`Ip:` lines of /proc/net/snmp).
+fn server_ip_counters(gw: &Gateway) -> std::collections::HashMap<String, u64> {
+    let out = gw
+        .topo
+        .exec(&gw.topo.srv, "cat")
+        .arg("/proc/net/snmp")
+        .output()
+        .unwrap();
+    let snmp = text(&out.stdout);
+    let mut lines = snmp.lines().filter(|l| l.starts_with("Ip:"));
+    let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .skip(1)
+        .map(|(n, v)| (n.to_string(), v.parse().unwrap()))
+        .collect()
+}
+
+#[test]
+fn fragments_never_carry_a_segment_to_the_backend_port() {
+    let gw = Gateway::new("fr");
+    gw.write_config("auto", &[("shop4", SERVER4)]);
+    let _relay = gw.start_relay();
+    let server: std::net::Ipv4Addr = SERVER4.parse().unwrap();
+    // Control: the same fragments to an unprotected address of the server are reassembled by
+    // it, so the crafted packets are valid and the measurement can see them. (Non-first
+    // fragments to a protected address are dropped whatever their port.)
+    let unprotected: std::net::Ipv4Addr = "198.51.100.20".parse().unwrap();
+    let srv = gw.topo.srv.clone();
+    assert!(
+        Command::new("ip")
+            .args(["-n", &srv, "addr", "add", "198.51.100.20/24", "dev", "srv0"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let before = server_ip_counters(&gw);
+    send_raw_v4(&gw, unprotected, fragmented_syn(unprotected, 8080, 0x4242));
+    assert!(
+        relay_tests::wait_until(
+            Duration::from_secs(3),
+            || server_ip_counters(&gw)["ReasmOKs"] > before["ReasmOKs"]
+        ),
+        "control fragments to port 9090 were not reassembled by the server"
+    );
+    // Attack: the backend port, first fragment with the ports, then a non-first fragment alone.
+    let dropped = gw.counter("shop4", "dropped");
+    let before = server_ip_counters(&gw);
+    send_raw_v4(&gw, server, fragmented_syn(server, 8080, 0x4343));
+    send_raw_v4(
+        &gw,
+        server,
+        vec![fragmented_syn(server, 8080, 0x4444).remove(1)],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let after = server_ip_counters(&gw);
+    assert_eq!(
+        after["InReceives"], before["InReceives"],
+        "no fragment reached the server"
+    );
+    assert_eq!(after["ReasmOKs"], before["ReasmOKs"]);
+    assert_eq!(
+        gw.counter("shop4", "dropped"),
+        dropped + 3,
+        "all three fragments dropped at XDP"
+    );
+}
