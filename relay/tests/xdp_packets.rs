@@ -113,8 +113,11 @@ impl V4 {
     }
 }
 
-/// IPv6 to `dst` with extension headers `ext` (each: (type, bytes)), then `payload`.
-fn v6(dst: [u8; 16], ext: &[(u8, Vec<u8>)], last: u8, payload: &[u8]) -> Vec<u8> {
+/// An IPv6 extension header: its type, and its bytes (the next-header byte is filled in).
+type Ext = (u8, Vec<u8>);
+
+/// IPv6 to `dst` with extension headers `ext`, then `payload` of protocol `last`.
+fn v6(dst: [u8; 16], ext: &[Ext], last: u8, payload: &[u8]) -> Vec<u8> {
     let mut p = eth(&[], 0x86dd);
     let body_len: usize = ext.iter().map(|(_, b)| b.len()).sum::<usize>() + payload.len();
     let first = ext.first().map_or(last, |(t, _)| *t);
@@ -172,16 +175,6 @@ impl Harness {
         let mut dp = Datapath::load(None).expect("load and verify the programs");
         dp.maps.sync(&config.services).unwrap();
         Harness { dp }
-    }
-
-    fn counters(&self, service: &str) -> ServiceCounters {
-        self.dp
-            .maps
-            .counters()
-            .unwrap()
-            .into_iter()
-            .find(|c| c.service == service)
-            .unwrap()
     }
 
     fn xdp(&self, pkt: &[u8]) -> u32 {
@@ -391,7 +384,7 @@ fn ipv6_extension_headers_and_fragments() {
     let before = h.all();
     assert_eq!(h.xdp(&v6(SERVER6, &[], TCP, &tcp(443, SYN))), XDP_PASS);
     assert_eq!(diff(&before, &h.all()), vec![]);
-    let chains: [(&str, Vec<(u8, Vec<u8>)>); 5] = [
+    let chains: [(&str, Vec<Ext>); 5] = [
         ("hop-by-hop", vec![(0, opts8())]),
         (
             "hop-by-hop + routing + destination options",
@@ -434,7 +427,7 @@ fn ipv6_extension_headers_and_fragments() {
         "malformed",
     );
     // More extension headers than the parser follows: cannot be judged, so dropped.
-    let long: Vec<(u8, Vec<u8>)> = (0..7).map(|_| (60, opts8())).collect();
+    let long: Vec<Ext> = (0..7).map(|_| (60, opts8())).collect();
     h.expect(
         "seven extension headers",
         &v6(SERVER6, &long, TCP, &syn),

@@ -536,7 +536,7 @@ fn send_raw_v4(gw: &Gateway, dst: std::net::Ipv4Addr, packets: Vec<Vec<u8>>) {
 /// A TCP SYN to `dport` split into two IPv4 fragments: 8 bytes (ports, sequence number), then
 /// the other 12 bytes of the TCP header.
 fn fragmented_syn(dst: std::net::Ipv4Addr, dport: u16, id: u16) -> Vec<Vec<u8>> {
-    let mut tcp = vec![0u8; 20];
+    let mut tcp = [0u8; 20];
     tcp[0..2].copy_from_slice(&40001u16.to_be_bytes());
     tcp[2..4].copy_from_slice(&dport.to_be_bytes());
     tcp[12] = 5 << 4;

@@ -74,11 +74,14 @@ impl Relay {
         let logs = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().unwrap();
         let sink = Arc::clone(&logs);
+        let echo = std::env::var("RELAY_ECHO_LOGS").map_or(true, |v| v != "0");
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                // Visible with `cargo test -- --nocapture`, kept for assertions either way.
-                eprintln!("[relay] {line}");
+                // Shown with a failing test's output; kept for assertions either way.
+                if echo {
+                    eprintln!("[relay] {line}");
+                }
                 sink.lock().unwrap().push(line);
             }
         });

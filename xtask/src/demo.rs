@@ -1,13 +1,16 @@
-//! `cargo xtask demo`: relay doing its main job in front of real peers, narrated step by step.
+//! `cargo xtask demo`: relay doing its main job, narrated step by step.
 //!
-//! A throwaway PKI (rcgen), a real HTTP backend (Python's http.server) that speaks only
-//! plaintext, the relay terminating TLS in front of it, and real `curl` as the client. Everything
-//! is removed at the end, also on failure or Ctrl-C.
+//! Three network namespaces — client, gateway, server — joined by veths with documentation
+//! addresses. The server runs a real HTTP server (Python's http.server) that speaks only
+//! plaintext on port 8080. The relay on the gateway attaches its XDP and TC programs to the
+//! client-facing veth: real curl from the client reaches https://server:443 (steered to the
+//! relay, TLS terminated there, plaintext to 8080 behind it), while a direct hit on
+//! server:8080 from the client side is dropped at the NIC. Everything is removed at the end,
+//! also on failure or Ctrl-C.
 
 use std::{
-    net::{IpAddr, SocketAddr},
-    path::Path,
-    process::Command,
+    path::{Path, PathBuf},
+    process::Output,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -15,10 +18,16 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, bail, ensure};
-use relay_tests::{free_port, http::HttpServer, pki::Pki, relay::Relay};
+use anyhow::{Context as _, ensure};
+use relay_tests::{
+    http::HttpServer,
+    netns::{CLIENT4, CLIENT6, GW_CLIENT_IF, SERVER4, SERVER6, Topology},
+    pki::Pki,
+    relay::Relay,
+};
 
-const PAGE: &str = "<h1>shop</h1><p>served in plaintext, delivered over TLS by relay</p>\n";
+const PAGE: &str =
+    "<h1>shop</h1><p>served in plaintext on :8080, delivered over TLS by relay</p>\n";
 
 fn say(step: &str) {
     eprintln!("\n\x1b[1;36m==>\x1b[0m \x1b[1m{step}\x1b[0m");
@@ -28,145 +37,208 @@ fn show(line: &str) {
     eprintln!("    {line}");
 }
 
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).trim_end().to_string()
+}
+
+/// Removes the demo's pins, rules and routes when dropped (after the relay stopped).
+struct Detach<'a> {
+    relay_bin: &'a Path,
+    topo: &'a Topology,
+    config: PathBuf,
+}
+
+impl Drop for Detach<'_> {
+    fn drop(&mut self) {
+        let out = self
+            .topo
+            .enter(&self.topo.gw, self.relay_bin)
+            .args(["detach", "--config"])
+            .arg(&self.config)
+            .output();
+        if let Ok(out) = out {
+            for line in text(&out.stdout).lines() {
+                show(line);
+            }
+        }
+    }
+}
+
 pub fn demo(relay_bin: &Path) -> anyhow::Result<()> {
-    // SAFETY: setting an environment variable before any thread of ours reads it.
-    unsafe { std::env::set_var("RELAY_BIN", relay_bin) };
+    ensure!(
+        crate::setup::is_root(),
+        "the demo creates network namespaces and attaches XDP: run it as root"
+    );
+    // SAFETY: set before any thread of ours reads the environment.
+    unsafe {
+        std::env::set_var("RELAY_BIN", relay_bin);
+        // The demo shows chosen log lines itself rather than all of them.
+        std::env::set_var("RELAY_ECHO_LOGS", "0");
+    }
     let interrupted = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&interrupted);
     ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst)).context("Ctrl-C handler")?;
     let check = || -> anyhow::Result<()> {
         ensure!(
             !interrupted.load(Ordering::SeqCst),
-            "interrupted, cleaning up"
+            "interrupted: cleaning up"
         );
         Ok(())
     };
-
-    // Everything lives in one temporary directory that is removed when `work` drops.
-    let work = tempdir()?;
+    let work = TempDir::new()?;
     let dir = work.path();
 
-    say("Generating a throwaway CA and a certificate for localhost (rcgen)");
-    let pki = Pki::generate(&dir.join("pki"))?;
-    show(&format!("CA: {}", pki.ca.display()));
-    check()?;
-
-    say("Starting a real HTTP backend that speaks only plaintext (python3 -m http.server)");
-    std::fs::create_dir_all(dir.join("www"))?;
-    std::fs::write(dir.join("www/index.html"), PAGE)?;
-    let localhost: IpAddr = "127.0.0.1".parse()?;
-    let http = HttpServer::start(&dir.join("www"), localhost, free_port(), &[])?;
-    show(&format!("backend: http://{}/", http.addr));
-    check()?;
-
-    say("Starting relay: TLS from clients, plaintext toward the backend");
-    let front = SocketAddr::new(localhost, free_port());
-    let config = dir.join("relay.toml");
-    let server = pki.server();
-    std::fs::write(
-        &config,
-        format!(
-            r#"[relay]
-control_socket = "{dir}/control.sock"
-
-[[service]]
-name = "shop"
-server = "127.0.0.1"
-port = {front_port}
-backend_port = {backend_port}
-listen = "{front}"
-
-[service.inbound]
-level = "tls"
-cert = "{cert}"
-key = "{key}"
-
-[service.outbound]
-level = "plain"
-"#,
-            dir = dir.display(),
-            front_port = front.port(),
-            backend_port = http.addr.port(),
-            cert = server.cert.display(),
-            key = server.key.display(),
-        ),
-    )?;
-    let mut relay = Relay::start(&config)?;
+    say("Building the network: client — gateway — server (three namespaces, veth pairs)");
+    let topo = Topology::create("demo")?;
     show(&format!(
-        "relay listens on {front} (TLS) and relays to {} (plain)",
-        http.addr
+        "client   {CLIENT4}  {CLIENT6}            (namespace {})",
+        topo.cli
+    ));
+    show(&format!(
+        "gateway  192.0.2.1  2001:db8:a::1 | 198.51.100.1  2001:db8:b::1 (namespace {})",
+        topo.gw
+    ));
+    show(&format!(
+        "server   {SERVER4}  {SERVER6}      (namespace {})",
+        topo.srv
     ));
     check()?;
 
-    say("A client fetches the page over TLS through the relay (curl)");
-    let url = format!("https://localhost:{}/", front.port());
-    let resolve = format!("localhost:{}:127.0.0.1", front.port());
-    show(&format!("$ curl --cacert ca.pem {url}"));
-    let out = Command::new("curl")
-        .args([
-            "--silent",
-            "--show-error",
-            "--max-time",
-            "5",
-            "--resolve",
-            &resolve,
-        ])
-        .args([
-            "--write-out",
-            "\n[%{http_version} %{response_code}, TLS certificate verified: %{ssl_verify_result}]",
-        ])
-        .arg("--cacert")
-        .arg(&pki.ca)
-        .arg(&url)
-        .output()
-        .context("run curl")?;
-    ensure!(
-        out.status.success(),
-        "curl failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let body = String::from_utf8_lossy(&out.stdout);
-    for line in body.lines() {
-        show(line);
-    }
-    ensure!(body.contains(PAGE.trim()), "the page did not come through");
+    say("Starting the server application: plaintext HTTP on port 8080 (python3 -m http.server)");
+    std::fs::create_dir_all(dir.join("www"))?;
+    std::fs::write(dir.join("www/index.html"), PAGE)?;
+    let srv_ns = topo.srv.clone();
+    let _http = HttpServer::start(
+        &dir.join("www"),
+        "::".parse()?,
+        8080,
+        &["ip", "netns", "exec", &srv_ns],
+    )?;
+    let pki = Pki::generate(&dir.join("pki"))?;
+    show(&format!(
+        "a throwaway CA signed the service certificate for {SERVER4} and {SERVER6}"
+    ));
     check()?;
 
-    say("A client that speaks plaintext to the TLS port is turned away");
-    let plain_url = format!("http://localhost:{}/", front.port());
-    show(&format!("$ curl {plain_url}"));
-    let out = Command::new("curl")
-        .args([
-            "--silent",
-            "--show-error",
-            "--max-time",
-            "5",
-            "--resolve",
-            &resolve,
-            &plain_url,
-        ])
-        .output()?;
-    ensure!(!out.status.success(), "plaintext must not get through");
-    show(String::from_utf8_lossy(&out.stderr).trim());
-    show("(relay answered the non-TLS bytes with a TLS alert and closed; the log counts it)");
-
-    say("Stopping relay (SIGTERM): it stops accepting, lets connections finish, prints counters");
-    let status = relay
-        .terminate(Duration::from_secs(10))
-        .context("relay did not stop")?;
-    if !status.success() {
-        bail!("relay exited with {status}");
+    say("Starting relay on the gateway: TLS on :443 for clients, plaintext :8080 behind it");
+    let pin_path = format!("/sys/fs/bpf/relay-demo-{}", std::process::id());
+    let config = dir.join("relay.toml");
+    let cert = pki.server();
+    let mut text_config = format!(
+        "[relay]\ncontrol_socket = \"{}/control.sock\"\n\n[datapath]\ninterfaces = [\"{GW_CLIENT_IF}\"]\nxdp_mode = \"auto\"\npin_path = \"{pin_path}\"\n\n",
+        dir.display()
+    );
+    for (name, server) in [("shop", SERVER4), ("shop-v6", SERVER6)] {
+        text_config += &format!(
+            "[[service]]\nname = \"{name}\"\nserver = \"{server}\"\nport = 443\nbackend_port = 8080\n\n\
+             [service.inbound]\nlevel = \"tls\"\ncert = \"{}\"\nkey = \"{}\"\n\n[service.outbound]\nlevel = \"plain\"\n\n",
+            cert.cert.display(),
+            cert.key.display()
+        );
     }
+    std::fs::write(&config, &text_config)?;
+    let _detach = Detach {
+        relay_bin,
+        topo: &topo,
+        config: config.clone(),
+    };
+    let mut relay = Relay::start_with(
+        topo.enter(&topo.gw, relay_bin)
+            .args(["run", "--config"])
+            .arg(&config),
+    )?;
     for line in relay
         .logs()
         .iter()
-        .filter(|l| l.contains("connection closed") || l.contains("final counters"))
+        .filter(|l| l.contains("data path attached") || l.contains("service steered"))
     {
+        show(
+            line.split_once("relay::run: ")
+                .map_or(line.as_str(), |(_, rest)| rest),
+        );
+    }
+    check()?;
+
+    let ca = pki.ca.to_str().context("CA path")?.to_string();
+    for server in [SERVER4, SERVER6] {
+        let host = Topology::host(server);
+        say(&format!(
+            "The client fetches https://{host}/ — steered to relay, TLS terminated there"
+        ));
+        show(&format!("$ curl --cacert ca.pem https://{host}/"));
+        let out = topo.curl(&[
+            "--max-time",
+            "10",
+            "--cacert",
+            &ca,
+            "--write-out",
+            "[HTTP %{response_code} over TLS, certificate verified: %{ssl_verify_result}, TCP connect %{time_connect}s]\n",
+            &format!("https://{host}/"),
+        ]);
+        report(&out);
+        ensure!(
+            out.status.success() && text(&out.stdout).contains("<h1>shop</h1>"),
+            "the page did not come through"
+        );
+        check()?;
+    }
+
+    say(&format!(
+        "The client tries the weak port directly: http://{SERVER4}:8080/ — dropped at the NIC"
+    ));
+    show(&format!(
+        "$ curl --connect-timeout 2 http://{SERVER4}:8080/"
+    ));
+    let direct = topo.curl(&["--connect-timeout", "2", &format!("http://{SERVER4}:8080/")]);
+    report(&direct);
+    ensure!(
+        direct.status.code() == Some(28),
+        "the direct hit was not dropped: {direct:?}"
+    );
+    show("(exit code 28: the SYN vanished — no answer at all, not even a refusal)");
+    let from_gw = topo
+        .exec(&topo.gw, "curl")
+        .args([
+            "--silent",
+            "--max-time",
+            "5",
+            "--output",
+            "/dev/null",
+            "--write-out",
+            "%{response_code}",
+        ])
+        .arg(format!("http://{SERVER4}:8080/"))
+        .output()?;
+    show(&format!(
+        "the gateway itself still reaches it: HTTP {} (only client-facing traffic is dropped)",
+        text(&from_gw.stdout)
+    ));
+    check()?;
+
+    say("Data path counters (relay status)");
+    let status = topo
+        .enter(&topo.gw, relay_bin)
+        .args(["status", "--config"])
+        .arg(&config)
+        .output()?;
+    for line in text(&status.stdout).lines() {
         show(line);
     }
-    drop(http);
-    say("Done: backend and relay stopped, temporary files removed");
+
+    say("Stopping relay, detaching the data path, removing the namespaces");
+    relay
+        .terminate(Duration::from_secs(10))
+        .context("relay did not stop")?;
+    drop(_detach);
+    drop(topo);
+    show("done: nothing left behind");
     Ok(())
+}
+
+fn report(out: &Output) {
+    for line in text(&out.stdout).lines().chain(text(&out.stderr).lines()) {
+        show(line);
+    }
 }
 
 /// Generates the development PKI used by examples/relay.toml, once.
@@ -179,15 +251,16 @@ pub fn dev_certs(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn tempdir() -> anyhow::Result<TempDir> {
-    let path = std::env::temp_dir().join(format!("relay-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&path)?;
-    Ok(TempDir(path))
-}
-
-struct TempDir(std::path::PathBuf);
+/// A directory removed on drop.
+struct TempDir(PathBuf);
 
 impl TempDir {
+    fn new() -> anyhow::Result<TempDir> {
+        let path = std::env::temp_dir().join(format!("relay-demo-{}", std::process::id()));
+        std::fs::create_dir_all(&path)?;
+        Ok(TempDir(path))
+    }
+
     fn path(&self) -> &Path {
         &self.0
     }
