@@ -21,6 +21,8 @@ pub enum LogFormat {
     Json,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the relay with a configuration file.
@@ -33,20 +35,30 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Show the data path: XDP mode per interface and counters per service.
+    /// Show the running relay: services, connections, worker, data path mode and counters.
+    /// With the relay down, shows what the pinned data path still does.
     Status {
-        /// Config file naming the pin directory (default: /sys/fs/bpf/relay).
-        #[arg(long, short)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        target: Target,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
     /// Add, remove or list services of the running relay.
-    #[command(subcommand)]
-    Service(ServiceCommand),
-    /// Reload the configuration of the running relay.
-    Reload,
+    Service {
+        #[command(flatten)]
+        target: Target,
+        #[command(subcommand)]
+        command: ServiceCommand,
+    },
+    /// Reload the configuration file of the running relay (as SIGHUP does).
+    Reload {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// The worker process, started by `relay run`; not for direct use.
+    #[command(hide = true)]
+    Worker,
     /// Remove every program, link, pin, rule and route the relay attached.
     Detach {
         /// Config file naming the pin directory and routing table (default: built-in ones).
@@ -55,9 +67,21 @@ pub enum Command {
     },
 }
 
+/// Which running relay a command talks to.
+#[derive(Debug, clap::Args)]
+pub struct Target {
+    /// The relay's config file (names its control socket and pin directory).
+    #[arg(long, short, global = true)]
+    pub config: Option<PathBuf>,
+    /// The control socket, when not given by --config (default /run/relay/control.sock).
+    #[arg(long, global = true)]
+    pub socket: Option<PathBuf>,
+}
+
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum ServiceCommand {
-    /// Add a service at runtime.
+    /// Add a service at runtime: live at once (listener or data path entry).
     Add {
         #[arg(long)]
         name: String,
@@ -67,9 +91,51 @@ pub enum ServiceCommand {
         port: u16,
         #[arg(long)]
         backend_port: u16,
+        /// Another backend than (server, backend-port).
+        #[arg(long)]
+        backend: Option<std::net::SocketAddr>,
+        /// Explicit mode: listen here instead of being steered to by the data path.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        #[arg(long, value_enum, default_value_t = LevelArg::Plain)]
+        inbound_level: LevelArg,
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        #[arg(long)]
+        key: Option<PathBuf>,
+        #[arg(long)]
+        client_ca: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = LevelArg::Plain)]
+        outbound_level: LevelArg,
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        #[arg(long)]
+        server_name: Option<String>,
+        /// Client certificate toward the backend (outbound mtls).
+        #[arg(long)]
+        outbound_cert: Option<PathBuf>,
+        #[arg(long)]
+        outbound_key: Option<PathBuf>,
     },
     /// Remove a service; its established connections finish.
     Remove { name: String },
     /// List the running services.
     List,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LevelArg {
+    Plain,
+    Tls,
+    Mtls,
+}
+
+impl From<LevelArg> for crate::config::Level {
+    fn from(l: LevelArg) -> Self {
+        match l {
+            LevelArg::Plain => Self::Plain,
+            LevelArg::Tls => Self::Tls,
+            LevelArg::Mtls => Self::Mtls,
+        }
+    }
 }

@@ -15,12 +15,12 @@ use std::{
     time::Duration,
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::tls;
 
 /// Security level of one side of a connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Level {
     Plain,
@@ -48,7 +48,7 @@ pub struct Config {
     pub services: Vec<Service>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RelaySection {
     pub control_socket: PathBuf,
@@ -68,6 +68,12 @@ pub struct RelaySection {
     pub shutdown_grace: Duration,
     /// Connections open at once over all services; more are closed right after accept.
     pub max_connections: usize,
+    /// The worker runs as this user once it holds its sockets (when started as root).
+    pub user: Option<String>,
+    /// How often the supervisor draws a new TLS session ticket key; tickets stay valid for two
+    /// periods, across worker restarts.
+    #[serde(with = "humantime_serde")]
+    pub ticket_rotation: Duration,
 }
 
 impl Default for RelaySection {
@@ -80,11 +86,13 @@ impl Default for RelaySection {
             idle_timeout: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(30),
             max_connections: 10_000,
+            user: None,
+            ticket_rotation: Duration::from_secs(3600),
         }
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum XdpMode {
     #[default]
@@ -93,7 +101,7 @@ pub enum XdpMode {
     Generic,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Datapath {
     /// Client-facing interfaces: XDP drop and TC steering are attached to each.
@@ -128,7 +136,7 @@ fn default_route_table() -> u32 {
     24090
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Service {
     pub name: String,
@@ -152,7 +160,7 @@ impl Service {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Inbound {
     pub level: Level,
@@ -165,7 +173,7 @@ pub struct Inbound {
     pub resumption: bool,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Outbound {
     pub level: Level,
@@ -179,7 +187,7 @@ pub struct Outbound {
     pub resumption: bool,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProxyProtocol {
     #[default]
@@ -256,6 +264,13 @@ impl Config {
         }
     }
 
+    /// Re-validates a config changed at run time (a service added over the control socket):
+    /// the same checks as a file gets, reported by key path.
+    pub fn check(&self) -> Result<(), String> {
+        self.validate()
+            .map_err(|(path, message)| format!("{}: {message}", render(&path)))
+    }
+
     /// Semantic checks serde cannot express. Returns the key path of the first problem.
     fn validate(&self) -> Result<(), (Vec<Seg>, String)> {
         use Seg::{Index, Key};
@@ -264,6 +279,7 @@ impl Config {
             ("handshake_timeout", r.handshake_timeout),
             ("connect_timeout", r.connect_timeout),
             ("idle_timeout", r.idle_timeout),
+            ("ticket_rotation", r.ticket_rotation),
         ] {
             if d.is_zero() {
                 return Err((
@@ -276,6 +292,14 @@ impl Config {
             return Err((
                 vec![Key("relay"), Key("max_connections")],
                 "must be at least 1".into(),
+            ));
+        }
+        if let Some(user) = &r.user
+            && user_ids(user).is_none()
+        {
+            return Err((
+                vec![Key("relay"), Key("user")],
+                format!("no user named {user:?}"),
             ));
         }
         if let Some(dp) = &self.datapath {
@@ -424,7 +448,8 @@ impl Config {
             ));
         }
         if level != Level::Plain {
-            tls::server_config(inb).map_err(|e| (at(e.field()), e.to_string()))?;
+            tls::server_config(inb, &tls::Disk, &tls::Resumption::default())
+                .map_err(|e| (at(e.field()), e.to_string()))?;
         }
         Ok(())
     }
@@ -476,10 +501,24 @@ impl Config {
             ));
         }
         if level != Level::Plain {
-            tls::client_config(out).map_err(|e| (at(e.field()), e.to_string()))?;
+            tls::client_config(out, &tls::Disk).map_err(|e| (at(e.field()), e.to_string()))?;
             tls::server_name(s).map_err(|e| (at("server_name"), e))?;
         }
         Ok(())
+    }
+}
+
+/// (uid, gid) of a user name, from the system's user database.
+pub fn user_ids(name: &str) -> Option<(u32, u32)> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: getpwnam returns null or a pointer to static storage, read at once; the relay
+    // looks users up from one thread at a time (startup, reload).
+    unsafe {
+        let pw = libc::getpwnam(name.as_ptr());
+        if pw.is_null() {
+            return None;
+        }
+        Some(((*pw).pw_uid, (*pw).pw_gid))
     }
 }
 

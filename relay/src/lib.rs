@@ -4,18 +4,25 @@
 //! client network needs (plain, TLS or mutual TLS) while the backend sees the connection at the
 //! level the server network needs. Modules, in the order a connection meets them:
 //! - [`config`]: the TOML contract, validated with errors that name file, line and key.
-//! - [`run`]: brings services up, stops gracefully.
+//! - [`supervisor`]: `relay run`: data path, listeners, ticket keys, control socket, and the
+//!   worker's life; [`handoff`] is its channel to the worker, [`control`] the control protocol.
+//! - [`worker`]: the process that relays; restarted by the supervisor if it dies.
 //! - [`proxy`]: per service, accepts and relays connections (limits, timeouts, outcomes).
-//! - [`tls`]: rustls configurations built from a service's config.
+//! - [`tls`]: rustls configurations built from a service's config; [`tickets`]: session ticket
+//!   keys shared across worker generations.
 //! - [`copy`]: moves bytes both ways with half-close and idle timeout.
 //! - [`metrics`]: counters per service and outcome.
 //! - [`datapath`]: the embedded eBPF object (transparent mode).
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod copy;
 pub mod datapath;
+pub mod handoff;
 pub mod metrics;
 pub mod proxy;
-pub mod run;
+pub mod supervisor;
+pub mod tickets;
 pub mod tls;
+pub mod worker;

@@ -1,13 +1,18 @@
 //! The `relay` binary: command line, logging, exit codes (0 ok, 1 runtime failure, 2 usage or
 //! configuration error).
 
-use std::{io::IsTerminal as _, path::Path, process::ExitCode};
+use std::{
+    io::IsTerminal as _,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use clap::Parser as _;
 use relay::{
-    cli::{Cli, Command, LogFormat},
+    cli::{Cli, Command, LogFormat, ServiceCommand, Target},
     config::Config,
-    datapath,
+    control::{self, Request},
+    datapath, supervisor, worker,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -35,42 +40,39 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Run { config } => {
-            let config = match Config::load(&config) {
+        Command::Run { config: path } => {
+            let config = match Config::load(&path) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("relay: {e}");
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("relay: cannot start the async runtime: {e}");
-                    return ExitCode::from(EXIT_RUNTIME);
-                }
-            };
-            match runtime.block_on(relay::run::run(config)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("relay: {e:#}");
-                    ExitCode::from(EXIT_RUNTIME)
-                }
-            }
+            exit(
+                runtime().and_then(|rt| rt.block_on(supervisor::run(path, config, cli.log_format))),
+                EXIT_RUNTIME,
+            )
         }
-        Command::Status { config, json } => exit(status(config.as_deref(), json), EXIT_RUNTIME),
+        Command::Worker => exit(
+            runtime().and_then(|rt| rt.block_on(worker::run())),
+            EXIT_RUNTIME,
+        ),
+        Command::Status { target, json } => exit(status(&target, json), EXIT_RUNTIME),
+        Command::Service { target, command } => exit(service(&target, command), EXIT_RUNTIME),
+        Command::Reload { target } => exit(
+            call(&target, &Request::Reload {})
+                .map(|v| println!("reloaded: {}", v.as_str().unwrap_or_default())),
+            EXIT_RUNTIME,
+        ),
         Command::Detach { config } => exit(detach(config.as_deref()), EXIT_RUNTIME),
-        Command::Service(_) | Command::Reload => {
-            eprintln!(
-                "relay: this command talks to a running relay's control socket, which this \
-                 version does not have yet"
-            );
-            ExitCode::from(EXIT_RUNTIME)
-        }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
 }
 
 fn init_logging(format: LogFormat) {
@@ -103,32 +105,204 @@ fn datapath_config(config: Option<&Path>) -> anyhow::Result<relay::config::Datap
     })
 }
 
-fn status(config: Option<&Path>, json: bool) -> anyhow::Result<()> {
-    let dp = datapath_config(config)?;
-    let pin = &dp.pin_path;
-    if !pin.exists() {
-        anyhow::bail!("no data path attached ({} does not exist)", pin.display());
+/// The control socket of the relay `target` names.
+fn socket_of(target: &Target) -> anyhow::Result<PathBuf> {
+    if let Some(s) = &target.socket {
+        return Ok(s.clone());
     }
-    let attachments = datapath::attachments(pin);
-    let counters = datapath::Maps::open_pinned(pin)?.counters()?;
-    if json {
-        let v = serde_json::json!({ "pin_path": pin, "attachments": attachments, "counters": counters });
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+    Ok(match &target.config {
+        Some(path) => Config::load(path)?.relay.control_socket,
+        None => relay::config::RelaySection::default().control_socket,
+    })
+}
+
+fn call(target: &Target, request: &Request) -> anyhow::Result<serde_json::Value> {
+    control::call(&socket_of(target)?, request)
+}
+
+fn status(target: &Target, json: bool) -> anyhow::Result<()> {
+    match call(target, &Request::Status {}) {
+        Ok(v) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_status(&v);
+            }
+            Ok(())
+        }
+        // Relay down: the pinned data path may still be dropping and counting.
+        Err(e) => {
+            eprintln!("relay: {e:#}");
+            datapath_status(target.config.as_deref(), json)
+        }
     }
-    println!("data path pinned in {}", pin.display());
-    for a in &attachments {
-        println!("  interface {:<16} xdp mode {}", a.interface, a.xdp_mode);
+}
+
+fn print_status(v: &serde_json::Value) {
+    let n = |x: &serde_json::Value| x.as_u64().unwrap_or(0);
+    println!(
+        "relay: supervisor pid {}, up {} s; worker pid {}, restarts {}",
+        v["supervisor_pid"],
+        n(&v["uptime_s"]),
+        v["worker"]["pid"],
+        n(&v["worker_restarts"])
+    );
+    println!(
+        "\n  {:<20} {:<12} {:<28} {:<24} {:>5} {:>5}",
+        "service", "mode", "front", "backend", "in", "out"
+    );
+    for s in v["services"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<20} {:<12} {:<28} {:<24} {:>5} {:>5}",
+            s["name"].as_str().unwrap_or(""),
+            s["mode"].as_str().unwrap_or(""),
+            s["front"].as_str().unwrap_or(""),
+            s["backend"].as_str().unwrap_or(""),
+            s["inbound"].as_str().unwrap_or(""),
+            s["outbound"].as_str().unwrap_or("")
+        );
+    }
+    println!(
+        "\n  {:<20} {:>10} {:>8} {:>14} {:>14}  outcomes",
+        "service", "accepted", "active", "bytes up", "bytes down"
+    );
+    for c in v["connections"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<20} {:>10} {:>8} {:>14} {:>14}  {}",
+            c["service"].as_str().unwrap_or(""),
+            n(&c["accepted"]),
+            n(&c["active"]),
+            n(&c["bytes_up"]),
+            n(&c["bytes_down"]),
+            c["outcomes"]
+        );
+    }
+    if !v["datapath"].is_null() {
+        println!();
+        print_datapath(&v["datapath"]);
+    }
+}
+
+fn print_datapath(d: &serde_json::Value) {
+    println!(
+        "  data path pinned in {}",
+        d["pin_path"].as_str().unwrap_or("")
+    );
+    for a in d["attachments"].as_array().into_iter().flatten() {
+        println!(
+            "  interface {:<16} xdp mode {}",
+            a["interface"].as_str().unwrap_or(""),
+            a["xdp_mode"].as_str().unwrap_or("")
+        );
     }
     println!(
         "\n  {:<24} {:>12} {:>12} {:>12} {:>12} {:>12}",
         "service", "steered", "dropped", "passed", "malformed", "no_listener"
     );
-    for c in counters {
+    for c in d["counters"].as_array().into_iter().flatten() {
+        let n = |k: &str| c[k].as_u64().unwrap_or(0);
         println!(
             "  {:<24} {:>12} {:>12} {:>12} {:>12} {:>12}",
-            c.service, c.steered, c.dropped, c.passed, c.malformed, c.no_listener
+            c["service"].as_str().unwrap_or(""),
+            n("steered"),
+            n("dropped"),
+            n("passed"),
+            n("malformed"),
+            n("no_listener")
         );
+    }
+}
+
+/// The pinned data path alone (`relay status` with the relay down).
+fn datapath_status(config: Option<&Path>, json: bool) -> anyhow::Result<()> {
+    let dp = datapath_config(config)?;
+    let pin = &dp.pin_path;
+    if !pin.exists() {
+        anyhow::bail!(
+            "no data path attached either ({} does not exist)",
+            pin.display()
+        );
+    }
+    let v = serde_json::json!({
+        "pin_path": pin,
+        "attachments": datapath::attachments(pin),
+        "counters": datapath::Maps::open_pinned(pin)?.counters()?,
+    });
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "datapath": v }))?
+        );
+    } else {
+        println!("relay is not running; the pinned data path:");
+        print_datapath(&v);
+    }
+    Ok(())
+}
+
+fn service(target: &Target, command: ServiceCommand) -> anyhow::Result<()> {
+    let result = match command {
+        ServiceCommand::List => call(target, &Request::ServiceList {})?,
+        ServiceCommand::Remove { name } => call(target, &Request::ServiceRemove { name })?,
+        ServiceCommand::Add {
+            name,
+            server,
+            port,
+            backend_port,
+            backend,
+            listen,
+            inbound_level,
+            cert,
+            key,
+            client_ca,
+            outbound_level,
+            ca,
+            server_name,
+            outbound_cert,
+            outbound_key,
+        } => {
+            // The relay resolves nothing relative to its own directory: send absolute paths.
+            let abs = |p: Option<PathBuf>| -> anyhow::Result<Option<PathBuf>> {
+                p.map(|p| std::path::absolute(&p).map_err(anyhow::Error::from))
+                    .transpose()
+            };
+            let service = relay::config::Service {
+                name,
+                server,
+                port,
+                backend_port,
+                backend,
+                listen,
+                max_connections: None,
+                inbound: relay::config::Inbound {
+                    level: inbound_level.into(),
+                    cert: abs(cert)?,
+                    key: abs(key)?,
+                    client_ca: abs(client_ca)?,
+                    allow: Vec::new(),
+                    resumption: true,
+                },
+                outbound: relay::config::Outbound {
+                    level: outbound_level.into(),
+                    ca: abs(ca)?,
+                    server_name,
+                    cert: abs(outbound_cert)?,
+                    key: abs(outbound_key)?,
+                    proxy_protocol: relay::config::ProxyProtocol::None,
+                    resumption: true,
+                },
+            };
+            call(
+                target,
+                &Request::ServiceAdd {
+                    service: Box::new(service),
+                },
+            )?
+        }
+    };
+    match result {
+        serde_json::Value::String(s) => println!("{s}"),
+        other => println!("{}", serde_json::to_string_pretty(&other)?),
     }
     Ok(())
 }

@@ -85,6 +85,22 @@ impl ServiceMetrics {
         self.outcomes[outcome as usize].load(Ordering::Relaxed)
     }
 
+    /// A snapshot for `relay status`.
+    pub fn snapshot(&self, service: &str) -> ServiceStatus {
+        ServiceStatus {
+            service: service.to_string(),
+            accepted: self.accepted.load(Ordering::Relaxed),
+            active: self.active.load(Ordering::Relaxed),
+            bytes_up: self.bytes_up.load(Ordering::Relaxed),
+            bytes_down: self.bytes_down.load(Ordering::Relaxed),
+            outcomes: Outcome::ALL
+                .iter()
+                .map(|o| (o.label().to_string(), self.outcome(*o)))
+                .filter(|(_, n)| *n > 0)
+                .collect(),
+        }
+    }
+
     /// `accepted=3 active=0 closed=2 handshake_failed=1 ...`, zero outcomes left out.
     pub fn summary(&self) -> String {
         let mut s = format!(
@@ -102,4 +118,15 @@ impl ServiceMetrics {
         }
         s
     }
+}
+
+/// Connection counters of one service, as a worker reports them.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct ServiceStatus {
+    pub service: String,
+    pub accepted: u64,
+    pub active: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub outcomes: std::collections::BTreeMap<String, u64>,
 }

@@ -10,7 +10,7 @@ use std::{
     collections::HashMap,
     io,
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
 
@@ -35,14 +35,23 @@ use crate::{
 /// A client or backend connection at its security level.
 type Conn = Either<TcpStream, tokio_rustls::TlsStream<TcpStream>>;
 
-/// Limits and timeouts shared by every service of a relay.
+/// What every listener of a worker shares: the total limit and the connection tasks.
 pub struct Shared {
-    pub timeouts: Timeouts,
     /// One permit per open connection, over all services.
     pub total: Arc<Semaphore>,
     pub tracker: TaskTracker,
-    pub shutdown: CancellationToken,
 }
+
+/// The services a worker serves now. A reload swaps in a new snapshot: new connections get the
+/// new one, established connections keep the `Arc<ServiceRuntime>` they started with.
+pub struct Services {
+    pub timeouts: Timeouts,
+    pub by_name: HashMap<String, Arc<ServiceRuntime>>,
+    /// Transparent services by (server, front port): the original destination.
+    pub by_destination: HashMap<(IpAddr, u16), Arc<ServiceRuntime>>,
+}
+
+pub type Table = Arc<RwLock<Arc<Services>>>;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Timeouts {
@@ -67,16 +76,22 @@ pub struct ServiceRuntime {
     acceptor: Option<TlsAcceptor>,
     connector: Option<(TlsConnector, ServerName<'static>)>,
     limit: Option<Arc<Semaphore>>,
-    pub metrics: ServiceMetrics,
+    /// Kept across reloads of the same service, so counters do not restart.
+    pub metrics: Arc<ServiceMetrics>,
 }
 
 impl ServiceRuntime {
-    pub fn new(config: Service) -> anyhow::Result<Self> {
+    pub fn new(
+        config: Service,
+        material: &dyn tls::Material,
+        resumption: &tls::Resumption,
+        metrics: Arc<ServiceMetrics>,
+    ) -> anyhow::Result<Self> {
         let name = &config.name;
         let acceptor = match config.inbound.level {
             Level::Plain => None,
             _ => Some(TlsAcceptor::from(
-                tls::server_config(&config.inbound)
+                tls::server_config(&config.inbound, material, resumption)
                     .with_context(|| format!("service {name}: inbound TLS"))?,
             )),
         };
@@ -84,7 +99,7 @@ impl ServiceRuntime {
             Level::Plain => None,
             _ => Some((
                 TlsConnector::from(
-                    tls::client_config(&config.outbound)
+                    tls::client_config(&config.outbound, material)
                         .with_context(|| format!("service {name}: outbound TLS"))?,
                 ),
                 tls::server_name(&config).map_err(anyhow::Error::msg)?,
@@ -96,7 +111,7 @@ impl ServiceRuntime {
             acceptor,
             connector,
             limit,
-            metrics: ServiceMetrics::default(),
+            metrics,
         })
     }
 
@@ -106,33 +121,42 @@ impl ServiceRuntime {
 }
 
 /// Which service an accepted connection belongs to.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub enum Route {
-    /// Explicit mode: the listener belongs to one service.
-    Service(Arc<ServiceRuntime>),
+    /// Explicit mode: the listener belongs to the service of this name.
+    Named(String),
     /// Transparent mode: the connection's local address is the client's original destination
     /// (server, front port), which names the service.
-    ByDestination(Arc<HashMap<(IpAddr, u16), Arc<ServiceRuntime>>>),
+    ByDestination,
 }
 
 impl Route {
-    fn service_for(&self, socket: &TcpStream) -> Option<Arc<ServiceRuntime>> {
+    fn service_for(&self, services: &Services, socket: &TcpStream) -> Option<Arc<ServiceRuntime>> {
         match self {
-            Route::Service(s) => Some(Arc::clone(s)),
-            Route::ByDestination(map) => {
+            Route::Named(name) => services.by_name.get(name).cloned(),
+            Route::ByDestination => {
                 let dst = socket.local_addr().ok()?;
-                map.get(&(dst.ip().to_canonical(), dst.port())).cloned()
+                services
+                    .by_destination
+                    .get(&(dst.ip().to_canonical(), dst.port()))
+                    .cloned()
             }
         }
     }
 }
 
-/// Accepts connections until shutdown.
-pub async fn serve(listener: TcpListener, route: Route, shared: Arc<Shared>) {
+/// Accepts connections until `stop` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    route: Route,
+    table: Table,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(10);
     loop {
         let accepted = tokio::select! {
-            () = shared.shutdown.cancelled() => return,
+            () = stop.cancelled() => return,
             r = listener.accept() => r,
         };
         let (socket, peer) = match accepted {
@@ -151,7 +175,8 @@ pub async fn serve(listener: TcpListener, route: Route, shared: Arc<Shared>) {
                 continue;
             }
         };
-        let Some(service) = route.service_for(&socket) else {
+        let services = Arc::clone(&table.read().unwrap_or_else(|e| e.into_inner()));
+        let Some(service) = route.service_for(&services, &socket) else {
             // Steered here by a policy entry this relay does not know (e.g. one left by another
             // config): nothing to relay to.
             warn!(%peer, destination = ?socket.local_addr().ok(), "no service for this destination, closing");
@@ -163,7 +188,7 @@ pub async fn serve(listener: TcpListener, route: Route, shared: Arc<Shared>) {
             drop(socket);
             continue;
         };
-        let timeouts = shared.timeouts;
+        let timeouts = services.timeouts;
         shared.tracker.spawn(async move {
             handle(socket, peer, &service, timeouts).await;
             drop(permits);

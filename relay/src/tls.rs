@@ -7,17 +7,77 @@
 //!
 //! Errors say which config key they belong to (`field`), so the config module can point at the
 //! right line.
+//!
+//! Certificate, key and CA files are read through [`Material`]: from disk where the relay may
+//! read them (config check, supervisor), from the bytes the supervisor sent where it may not
+//! (a worker after dropping privileges).
 
-use std::{net::IpAddr, path::Path, sync::Arc};
+use std::{
+    collections::HashMap,
+    io,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use rustls::{
     ClientConfig, RootCertStore, ServerConfig,
-    client::Resumption,
+    client::Resumption as ClientResumption,
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _},
     server::{NoServerSessionStorage, ServerSessionMemoryCache, WebPkiClientVerifier},
 };
 
 use crate::config::{Inbound, Outbound, Service};
+
+/// Where PEM files come from.
+pub trait Material {
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
+}
+
+/// Files on disk.
+pub struct Disk;
+
+impl Material for Disk {
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        std::fs::read(path)
+    }
+}
+
+/// Files read earlier, by path.
+pub type Files = HashMap<PathBuf, Vec<u8>>;
+
+impl Material for Files {
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        self.get(path).cloned().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                "not among the files the supervisor sent",
+            )
+        })
+    }
+}
+
+/// Every file a service's TLS configuration reads.
+pub fn files_of(s: &Service) -> Vec<&Path> {
+    [
+        &s.inbound.cert,
+        &s.inbound.key,
+        &s.inbound.client_ca,
+        &s.outbound.ca,
+        &s.outbound.cert,
+        &s.outbound.key,
+    ]
+    .into_iter()
+    .filter_map(|p| p.as_deref())
+    .collect()
+}
+
+/// Session resumption state shared by the services of one process.
+#[derive(Clone, Default)]
+pub struct Resumption {
+    /// Ticket keys from the supervisor; `None`: a ticketer of this process's own.
+    pub ticketer: Option<Arc<dyn rustls::server::ProducesTickets>>,
+}
 
 /// Sessions remembered per service for TLS 1.2 session-id resumption (TLS 1.3 uses tickets).
 const SERVER_SESSION_CACHE: usize = 4096;
@@ -45,9 +105,19 @@ impl TlsError {
     }
 }
 
-fn certs(field: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+fn read(m: &dyn Material, field: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    m.read(path)
+        .map_err(|e| TlsError::new(field, format!("{}: cannot read: {e}", path.display())))
+}
+
+fn certs(
+    m: &dyn Material,
+    field: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(m, field, path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::new(field, format!("{}: {}", path.display(), pem_error(e))))?;
     if certs.is_empty() {
         return Err(TlsError::new(
@@ -58,14 +128,19 @@ fn certs(field: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>
     Ok(certs)
 }
 
-fn key(field: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path)
+fn key(
+    m: &dyn Material,
+    field: &'static str,
+    path: &Path,
+) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let pem = read(m, field, path)?;
+    PrivateKeyDer::from_pem_slice(&pem)
         .map_err(|e| TlsError::new(field, format!("{}: {}", path.display(), pem_error(e))))
 }
 
-fn roots(field: &'static str, path: &Path) -> Result<RootCertStore, TlsError> {
+fn roots(m: &dyn Material, field: &'static str, path: &Path) -> Result<RootCertStore, TlsError> {
     let mut store = RootCertStore::empty();
-    for cert in certs(field, path)? {
+    for cert in certs(m, field, path)? {
         store
             .add(cert)
             .map_err(|e| TlsError::new(field, format!("{}: {e}", path.display())))?;
@@ -93,13 +168,17 @@ fn required<'a>(
 }
 
 /// The TLS server side of a service (inbound `tls` or `mtls`).
-pub fn server_config(inb: &Inbound) -> Result<Arc<ServerConfig>, TlsError> {
-    let chain = certs("cert", required("cert", &inb.cert)?)?;
-    let key = key("key", required("key", &inb.key)?)?;
+pub fn server_config(
+    inb: &Inbound,
+    m: &dyn Material,
+    resumption: &Resumption,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let chain = certs(m, "cert", required("cert", &inb.cert)?)?;
+    let key = key(m, "key", required("key", &inb.key)?)?;
     let builder = ServerConfig::builder();
     let builder = match &inb.client_ca {
         Some(ca) => {
-            let verifier = WebPkiClientVerifier::builder(Arc::new(roots("client_ca", ca)?))
+            let verifier = WebPkiClientVerifier::builder(Arc::new(roots(m, "client_ca", ca)?))
                 .build()
                 .map_err(|e| TlsError::new("client_ca", format!("{}: {e}", ca.display())))?;
             builder.with_client_cert_verifier(verifier)
@@ -111,8 +190,11 @@ pub fn server_config(inb: &Inbound) -> Result<Arc<ServerConfig>, TlsError> {
         .map_err(|e| TlsError::new("key", format!("key does not fit the certificate: {e}")))?;
     if inb.resumption {
         config.session_storage = ServerSessionMemoryCache::new(SERVER_SESSION_CACHE);
-        config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()
-            .map_err(|e| TlsError::new("resumption", format!("session tickets: {e}")))?;
+        config.ticketer = match &resumption.ticketer {
+            Some(shared) => Arc::clone(shared),
+            None => rustls::crypto::aws_lc_rs::Ticketer::new()
+                .map_err(|e| TlsError::new("resumption", format!("session tickets: {e}")))?,
+        };
     } else {
         config.session_storage = Arc::new(NoServerSessionStorage {});
         config.send_tls13_tickets = 0;
@@ -121,9 +203,9 @@ pub fn server_config(inb: &Inbound) -> Result<Arc<ServerConfig>, TlsError> {
 }
 
 /// The TLS client side of a service (outbound `tls` or `mtls`).
-pub fn client_config(out: &Outbound) -> Result<Arc<ClientConfig>, TlsError> {
+pub fn client_config(out: &Outbound, m: &dyn Material) -> Result<Arc<ClientConfig>, TlsError> {
     let roots = match &out.ca {
-        Some(ca) => roots("ca", ca)?,
+        Some(ca) => roots(m, "ca", ca)?,
         None => {
             // No `ca`: trust the system's roots, as any TLS client on this host would.
             let found = rustls_native_certs::load_native_certs();
@@ -141,14 +223,14 @@ pub fn client_config(out: &Outbound) -> Result<Arc<ClientConfig>, TlsError> {
     let builder = ClientConfig::builder().with_root_certificates(roots);
     let mut config = match (&out.cert, &out.key) {
         (Some(cert), Some(k)) => builder
-            .with_client_auth_cert(certs("cert", cert)?, key("key", k)?)
+            .with_client_auth_cert(certs(m, "cert", cert)?, key(m, "key", k)?)
             .map_err(|e| TlsError::new("key", format!("key does not fit the certificate: {e}")))?,
         _ => builder.with_no_client_auth(),
     };
     config.resumption = if out.resumption {
-        Resumption::in_memory_sessions(CLIENT_SESSION_CACHE)
+        ClientResumption::in_memory_sessions(CLIENT_SESSION_CACHE)
     } else {
-        Resumption::disabled()
+        ClientResumption::disabled()
     };
     Ok(Arc::new(config))
 }

@@ -128,7 +128,7 @@ impl Gateway {
 
     fn counter(&self, service: &str, counter: &str) -> u64 {
         let status = self.status_json();
-        status["counters"]
+        status["datapath"]["counters"]
             .as_array()
             .unwrap()
             .iter()
@@ -198,10 +198,13 @@ fn steers_tls_and_drops_the_backend_port_over_ipv4_and_ipv6() {
         assert!(gw.counter(service, "dropped") > 0, "{service} dropped");
     }
     let status = gw.status_json();
-    assert_eq!(status["attachments"][0]["interface"], GW_CLIENT_IF);
+    assert_eq!(
+        status["datapath"]["attachments"][0]["interface"],
+        GW_CLIENT_IF
+    );
     assert!(
-        status["attachments"][0]["xdp_mode"] == "native"
-            || status["attachments"][0]["xdp_mode"] == "generic"
+        status["datapath"]["attachments"][0]["xdp_mode"] == "native"
+            || status["datapath"]["attachments"][0]["xdp_mode"] == "generic"
     );
 }
 
@@ -246,7 +249,7 @@ fn link_id(pin: &Path) -> String {
 }
 
 fn xdp_pin(gw: &Gateway) -> PathBuf {
-    let mode = gw.status_json()["attachments"][0]["xdp_mode"]
+    let mode = gw.status_json()["datapath"]["attachments"][0]["xdp_mode"]
         .as_str()
         .unwrap()
         .to_string();
@@ -264,7 +267,10 @@ fn native_and_generic_xdp_modes_are_used_and_reported() {
             "{}",
             relay.logs().join("\n")
         );
-        assert_eq!(gw.status_json()["attachments"][0]["xdp_mode"], mode);
+        assert_eq!(
+            gw.status_json()["datapath"]["attachments"][0]["xdp_mode"],
+            mode
+        );
         let on_nic = attached(&gw);
         let expected = if mode == "native" {
             "driver id"
@@ -391,7 +397,7 @@ fn services_change_by_map_updates_without_reattaching() {
         tc_link,
         "TC link unchanged"
     );
-    let names: Vec<String> = gw.status_json()["counters"]
+    let names: Vec<String> = gw.status_json()["datapath"]["counters"]
         .as_array()
         .unwrap()
         .iter()

@@ -92,7 +92,8 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         .context("formatting differs: run `cargo fmt --all`")?;
     run(Command::new("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]))
         .context("clippy found problems")?;
-    build(false)?;
+    // `cargo test` builds the relay binary too (its package has integration tests), with the
+    // same features as the tests: a separate `cargo build` would compile much of it twice.
     run(Command::new("cargo")
         .args(["test", "--no-fail-fast"])
         .args(args)

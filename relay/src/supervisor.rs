@@ -1,0 +1,622 @@
+//! `relay run`: the supervisor.
+//!
+//! It reads the config, attaches the data path, opens every listening socket, owns the TLS
+//! session ticket keys and the control socket, and starts the worker that relays connections,
+//! handing it the sockets and the certificate bytes over the handoff channel. It never reads
+//! client traffic. When the worker dies, the supervisor logs it and starts another (with
+//! backoff); because the supervisor still holds the listeners, connections that arrive in the
+//! meantime wait in the accept queues and are served by the new worker: none is refused.
+//!
+//! Changes — SIGHUP or `relay reload` (the config file again), `relay service add|remove` — are
+//! validated in full first; an invalid change is refused with its error and the running
+//! configuration stays. Established connections are never touched by a change.
+
+use std::{
+    collections::HashMap,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+    path::{Path, PathBuf},
+    process::ExitStatus,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::json;
+use socket2::{Domain, Socket, Type};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    cli::LogFormat,
+    config::{Config, Service},
+    control::{self, Request, Response},
+    datapath::{self, Datapath, Routing},
+    handoff::{self, Channel, FromWorker, Role, ToWorker},
+    tickets::KeySchedule,
+    tls,
+};
+
+/// Listen backlog: a burst of clients, or a worker restart, waits in the kernel.
+const BACKLOG: i32 = 4096;
+/// A worker that lived this long is healthy again: the next restart is immediate.
+const HEALTHY_AFTER: Duration = Duration::from_secs(30);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Time a worker gets to take its configuration.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(15);
+
+struct WorkerProc {
+    pid: u32,
+    channel: Channel,
+    started: Instant,
+}
+
+struct Supervisor {
+    config_path: PathBuf,
+    /// The configuration in force: the file's, plus services added at run time.
+    config: Config,
+    log_format: LogFormat,
+    listeners: HashMap<Role, std::net::TcpListener>,
+    datapath: Option<Datapath>,
+    tickets: KeySchedule,
+    worker: Option<WorkerProc>,
+    exits: mpsc::UnboundedSender<(u32, std::io::Result<ExitStatus>)>,
+    restarts: u32,
+    /// Consecutive quick deaths, for the backoff.
+    quick_deaths: u32,
+    started: Instant,
+}
+
+pub async fn run(
+    config_path: PathBuf,
+    config: Config,
+    log_format: LogFormat,
+) -> anyhow::Result<()> {
+    crate::worker::raise_fd_limit();
+    let control_path = config.relay.control_socket.clone();
+    let control = bind_control(&control_path)?;
+    let (exits_tx, mut exits) = mpsc::unbounded_channel();
+    let mut sup = Supervisor {
+        config_path,
+        config,
+        log_format,
+        listeners: HashMap::new(),
+        datapath: None,
+        tickets: KeySchedule::default(),
+        worker: None,
+        exits: exits_tx,
+        restarts: 0,
+        quick_deaths: 0,
+        started: Instant::now(),
+    };
+    let result = async {
+        sup.open_listeners()?;
+        sup.spawn_worker().await?;
+        info!(
+            services = sup.config.services.len(),
+            worker = sup.worker.as_ref().map(|w| w.pid),
+            control = %control_path.display(),
+            "relay ready"
+        );
+        sup.main_loop(&control, &mut exits).await
+    }
+    .await;
+    let _ = std::fs::remove_file(&control_path);
+    result
+}
+
+impl Supervisor {
+    async fn main_loop(
+        &mut self,
+        control: &UnixListener,
+        exits: &mut mpsc::UnboundedReceiver<(u32, std::io::Result<ExitStatus>)>,
+    ) -> anyhow::Result<()> {
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        let rotation = self.config.relay.ticket_rotation;
+        let mut rotate = tokio::time::interval_at(tokio::time::Instant::now() + rotation, rotation);
+        loop {
+            tokio::select! {
+                _ = term.recv() => { info!("SIGTERM received"); break; }
+                _ = int.recv() => { info!("SIGINT received"); break; }
+                _ = hup.recv() => match self.reload().await {
+                    Ok(summary) => info!("SIGHUP: configuration reloaded: {summary}"),
+                    Err(e) => error!("SIGHUP: reload refused, previous configuration kept: {e:#}"),
+                },
+                conn = control.accept() => match conn {
+                    Ok((stream, _)) => self.serve_control(stream).await,
+                    Err(e) => warn!("control socket accept: {e}"),
+                },
+                Some((pid, status)) = exits.recv() => self.worker_exited(pid, status).await,
+                _ = rotate.tick() => {
+                    self.tickets.rotate();
+                    if let Some(w) = &self.worker
+                        && let Err(e) = w.channel.send(&ToWorker::Tickets(self.tickets.keys().to_vec()), &[]).await
+                    {
+                        warn!("could not send new ticket keys to the worker: {e}");
+                    }
+                    info!("session ticket key rotated");
+                }
+            }
+        }
+        self.stop().await;
+        Ok(())
+    }
+
+    /// Binds the explicit listeners and attaches the data path with its transparent listeners.
+    fn open_listeners(&mut self) -> anyhow::Result<()> {
+        for s in &self.config.services {
+            if let Some(addr) = s.listen {
+                let l =
+                    bind(addr).with_context(|| format!("service {}: listen on {addr}", s.name))?;
+                self.listeners.insert(Role::Service(s.name.clone()), l);
+            }
+            log_service(s);
+        }
+        if let Some(dp) = self.config.datapath.clone() {
+            datapath::prepare_pin_dir(&dp.pin_path)?;
+            let mut d = Datapath::load(Some(&dp.pin_path))?;
+            if tracing::enabled!(tracing::Level::DEBUG)
+                && let Err(e) = d.spawn_logger()
+            {
+                warn!("eBPF debug log unavailable: {e:#}");
+            }
+            // Policy first: a freshly attached program must drop backend ports at once.
+            d.maps
+                .sync(&self.config.services)
+                .context("sync the policy maps")?;
+            Routing {
+                table: dp.route_table,
+            }
+            .install()
+            .context("install the steering route")?;
+            for interface in &dp.interfaces {
+                let a = d.attach(&dp.pin_path, interface, dp.xdp_mode)?;
+                info!(interface = %a.interface, xdp_mode = %a.xdp_mode, "data path attached");
+            }
+            let v4 = datapath::transparent_listener("127.0.0.1:0".parse()?)?;
+            let v6 = datapath::transparent_listener("[::1]:0".parse()?)?;
+            // The SOCKMAP holds the supervisor's sockets: steering survives worker restarts.
+            d.maps.set_listeners(&v4, &v6)?;
+            self.listeners.insert(Role::TransparentV4, v4);
+            self.listeners.insert(Role::TransparentV6, v6);
+            self.datapath = Some(d);
+        }
+        Ok(())
+    }
+
+    /// The Apply message for `services`, with the bytes of every file they read.
+    fn apply_message(
+        &self,
+        services: &[Service],
+        add: Vec<Role>,
+        close: Vec<Role>,
+    ) -> anyhow::Result<ToWorker> {
+        let mut files = Vec::new();
+        for s in services {
+            for path in tls::files_of(s) {
+                let bytes = std::fs::read(path)
+                    .with_context(|| format!("service {}: read {}", s.name, path.display()))?;
+                files.push((path.to_path_buf(), bytes));
+            }
+        }
+        Ok(ToWorker::Apply {
+            relay: self.config.relay.clone(),
+            services: services.to_vec(),
+            files,
+            tickets: self.tickets.keys().to_vec(),
+            add,
+            close,
+        })
+    }
+
+    async fn spawn_worker(&mut self) -> anyhow::Result<()> {
+        let (ours, theirs) = handoff::pair()?;
+        let exe = std::env::current_exe().context("locate the relay binary")?;
+        let mut cmd = tokio::process::Command::new(exe);
+        cmd.arg("--log-format")
+            .arg(match self.log_format {
+                LogFormat::Text => "text",
+                LogFormat::Json => "json",
+            })
+            .arg("worker")
+            .stdin(std::process::Stdio::null());
+        let raw = theirs.as_raw_fd();
+        // SAFETY: between fork and exec only async-signal-safe calls: dup2 and fcntl.
+        unsafe {
+            cmd.pre_exec(move || {
+                if raw == handoff::WORKER_FD {
+                    if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(raw, handoff::WORKER_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().context("start the worker")?;
+        drop(theirs);
+        let pid = child.id().context("worker pid")?;
+        let exits = self.exits.clone();
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            let _ = exits.send((pid, status));
+        });
+        let channel = Channel::new(ours)?;
+        let roles: Vec<Role> = self.listeners.keys().cloned().collect();
+        let msg = self.apply_message(&self.config.services, roles.clone(), vec![])?;
+        let fds: Vec<BorrowedFd<'_>> = roles.iter().map(|r| self.listeners[r].as_fd()).collect();
+        let setup = async {
+            channel.send(&msg, &fds).await?;
+            match channel.recv::<FromWorker>().await? {
+                Some((FromWorker::Applied { error: None }, _)) => Ok(()),
+                Some((FromWorker::Applied { error: Some(e) }, _)) => {
+                    bail!("worker refused the configuration: {e}")
+                }
+                other => bail!("unexpected answer from the worker: {other:?}"),
+            }
+        };
+        match tokio::time::timeout(APPLY_TIMEOUT, setup).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                kill(pid);
+                return Err(e);
+            }
+            Err(_) => {
+                kill(pid);
+                bail!("worker {pid} did not take its configuration within {APPLY_TIMEOUT:?}");
+            }
+        }
+        info!(worker = pid, listeners = roles.len(), "worker started");
+        self.worker = Some(WorkerProc {
+            pid,
+            channel,
+            started: Instant::now(),
+        });
+        Ok(())
+    }
+
+    async fn worker_exited(&mut self, pid: u32, status: std::io::Result<ExitStatus>) {
+        let Some(w) = self.worker.take_if(|w| w.pid == pid) else {
+            return; // an earlier worker we already replaced
+        };
+        self.restarts += 1;
+        let lived = w.started.elapsed();
+        error!(worker = pid, status = ?status, lived_ms = lived.as_millis() as u64, restarts = self.restarts,
+               "worker died; starting a new one (waiting connections stay queued)");
+        self.quick_deaths = if lived > HEALTHY_AFTER {
+            0
+        } else {
+            self.quick_deaths + 1
+        };
+        loop {
+            let backoff = match self.quick_deaths {
+                0 | 1 => Duration::ZERO,
+                n => (Duration::from_millis(100) * 2u32.saturating_pow(n - 2)).min(MAX_BACKOFF),
+            };
+            tokio::time::sleep(backoff).await;
+            let t = Instant::now();
+            match self.spawn_worker().await {
+                Ok(()) => {
+                    info!(
+                        accepting_after_ms = t.elapsed().as_millis() as u64,
+                        "new worker accepting"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    error!("worker restart failed: {e:#}");
+                    self.quick_deaths += 1;
+                }
+            }
+        }
+    }
+
+    async fn stop(&mut self) {
+        // Close our copies of the listeners at once: new clients are refused (or, steered, find
+        // no listener) rather than queued for a worker that is only draining.
+        self.listeners.clear();
+        if let Some(w) = self.worker.take() {
+            let _ = w.channel.send(&ToWorker::Stop, &[]).await;
+            let limit = self.config.relay.shutdown_grace + Duration::from_secs(5);
+            let deadline = Instant::now() + limit;
+            while pid_alive(w.pid) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if pid_alive(w.pid) {
+                warn!(worker = w.pid, "worker did not stop in time, killing it");
+                kill(w.pid);
+            }
+        }
+        if let Some(d) = &self.datapath {
+            if let Ok(counters) = d.maps.counters() {
+                for c in counters {
+                    info!(service = %c.service, steered = c.steered, dropped = c.dropped,
+                          passed = c.passed, malformed = c.malformed, no_listener = c.no_listener,
+                          "data path counters");
+                }
+            }
+            info!(
+                "data path stays attached (backend ports stay dropped); `relay detach` removes it"
+            );
+        }
+        info!("relay stopped");
+    }
+
+    // ------------------------------------------------------------------ changes
+
+    async fn reload(&mut self) -> anyhow::Result<String> {
+        let next = Config::load(&self.config_path)?;
+        if next
+            .datapath
+            .as_ref()
+            .map(|d| (&d.interfaces, d.pin_path.clone()))
+            != self
+                .config
+                .datapath
+                .as_ref()
+                .map(|d| (&d.interfaces, d.pin_path.clone()))
+        {
+            warn!("reload: [datapath] changes take effect at the next start");
+        }
+        let mut next_config = self.config.clone();
+        next_config.relay = next.relay;
+        next_config.services = next.services;
+        self.apply(next_config).await
+    }
+
+    /// Moves to `next`: binds new listeners, has the worker build every service, then syncs the
+    /// data path. Any failure leaves everything as it was.
+    async fn apply(&mut self, next: Config) -> anyhow::Result<String> {
+        next.check().map_err(anyhow::Error::msg)?;
+        if self.datapath.is_none() && next.services.iter().any(|s| s.listen.is_none()) {
+            bail!("services without `listen` need the data path: add [datapath] and restart");
+        }
+        let old: HashMap<&str, &Service> = self
+            .config
+            .services
+            .iter()
+            .map(|s| (s.name.as_str(), s))
+            .collect();
+        let new: HashMap<&str, &Service> =
+            next.services.iter().map(|s| (s.name.as_str(), s)).collect();
+        let mut opened = Vec::new();
+        let mut close = Vec::new();
+        for s in &next.services {
+            let role = Role::Service(s.name.clone());
+            let same_listener = old
+                .get(s.name.as_str())
+                .is_some_and(|o| o.listen == s.listen);
+            if let Some(addr) = s.listen
+                && !same_listener
+            {
+                opened.push((
+                    role.clone(),
+                    bind(addr).with_context(|| format!("service {}: listen on {addr}", s.name))?,
+                ));
+            }
+            if !same_listener && self.listeners.contains_key(&role) {
+                close.push(role);
+            }
+        }
+        for name in old.keys().filter(|n| !new.contains_key(*n)) {
+            let role = Role::Service(name.to_string());
+            if self.listeners.contains_key(&role) {
+                close.push(role);
+            }
+        }
+        let add: Vec<Role> = opened.iter().map(|(r, _)| r.clone()).collect();
+        let msg = self.apply_message(&next.services, add, close.clone())?;
+        if let Some(w) = &self.worker {
+            let fds: Vec<BorrowedFd<'_>> = opened.iter().map(|(_, l)| l.as_fd()).collect();
+            let exchange = async {
+                w.channel.send(&msg, &fds).await?;
+                match w.channel.recv::<FromWorker>().await? {
+                    Some((FromWorker::Applied { error: None }, _)) => Ok(()),
+                    Some((FromWorker::Applied { error: Some(e) }, _)) => bail!("{e}"),
+                    other => bail!("unexpected answer from the worker: {other:?}"),
+                }
+            };
+            tokio::time::timeout(APPLY_TIMEOUT, exchange)
+                .await
+                .context("the worker did not answer")??;
+        }
+        if let Some(d) = &mut self.datapath {
+            d.maps
+                .sync(&next.services)
+                .context("sync the policy maps")?;
+        }
+        for role in &close {
+            self.listeners.remove(role);
+        }
+        self.listeners.extend(opened);
+        let added: Vec<&str> = new
+            .keys()
+            .filter(|n| !old.contains_key(*n))
+            .copied()
+            .collect();
+        let removed: Vec<&str> = old
+            .keys()
+            .filter(|n| !new.contains_key(*n))
+            .copied()
+            .collect();
+        let summary = format!(
+            "{} service(s); added {added:?}; removed {removed:?}",
+            next.services.len()
+        );
+        for s in next
+            .services
+            .iter()
+            .filter(|s| added.contains(&s.name.as_str()))
+        {
+            log_service(s);
+        }
+        self.config = next;
+        Ok(summary)
+    }
+
+    // ------------------------------------------------------------------ control socket
+
+    async fn serve_control(&mut self, stream: UnixStream) {
+        let (read, mut write) = stream.into_split();
+        let mut line = String::new();
+        let mut reader = BufReader::new(read.take(control::MAX_REQUEST as u64));
+        let response =
+            match tokio::time::timeout(control::REQUEST_TIMEOUT, reader.read_line(&mut line)).await
+            {
+                Err(_) => Response::error("no request within the time limit"),
+                Ok(Err(e)) => Response::error(format!("unreadable request: {e}")),
+                Ok(Ok(_)) => match control::parse(&line) {
+                    Err(e) => Response::error(e),
+                    Ok(request) => match self.handle(request).await {
+                        Ok(v) => Response::ok(v),
+                        Err(e) => Response::error(format!("{e:#}")),
+                    },
+                },
+            };
+        let mut out = serde_json::to_string(&response).unwrap_or_else(|_| "{\"ok\":false}".into());
+        out.push('\n');
+        let _ =
+            tokio::time::timeout(control::REQUEST_TIMEOUT, write.write_all(out.as_bytes())).await;
+    }
+
+    async fn handle(&mut self, request: Request) -> anyhow::Result<serde_json::Value> {
+        match request {
+            Request::Status {} => self.status().await,
+            Request::ServiceList {} => Ok(serde_json::to_value(&self.config.services)?),
+            Request::ServiceAdd { service } => {
+                let mut next = self.config.clone();
+                next.services.push(*service);
+                Ok(json!(self.apply(next).await?))
+            }
+            Request::ServiceRemove { name } => {
+                let mut next = self.config.clone();
+                let before = next.services.len();
+                next.services.retain(|s| s.name != name);
+                if next.services.len() == before {
+                    bail!("no service named {name:?}");
+                }
+                Ok(json!(self.apply(next).await?))
+            }
+            Request::Reload {} => Ok(json!(self.reload().await?)),
+        }
+    }
+
+    async fn status(&mut self) -> anyhow::Result<serde_json::Value> {
+        let connections = match &self.worker {
+            Some(w) => {
+                let ask = async {
+                    w.channel.send(&ToWorker::Status, &[]).await?;
+                    match w.channel.recv::<FromWorker>().await? {
+                        Some((FromWorker::Status(s), _)) => Ok(s),
+                        other => bail!("unexpected answer from the worker: {other:?}"),
+                    }
+                };
+                tokio::time::timeout(Duration::from_secs(5), ask)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            }
+            None => None,
+        };
+        let datapath = match (&self.datapath, &self.config.datapath) {
+            (Some(d), Some(dp)) => json!({
+                "pin_path": dp.pin_path,
+                "attachments": datapath::attachments(&dp.pin_path),
+                "counters": d.maps.counters()?,
+            }),
+            _ => serde_json::Value::Null,
+        };
+        let services: Vec<serde_json::Value> = self
+            .config
+            .services
+            .iter()
+            .map(|s| {
+                json!({
+                    "name": s.name,
+                    "mode": if s.listen.is_some() { "explicit" } else { "transparent" },
+                    "front": s.listen.map_or_else(|| std::net::SocketAddr::new(s.server, s.port).to_string(), |l| l.to_string()),
+                    "backend": s.backend_addr().to_string(),
+                    "inbound": s.inbound.level.to_string(),
+                    "outbound": s.outbound.level.to_string(),
+                })
+            })
+            .collect();
+        Ok(json!({
+            "supervisor_pid": std::process::id(),
+            "uptime_s": self.started.elapsed().as_secs(),
+            "worker": self.worker.as_ref().map(|w| json!({"pid": w.pid, "uptime_s": w.started.elapsed().as_secs()})),
+            "worker_restarts": self.restarts,
+            "services": services,
+            "connections": connections,
+            "datapath": datapath,
+        }))
+    }
+}
+
+fn log_service(s: &Service) {
+    match s.listen {
+        Some(addr) => info!(
+            service = %s.name, listen = %addr, backend = %s.backend_addr(),
+            inbound = %s.inbound.level, outbound = %s.outbound.level, "service listening"
+        ),
+        None => info!(
+            service = %s.name, front = %std::net::SocketAddr::new(s.server, s.port),
+            backend = %s.backend_addr(), dropped = %std::net::SocketAddr::new(s.server, s.backend_port),
+            inbound = %s.inbound.level, outbound = %s.outbound.level, "service steered"
+        ),
+    }
+}
+
+fn bind(addr: std::net::SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    // A restarted relay must be able to bind while old connections sit in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// The control socket: root only (0600 in a directory created 0700). Refuses to start when
+/// another relay answers on the same path.
+fn bind_control(path: &Path) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    if let Some(dir) = path.parent()
+        && !dir.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("create {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "another relay is running with control socket {}",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path).with_context(|| format!("remove stale {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+fn kill(pid: u32) {
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // The exit watcher reaps the child, so a gone process makes kill(pid, 0) fail.
+    // SAFETY: signal 0 only checks existence.
+    unsafe { libc::kill(pid as i32, 0) == 0 }
+}
