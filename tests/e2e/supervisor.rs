@@ -1,0 +1,571 @@
+//! The process model (SPEC §4): a worker killed under load, reloads, services added and removed
+//! at run time, TLS resumption across worker generations, and a control socket that shrugs off
+//! bad requests. Explicit mode over loopback: the supervisor behaves the same in both modes.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::SocketAddr,
+    os::unix::{fs::PermissionsExt as _, net::UnixStream},
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use relay_tests::{
+    backend::Backend,
+    client::{self, ClientLevel},
+    config::{inbound, outbound, relay_section, service},
+    free_port,
+    pki::{KeyKind, Pki},
+    relay::{Relay, binary},
+    wait_until,
+};
+use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+struct Env {
+    dir: tempfile::TempDir,
+    pki: Pki,
+}
+
+impl Env {
+    fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::generate(&dir.path().join("pki")).unwrap();
+        Env { dir, pki }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("control.sock")
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.path().join("relay.toml")
+    }
+
+    fn write_config(&self, extra: &str, services: &[String]) {
+        let text = relay_section(self.dir.path(), extra) + &services.concat();
+        std::fs::write(self.config_path(), text).unwrap();
+    }
+
+    fn start(&self) -> Relay {
+        Relay::start(&self.config_path()).unwrap()
+    }
+
+    /// `relay <args> --socket <control socket>`.
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(binary())
+            .args(args)
+            .arg("--socket")
+            .arg(self.socket())
+            .output()
+            .unwrap()
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let out = self.cli(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn worker_pid(&self) -> i32 {
+        self.status()["worker"]["pid"]
+            .as_i64()
+            .expect("a worker runs") as i32
+    }
+
+    /// Kills the worker with SIGKILL and waits for the supervisor to report a new one.
+    /// Returns the old pid, when the kill was sent, and how long until a new worker showed.
+    fn kill_worker(&self) -> (i32, Instant, Duration) {
+        let old = self.worker_pid();
+        let t = Instant::now();
+        // SAFETY: kill(2) on the worker pid the relay reported.
+        unsafe { libc::kill(old, libc::SIGKILL) };
+        assert!(
+            wait_until(Duration::from_secs(10), || self.worker_pid() != old),
+            "no new worker after killing {old}"
+        );
+        (old, t, t.elapsed())
+    }
+}
+
+fn listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// One raw line to the control socket; the raw answer line (empty if the relay hung up).
+fn control_raw(socket: &Path, request: &[u8]) -> String {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(request);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut answer = String::new();
+    let _ = BufReader::new(s).read_line(&mut answer);
+    answer
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_the_worker_under_load_refuses_no_connection() {
+    let env = Env::new();
+    let backend = Backend::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    let front = listen();
+    env.write_config(
+        "",
+        &[service(
+            "load",
+            front,
+            backend.addr,
+            &inbound("plain", &env.pki),
+            &outbound("plain", &env.pki),
+        )],
+    );
+    let relay = env.start();
+
+    // 200 connections per second for 10 seconds, each a full request; the worker is killed
+    // twice meanwhile.
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..2000u64 {
+        let due = start + Duration::from_millis(i * 5);
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until(due.into()).await;
+            let begun = start.elapsed();
+            let data = relay_tests::pattern(i, 2048);
+            let r = async {
+                let s = client::connect(front, &ClientLevel::Plain).await?;
+                client::sink(s, &data).await
+            };
+            let r = tokio::time::timeout(Duration::from_secs(10), r).await;
+            (begun, start.elapsed(), matches!(r, Ok(Ok(()))))
+        }));
+    }
+    let env = Arc::new(env);
+    let killer = {
+        let env = Arc::clone(&env);
+        tokio::task::spawn_blocking(move || {
+            let mut kills = Vec::new();
+            for at in [3, 6] {
+                std::thread::sleep(
+                    Duration::from_secs(at)
+                        - Duration::from_secs(if kills.is_empty() { 0 } else { 3 }),
+                );
+                let (pid, at, took) = env.kill_worker();
+                let t = at - start;
+                eprintln!("killed worker {pid} at {t:?}; a new one was reported after {took:?}");
+                kills.push(t);
+            }
+            kills
+        })
+    };
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    let kills = killer.await.unwrap();
+    let failed: Vec<_> = results.iter().filter(|r| !r.2).collect();
+    // A request in flight inside the killed worker dies with it; every other one must succeed:
+    // those that arrived during the restart waited in the accept queue.
+    let in_flight = |(begun, ended, _): &&(Duration, Duration, bool)| {
+        kills.iter().any(|k| begun <= k && k <= ended)
+    };
+    let unexplained: Vec<_> = failed.iter().filter(|r| !in_flight(r)).collect();
+    eprintln!(
+        "kill test: {} requests, {} failed, all of them in flight at a kill: {}",
+        results.len(),
+        failed.len(),
+        unexplained.is_empty()
+    );
+    assert!(
+        unexplained.is_empty(),
+        "requests failed outside the kill instants: {unexplained:?}"
+    );
+    assert!(failed.len() <= 4, "{} requests failed", failed.len());
+    assert_eq!(env.status()["worker_restarts"], 2);
+    assert!(relay.has_log("worker died"));
+    assert!(relay.has_log("new worker accepting"));
+}
+
+/// Connects over TLS trusting `ca`; returns the stream and the server's end-entity certificate.
+async fn tls_connect(
+    addr: SocketAddr,
+    ca: &Path,
+) -> (
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    Vec<u8>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(client::tls_config(ca, None));
+    let tls = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let cert = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    (tls, cert)
+}
+
+fn der(pem: &Path) -> Vec<u8> {
+    CertificateDer::from_pem_file(pem).unwrap().to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_changes_the_certificate_for_new_connections_only() {
+    let env = Env::new();
+    let backend = Backend::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    let front = listen();
+    let svc = |kind: KeyKind| {
+        let c = env.pki.server_of(kind);
+        let inb = format!(
+            "[service.inbound]\nlevel = \"tls\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            c.cert.display(),
+            c.key.display()
+        );
+        service(
+            "shop",
+            front,
+            backend.addr,
+            &inb,
+            &outbound("plain", &env.pki),
+        )
+    };
+    env.write_config("", &[svc(KeyKind::EcdsaP256)]);
+    let relay = env.start();
+    let (mut long, cert) = tls_connect(front, &env.pki.ca).await;
+    assert_eq!(cert, der(&env.pki.server_of(KeyKind::EcdsaP256).cert));
+    long.write_all(b"ECHO\n").await.unwrap();
+
+    // A long transfer runs across the reload: 4 MiB echoed in pieces.
+    let writer = tokio::spawn(async move {
+        let data = relay_tests::pattern(9, 4 << 20);
+        let mut got = vec![0u8; data.len()];
+        for (chunk, back) in data.chunks(256 << 10).zip(got.chunks_mut(256 << 10)) {
+            long.write_all(chunk).await.unwrap();
+            long.read_exact(back).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        long.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        long.read_to_end(&mut rest).await.unwrap();
+        (data == got, rest.is_empty())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    env.write_config("", &[svc(KeyKind::Rsa2048)]);
+    let out = env.cli(&["reload"]);
+    assert!(
+        out.status.success(),
+        "reload: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_new, cert) = tls_connect(front, &env.pki.ca).await;
+    assert_eq!(
+        cert,
+        der(&env.pki.server_of(KeyKind::Rsa2048).cert),
+        "new connections get the new certificate"
+    );
+    let (intact, clean_end) = writer.await.unwrap();
+    assert!(
+        intact && clean_end,
+        "the established transfer finished intact across the reload"
+    );
+
+    // An invalid config is refused, and the running one stays.
+    std::fs::write(env.config_path(), "[[service]]\nname = 3\n").unwrap();
+    let bad = env.cli(&["reload"]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("relay.toml:2"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    let (_s, cert) = tls_connect(front, &env.pki.ca).await;
+    assert_eq!(cert, der(&env.pki.server_of(KeyKind::Rsa2048).cert));
+    // SIGHUP does the same as `relay reload`.
+    env.write_config("", &[svc(KeyKind::Ed25519)]);
+    relay.signal(libc::SIGHUP);
+    assert!(relay.wait_logs(
+        &["SIGHUP: configuration reloaded"],
+        1,
+        Duration::from_secs(5)
+    ));
+    let (_s, cert) = tls_connect(front, &env.pki.ca).await;
+    assert_eq!(cert, der(&env.pki.server_of(KeyKind::Ed25519).cert));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn services_are_added_and_removed_at_run_time() {
+    let env = Env::new();
+    let backend = Backend::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    let first = listen();
+    env.write_config(
+        "",
+        &[service(
+            "first",
+            first,
+            backend.addr,
+            &inbound("plain", &env.pki),
+            &outbound("plain", &env.pki),
+        )],
+    );
+    let _relay = env.start();
+    let second = listen();
+    let c = env.pki.server();
+    let out = env.cli(&[
+        "service",
+        "add",
+        "--name",
+        "second",
+        "--server",
+        "127.0.0.1",
+        "--port",
+        &second.port().to_string(),
+        "--backend-port",
+        &backend.addr.port().to_string(),
+        "--listen",
+        &second.to_string(),
+        "--inbound-level",
+        "tls",
+        "--cert",
+        c.cert.to_str().unwrap(),
+        "--key",
+        c.key.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "add: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = client::connect(second, &ClientLevel::Tls { ca: &env.pki.ca })
+        .await
+        .unwrap();
+    client::sink(s, b"through the added service").await.unwrap();
+    let list = env.cli(&["service", "list"]);
+    let names = String::from_utf8_lossy(&list.stdout).into_owned();
+    assert!(
+        names.contains("\"first\"") && names.contains("\"second\""),
+        "{names}"
+    );
+
+    // An established connection outlives the removal of its service.
+    let mut held = tokio::net::TcpStream::connect(first).await.unwrap();
+    held.write_all(b"ECHO\nbefore").await.unwrap();
+    let mut buf = [0u8; 6];
+    held.read_exact(&mut buf).await.unwrap();
+    let out = env.cli(&["service", "remove", "first"]);
+    assert!(
+        out.status.success(),
+        "remove: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        wait_until(Duration::from_secs(3), || std::net::TcpStream::connect(
+            first
+        )
+        .is_err()),
+        "removed service still accepts"
+    );
+    held.write_all(b"after").await.unwrap();
+    let mut buf = [0u8; 5];
+    held.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"after");
+
+    // Bad requests are refused with a reason; nothing changes.
+    let dup = env.cli(&[
+        "service",
+        "add",
+        "--name",
+        "second",
+        "--server",
+        "127.0.0.1",
+        "--port",
+        "1",
+        "--backend-port",
+        "2",
+        "--listen",
+        &listen().to_string(),
+    ]);
+    assert!(!dup.status.success());
+    assert!(
+        String::from_utf8_lossy(&dup.stderr).contains("duplicate service name"),
+        "{}",
+        String::from_utf8_lossy(&dup.stderr)
+    );
+    let missing = env.cli(&["service", "remove", "nope"]);
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no service named"));
+    let no_cert = env.cli(&[
+        "service",
+        "add",
+        "--name",
+        "third",
+        "--server",
+        "127.0.0.1",
+        "--port",
+        "3",
+        "--backend-port",
+        "4",
+        "--listen",
+        &listen().to_string(),
+        "--inbound-level",
+        "tls",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&no_cert.stderr).contains("cert: required"),
+        "{}",
+        String::from_utf8_lossy(&no_cert.stderr)
+    );
+    let s = client::connect(second, &ClientLevel::Tls { ca: &env.pki.ca })
+        .await
+        .unwrap();
+    client::sink(s, b"still serving").await.unwrap();
+}
+
+/// Runs `openssl s_client` to `addr`: with `-sess_out` on the first run, `-sess_in` after.
+/// Returns whether the session was resumed.
+fn s_client(addr: SocketAddr, ca: &Path, session: &Path, resume: bool) -> bool {
+    let mut cmd = Command::new("openssl");
+    cmd.args([
+        "s_client",
+        "-connect",
+        &addr.to_string(),
+        "-servername",
+        "localhost",
+        "-tls1_3",
+    ])
+    .arg("-CAfile")
+    .arg(ca)
+    .arg(if resume { "-sess_in" } else { "-sess_out" })
+    .arg(session)
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    // Wait for the session ticket (sent after the handshake in TLS 1.3) before closing.
+    stdin.write_all(b"ECHO\nping").unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut out = String::new();
+    let reader = std::thread::spawn(move || {
+        let _ = stdout.read_to_string(&mut out);
+        out
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    drop(stdin);
+    let _ = child.wait();
+    let out = reader.join().unwrap();
+    out.contains("Reused, TLSv1.3")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_resumption_survives_a_worker_restart() {
+    let env = Env::new();
+    let backend = Backend::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    let front = listen();
+    env.write_config(
+        "",
+        &[service(
+            "shop",
+            front,
+            backend.addr,
+            &inbound("tls", &env.pki),
+            &outbound("plain", &env.pki),
+        )],
+    );
+    let _relay = env.start();
+    let session = env.dir.path().join("session.pem");
+    let (ca, sess) = (env.pki.ca.clone(), session.clone());
+    let rate = move |n: usize| {
+        let (ca, sess) = (ca.clone(), sess.clone());
+        (0..n).filter(|_| s_client(front, &ca, &sess, true)).count()
+    };
+    let ca = env.pki.ca.clone();
+    let first = tokio::task::spawn_blocking({
+        let sess = session.clone();
+        move || s_client(front, &ca, &sess, false)
+    })
+    .await
+    .unwrap();
+    assert!(!first, "a first connection cannot be resumed");
+    let rate2 = rate.clone();
+    let before = tokio::task::spawn_blocking(move || rate2(5)).await.unwrap();
+    let (_, _, took) = env.kill_worker();
+    let after = tokio::task::spawn_blocking(move || rate(5)).await.unwrap();
+    eprintln!(
+        "resumption: {before}/5 before the worker restart, {after}/5 after (restart reported in {took:?})"
+    );
+    assert_eq!(before, 5, "resumed before the restart");
+    assert_eq!(
+        after, 5,
+        "tickets from the old worker are accepted by the new one"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn control_socket_is_root_only_and_survives_bad_requests() {
+    let env = Env::new();
+    let backend = Backend::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    let front = listen();
+    env.write_config(
+        "",
+        &[service(
+            "shop",
+            front,
+            backend.addr,
+            &inbound("plain", &env.pki),
+            &outbound("plain", &env.pki),
+        )],
+    );
+    let relay = env.start();
+    let mode = std::fs::metadata(env.socket())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "control socket mode");
+    for bad in [
+        &b"garbage\n"[..],
+        b"{\"op\":\"explode\"}\n",
+        b"{\"op\":\"status\",\"extra\":true}\n",
+        b"{\"op\":\"service_add\",\"service\":{\"name\":\"x\"}}\n",
+        b"{\"op\":\"service_remove\"}\n",
+        b"\xff\xfe\x00\n",
+        b"{\"op\":\"status\"",
+    ] {
+        let answer = control_raw(&env.socket(), bad);
+        let v: serde_json::Value =
+            serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{bad:?}: {e}: {answer:?}"));
+        assert_eq!(v["ok"], false, "{bad:?} → {answer}");
+        assert!(
+            v["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{answer}"
+        );
+    }
+    // Oversized: the relay reads at most 1 MiB of a request.
+    let huge = vec![b'x'; 3 << 20];
+    let answer = control_raw(&env.socket(), &huge);
+    assert!(
+        answer.is_empty() || answer.contains("\"ok\":false"),
+        "{}",
+        &answer[..answer.len().min(200)]
+    );
+    // A client that says nothing is cut off, and does not block others for long.
+    let _silent = UnixStream::connect(env.socket()).unwrap();
+    let t = Instant::now();
+    assert_eq!(env.status()["services"][0]["name"], "shop");
+    assert!(t.elapsed() < Duration::from_secs(8));
+    let s = client::connect(front, &ClientLevel::Plain).await.unwrap();
+    client::sink(s, b"serving all along").await.unwrap();
+    assert!(!relay.has_log("panicked"));
+}
