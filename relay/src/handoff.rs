@@ -51,6 +51,8 @@ pub enum ToWorker {
     Tickets(Vec<crate::tickets::TicketKey>),
     /// Report connection counters.
     Status,
+    /// Report the metrics in the exposition format.
+    Metrics,
     /// Stop accepting, let connections finish, exit.
     Stop,
 }
@@ -63,6 +65,7 @@ pub enum FromWorker {
         error: Option<String>,
     },
     Status(Vec<crate::metrics::ServiceStatus>),
+    Metrics(String),
 }
 
 /// The worker finds its end of the channel at this descriptor number.

@@ -1,10 +1,27 @@
-//! Counters per service, updated lock-free on the connection path.
+//! Counters per service, updated lock-free on the connection path, exported in the Prometheus
+//! exposition format and summarised by `relay status`.
 //!
-//! Every way a connection can end has a reason label (`Outcome`), so an operator can tell
-//! clients speaking the wrong protocol from a backend that is down. The Prometheus exposition
-//! reads these counters; today they are also summarised in the log at shutdown.
+//! The worker owns the connection metrics (it is where connections live); the supervisor adds
+//! its own (worker restarts) and the data path's per-CPU counters, read from the maps at scrape
+//! time, and serves the whole on `[relay] metrics` at `/metrics`. A worker restart resets the
+//! worker's counters, which Prometheus treats as the counter reset it is.
+//!
+//! Every way a connection can end has a reason label ([`Outcome`]), so an operator can tell
+//! clients speaking the wrong protocol from a backend that is down.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::{collections::BTreeMap, sync::Arc};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use serde::{Deserialize, Serialize};
 
 /// How a connection ended. The label is what logs and metrics show.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,81 +69,301 @@ impl Outcome {
             Outcome::LimitReached => "limit_reached",
         }
     }
+
+    /// Outcomes that are failed handshakes, by the side that failed.
+    fn handshake_failure(self) -> Option<&'static str> {
+        match self {
+            Outcome::HandshakeFailed | Outcome::HandshakeTimeout => Some("inbound"),
+            Outcome::BackendHandshakeFailed => Some("outbound"),
+            _ => None,
+        }
+    }
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabel {
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    service: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    service: String,
+    /// `up`: client to backend; `down`: backend to client.
+    direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SideLabels {
+    service: String,
+    /// `inbound` (client side) or `outbound` (backend side).
+    side: String,
+    reason: String,
+}
+
+type HistogramFamily = Family<ServiceLabel, Histogram, fn() -> Histogram>;
+
+fn handshake_histogram() -> Histogram {
+    // 0.5 ms … ~8 s
+    Histogram::new(exponential_buckets(0.0005, 2.0, 15))
+}
+
+/// The worker's metrics registry.
+pub struct WorkerMetrics {
+    registry: Registry,
+    accepted: Family<ServiceLabel, Counter>,
+    active: Family<ServiceLabel, Gauge>,
+    closed: Family<ReasonLabels, Counter>,
+    bytes: Family<DirectionLabels, Counter>,
+    handshake_failures: Family<SideLabels, Counter>,
+    handshake_seconds: HistogramFamily,
+    resumed: Family<ServiceLabel, Counter>,
+}
+
+impl Default for WorkerMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("relay");
+        let m = WorkerMetrics {
+            accepted: Family::default(),
+            active: Family::default(),
+            closed: Family::default(),
+            bytes: Family::default(),
+            handshake_failures: Family::default(),
+            handshake_seconds: Family::new_with_constructor(handshake_histogram),
+            resumed: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "connections_accepted",
+            "Connections accepted",
+            m.accepted.clone(),
+        );
+        registry.register(
+            "connections_active",
+            "Connections open now",
+            m.active.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "Connections ended, by reason",
+            m.closed.clone(),
+        );
+        registry.register("bytes", "Bytes relayed, by direction", m.bytes.clone());
+        registry.register(
+            "handshake_failures",
+            "TLS handshakes that failed, by side and reason",
+            m.handshake_failures.clone(),
+        );
+        registry.register(
+            "handshake_duration_seconds",
+            "Inbound TLS handshake duration",
+            m.handshake_seconds.clone(),
+        );
+        registry.register(
+            "tls_resumed",
+            "Inbound TLS handshakes that resumed a session",
+            m.resumed.clone(),
+        );
+        WorkerMetrics { registry, ..m }
+    }
+}
+
+impl WorkerMetrics {
+    /// The handles one service updates; the same series whenever asked for the same name.
+    pub fn service(&self, name: &str) -> ServiceMetrics {
+        let l = ServiceLabel {
+            service: name.to_string(),
+        };
+        let dir = |d: &str| {
+            self.bytes
+                .get_or_create(&DirectionLabels {
+                    service: name.to_string(),
+                    direction: d.to_string(),
+                })
+                .clone()
+        };
+        ServiceMetrics {
+            accepted: self.accepted.get_or_create(&l).clone(),
+            active: self.active.get_or_create(&l).clone(),
+            bytes_up: dir("up"),
+            bytes_down: dir("down"),
+            outcomes: Outcome::ALL.map(|o| {
+                self.closed
+                    .get_or_create(&ReasonLabels {
+                        service: name.to_string(),
+                        reason: o.label().to_string(),
+                    })
+                    .clone()
+            }),
+            handshake_failures: Outcome::ALL.map(|o| {
+                o.handshake_failure().map(|side| {
+                    self.handshake_failures
+                        .get_or_create(&SideLabels {
+                            service: name.to_string(),
+                            side: side.to_string(),
+                            reason: o.label().to_string(),
+                        })
+                        .clone()
+                })
+            }),
+            handshake_seconds: self.handshake_seconds.get_or_create(&l).clone(),
+            resumed: self.resumed.get_or_create(&l).clone(),
+        }
+    }
+
+    /// Drops the series of a removed service.
+    pub fn remove(&self, name: &str) {
+        let l = ServiceLabel {
+            service: name.to_string(),
+        };
+        self.accepted.remove(&l);
+        self.active.remove(&l);
+        self.handshake_seconds.remove(&l);
+        self.resumed.remove(&l);
+        for d in ["up", "down"] {
+            self.bytes.remove(&DirectionLabels {
+                service: name.to_string(),
+                direction: d.into(),
+            });
+        }
+        for o in Outcome::ALL {
+            self.closed.remove(&ReasonLabels {
+                service: name.to_string(),
+                reason: o.label().into(),
+            });
+            if let Some(side) = o.handshake_failure() {
+                self.handshake_failures.remove(&SideLabels {
+                    service: name.to_string(),
+                    side: side.into(),
+                    reason: o.label().into(),
+                });
+            }
+        }
+    }
+
+    /// OpenMetrics text, ending with `# EOF`.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// One service's metric handles (shared series; clones update the same values).
 pub struct ServiceMetrics {
-    pub accepted: AtomicU64,
-    pub active: AtomicU64,
-    pub bytes_up: AtomicU64,
-    pub bytes_down: AtomicU64,
-    outcomes: [AtomicU64; Outcome::ALL.len()],
+    accepted: Counter,
+    active: Gauge,
+    bytes_up: Counter,
+    bytes_down: Counter,
+    outcomes: [Counter; Outcome::ALL.len()],
+    handshake_failures: [Option<Counter>; Outcome::ALL.len()],
+    handshake_seconds: Histogram,
+    resumed: Counter,
 }
 
 impl ServiceMetrics {
     pub fn opened(&self) {
-        self.accepted.fetch_add(1, Ordering::Relaxed);
-        self.active.fetch_add(1, Ordering::Relaxed);
+        self.accepted.inc();
+        self.active.inc();
     }
 
     pub fn finished(&self, outcome: Outcome, up: u64, down: u64) {
-        self.active.fetch_sub(1, Ordering::Relaxed);
+        self.active.dec();
         self.count(outcome);
-        self.bytes_up.fetch_add(up, Ordering::Relaxed);
-        self.bytes_down.fetch_add(down, Ordering::Relaxed);
+        self.bytes_up.inc_by(up);
+        self.bytes_down.inc_by(down);
     }
 
-    /// Counts an outcome for a connection that never became active (e.g. over the limit).
+    /// Counts an outcome (for a connection that never became active too, e.g. over the limit).
     pub fn count(&self, outcome: Outcome) {
-        self.outcomes[outcome as usize].fetch_add(1, Ordering::Relaxed);
+        self.outcomes[outcome as usize].inc();
+        if let Some(c) = &self.handshake_failures[outcome as usize] {
+            c.inc();
+        }
     }
 
-    pub fn outcome(&self, outcome: Outcome) -> u64 {
-        self.outcomes[outcome as usize].load(Ordering::Relaxed)
+    pub fn handshake(&self, seconds: f64, resumed: bool) {
+        self.handshake_seconds.observe(seconds);
+        if resumed {
+            self.resumed.inc();
+        }
     }
 
     /// A snapshot for `relay status`.
     pub fn snapshot(&self, service: &str) -> ServiceStatus {
         ServiceStatus {
             service: service.to_string(),
-            accepted: self.accepted.load(Ordering::Relaxed),
-            active: self.active.load(Ordering::Relaxed),
-            bytes_up: self.bytes_up.load(Ordering::Relaxed),
-            bytes_down: self.bytes_down.load(Ordering::Relaxed),
+            accepted: self.accepted.get(),
+            active: self.active.get().max(0) as u64,
+            bytes_up: self.bytes_up.get(),
+            bytes_down: self.bytes_down.get(),
+            resumed: self.resumed.get(),
             outcomes: Outcome::ALL
                 .iter()
-                .map(|o| (o.label().to_string(), self.outcome(*o)))
+                .map(|o| (o.label().to_string(), self.outcomes[*o as usize].get()))
                 .filter(|(_, n)| *n > 0)
                 .collect(),
         }
     }
-
-    /// `accepted=3 active=0 closed=2 handshake_failed=1 ...`, zero outcomes left out.
-    pub fn summary(&self) -> String {
-        let mut s = format!(
-            "accepted={} active={} bytes_up={} bytes_down={}",
-            self.accepted.load(Ordering::Relaxed),
-            self.active.load(Ordering::Relaxed),
-            self.bytes_up.load(Ordering::Relaxed),
-            self.bytes_down.load(Ordering::Relaxed),
-        );
-        for o in Outcome::ALL {
-            let n = self.outcome(o);
-            if n > 0 {
-                s.push_str(&format!(" {}={n}", o.label()));
-            }
-        }
-        s
-    }
 }
 
 /// Connection counters of one service, as a worker reports them.
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ServiceStatus {
     pub service: String,
     pub accepted: u64,
     pub active: u64,
     pub bytes_up: u64,
     pub bytes_down: u64,
-    pub outcomes: std::collections::BTreeMap<String, u64>,
+    pub resumed: u64,
+    pub outcomes: BTreeMap<String, u64>,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabels {
+    service: String,
+    action: String,
+}
+
+/// The supervisor's part of a scrape: worker restarts and the data path counters (absolute
+/// values read from the maps), without the closing `# EOF`.
+pub fn encode_supervisor(restarts: u64, datapath: &[crate::datapath::ServiceCounters]) -> String {
+    let mut registry = Registry::with_prefix("relay");
+    let r = Counter::<u64>::default();
+    r.inc_by(restarts);
+    registry.register("worker_restarts", "Workers started again after dying", r);
+    let packets = Family::<ActionLabels, Counter>::default();
+    for c in datapath {
+        for (action, n) in [
+            ("steered", c.steered),
+            ("dropped", c.dropped),
+            ("passed", c.passed),
+            ("malformed", c.malformed),
+            ("no_listener", c.no_listener),
+        ] {
+            packets
+                .get_or_create(&ActionLabels {
+                    service: c.service.clone(),
+                    action: action.to_string(),
+                })
+                .inc_by(n);
+        }
+    }
+    registry.register(
+        "xdp_packets",
+        "Packets seen by the data path, by service and action",
+        packets,
+    );
+    let mut out = String::new();
+    let _ = encode(&mut out, &registry);
+    out.strip_suffix("# EOF\n").unwrap_or(&out).to_string()
+}
+
+/// Shared ownership of the worker's registry.
+pub type SharedWorkerMetrics = Arc<WorkerMetrics>;

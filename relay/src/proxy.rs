@@ -275,6 +275,7 @@ async fn accept_inbound(
     let Some(acceptor) = &service.acceptor else {
         return Ok(Either::Left(socket));
     };
+    let started = Instant::now();
     match timeout(limit, acceptor.accept(socket)).await {
         Err(_) => Err(Failure::new(
             Outcome::HandshakeTimeout,
@@ -284,7 +285,13 @@ async fn accept_inbound(
             Outcome::HandshakeFailed,
             format!("TLS handshake: {e}"),
         )),
-        Ok(Ok(tls)) => Ok(Either::Right(tls.into())),
+        Ok(Ok(tls)) => {
+            let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+            service
+                .metrics
+                .handshake(started.elapsed().as_secs_f64(), resumed);
+            Ok(Either::Right(tls.into()))
+        }
     }
 }
 

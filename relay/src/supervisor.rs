@@ -26,7 +26,7 @@ use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
     signal::unix::{SignalKind, signal},
-    sync::mpsc,
+    sync::{mpsc, oneshot},
 };
 use tracing::{error, info, warn};
 
@@ -79,6 +79,14 @@ pub async fn run(
     let control_path = config.relay.control_socket.clone();
     let control = bind_control(&control_path)?;
     let (exits_tx, mut exits) = mpsc::unbounded_channel();
+    let (scrapes_tx, mut scrapes) = mpsc::channel::<oneshot::Sender<String>>(16);
+    if let Some(addr) = config.relay.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("metrics listener on {addr}"))?;
+        info!(%addr, "metrics on http://{addr}/metrics");
+        tokio::spawn(serve_metrics(listener, scrapes_tx));
+    }
     let mut sup = Supervisor {
         config_path,
         config,
@@ -101,7 +109,7 @@ pub async fn run(
             control = %control_path.display(),
             "relay ready"
         );
-        sup.main_loop(&control, &mut exits).await
+        sup.main_loop(&control, &mut exits, &mut scrapes).await
     }
     .await;
     let _ = std::fs::remove_file(&control_path);
@@ -113,6 +121,7 @@ impl Supervisor {
         &mut self,
         control: &UnixListener,
         exits: &mut mpsc::UnboundedReceiver<(u32, std::io::Result<ExitStatus>)>,
+        scrapes: &mut mpsc::Receiver<oneshot::Sender<String>>,
     ) -> anyhow::Result<()> {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
@@ -132,6 +141,9 @@ impl Supervisor {
                     Err(e) => warn!("control socket accept: {e}"),
                 },
                 Some((pid, status)) = exits.recv() => self.worker_exited(pid, status).await,
+                Some(reply) = scrapes.recv() => {
+                    let _ = reply.send(self.metrics_text().await);
+                }
                 _ = rotate.tick() => {
                     self.tickets.rotate();
                     if let Some(w) = &self.worker
@@ -507,6 +519,34 @@ impl Supervisor {
         }
     }
 
+    /// The whole scrape: the supervisor's metrics, then the worker's (which end with `# EOF`).
+    async fn metrics_text(&mut self) -> String {
+        let counters = self
+            .datapath
+            .as_ref()
+            .and_then(|d| d.maps.counters().ok())
+            .unwrap_or_default();
+        let mut text = crate::metrics::encode_supervisor(u64::from(self.restarts), &counters);
+        let worker = match &self.worker {
+            Some(w) => {
+                let ask = async {
+                    w.channel.send(&ToWorker::Metrics, &[]).await?;
+                    match w.channel.recv::<FromWorker>().await? {
+                        Some((FromWorker::Metrics(t), _)) => Ok(t),
+                        other => bail!("unexpected answer from the worker: {other:?}"),
+                    }
+                };
+                tokio::time::timeout(Duration::from_secs(5), ask)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            }
+            None => None,
+        };
+        text.push_str(worker.as_deref().unwrap_or("# EOF\n"));
+        text
+    }
+
     async fn status(&mut self) -> anyhow::Result<serde_json::Value> {
         let connections = match &self.worker {
             Some(w) => {
@@ -556,6 +596,55 @@ impl Supervisor {
             "connections": connections,
             "datapath": datapath,
         }))
+    }
+}
+
+/// `GET /metrics` over HTTP/1.1; every scrape is answered by the main loop through `scrapes`.
+async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    scrapes: mpsc::Sender<oneshot::Sender<String>>,
+) {
+    use http_body_util::Full;
+    use hyper::{Response, StatusCode, body::Bytes, header::CONTENT_TYPE, service::service_fn};
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let scrapes = scrapes.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let scrapes = scrapes.clone();
+                async move {
+                    let reply = |status: StatusCode, body: String| {
+                        Response::builder()
+                            .status(status)
+                            .header(
+                                CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )
+                            .body(Full::new(Bytes::from(body)))
+                    };
+                    if req.uri().path() != "/metrics" {
+                        return reply(StatusCode::NOT_FOUND, "try /metrics\n".into());
+                    }
+                    let (tx, rx) = oneshot::channel();
+                    if scrapes.send(tx).await.is_err() {
+                        return reply(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "relay is stopping\n".into(),
+                        );
+                    }
+                    reply(StatusCode::OK, rx.await.unwrap_or_default())
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(io, service)
+                .await;
+        });
     }
 }
 

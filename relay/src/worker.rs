@@ -26,7 +26,7 @@ use tracing::{info, warn};
 use crate::{
     config::{self, RelaySection, Service},
     handoff::{Channel, FromWorker, Role, ToWorker},
-    metrics::ServiceMetrics,
+    metrics::{ServiceMetrics, WorkerMetrics},
     proxy::{self, Route, ServiceRuntime, Services, Shared, Table},
     tickets::SharedTicketer,
     tls,
@@ -35,6 +35,7 @@ use crate::{
 struct Worker {
     table: Table,
     shared: Arc<Shared>,
+    registry: WorkerMetrics,
     metrics: HashMap<String, Arc<ServiceMetrics>>,
     listeners: HashMap<Role, CancellationToken>,
     ticketer: Arc<SharedTicketer>,
@@ -100,6 +101,13 @@ pub async fn run() -> anyhow::Result<()> {
                 let status = worker.as_ref().map(Worker::status).unwrap_or_default();
                 channel.send(&FromWorker::Status(status), &[]).await?;
             }
+            Ok(Some((ToWorker::Metrics, _))) => {
+                let text = worker
+                    .as_ref()
+                    .map(|w| w.registry.encode())
+                    .unwrap_or_default();
+                channel.send(&FromWorker::Metrics(text), &[]).await?;
+            }
             Ok(Some((ToWorker::Stop, _))) => break,
             Ok(None) => {
                 warn!("worker: supervisor gone, stopping");
@@ -129,6 +137,7 @@ impl Worker {
                 total: Arc::new(Semaphore::new(relay.max_connections)),
                 tracker: TaskTracker::new(),
             }),
+            registry: WorkerMetrics::default(),
             metrics: HashMap::new(),
             listeners: HashMap::new(),
             ticketer: SharedTicketer::new(tickets, relay.ticket_rotation * 2),
@@ -156,7 +165,12 @@ impl Worker {
         let mut by_name = HashMap::new();
         let mut by_destination: HashMap<(IpAddr, u16), Arc<ServiceRuntime>> = HashMap::new();
         for s in services {
-            let metrics = Arc::clone(self.metrics.entry(s.name.clone()).or_default());
+            let registry = &self.registry;
+            let metrics = Arc::clone(
+                self.metrics
+                    .entry(s.name.clone())
+                    .or_insert_with(|| Arc::new(registry.service(&s.name))),
+            );
             let name = s.name.clone();
             let transparent = s
                 .listen
@@ -168,7 +182,14 @@ impl Worker {
             }
             by_name.insert(name, runtime);
         }
-        self.metrics.retain(|name, _| by_name.contains_key(name));
+        let registry = &self.registry;
+        self.metrics.retain(|name, _| {
+            let keep = by_name.contains_key(name);
+            if !keep {
+                registry.remove(name);
+            }
+            keep
+        });
         let names: Vec<&String> = by_name.keys().collect();
         info!(services = ?names, "worker: services applied");
         *self.table.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Services {

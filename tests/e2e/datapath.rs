@@ -62,7 +62,7 @@ impl Gateway {
     fn write_config(&self, xdp_mode: &str, servers: &[(&str, &str)]) {
         let c = self.pki.server();
         let mut text = format!(
-            "[relay]\ncontrol_socket = \"{}/control.sock\"\nconnect_timeout = \"2s\"\n\n\
+            "[relay]\ncontrol_socket = \"{}/control.sock\"\nconnect_timeout = \"2s\"\nmetrics = \"127.0.0.1:9464\"\n\n\
              [datapath]\ninterfaces = [\"{GW_CLIENT_IF}\"]\nxdp_mode = \"{xdp_mode}\"\npin_path = \"{}\"\n\n",
             self.dir.path().display(),
             self.pin_path.display()

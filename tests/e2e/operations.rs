@@ -1,0 +1,221 @@
+//! Operating the relay: the Prometheus endpoint scraped by a real HTTP client and parsed,
+//! `relay status` for humans, JSON logs.
+
+use std::{collections::HashMap, net::SocketAddr, process::Command, time::Duration};
+
+use relay_tests::{
+    backend::Backend,
+    client::{self, ClientLevel},
+    config::{inbound, outbound, relay_section, service},
+    free_port,
+    pki::Pki,
+    relay::{Relay, binary},
+};
+use tokio::io::AsyncWriteExt as _;
+
+/// Parses the exposition text: `name{labels} value` per sample, `# TYPE`/`# HELP` lines
+/// checked for shape. Returns samples keyed by the line's name and labels as written.
+fn parse_exposition(text: &str) -> HashMap<String, f64> {
+    assert!(
+        text.ends_with("# EOF\n"),
+        "OpenMetrics text ends with # EOF"
+    );
+    let mut samples = HashMap::new();
+    for line in text.lines() {
+        if let Some(meta) = line.strip_prefix("# ") {
+            let mut words = meta.split_whitespace();
+            let kind = words.next().unwrap();
+            assert!(
+                ["TYPE", "HELP", "UNIT", "EOF"].contains(&kind),
+                "comment line {line:?}"
+            );
+            if kind == "TYPE" {
+                let t = words.nth(1).unwrap();
+                assert!(["counter", "gauge", "histogram"].contains(&t), "{line}");
+            }
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("sample line {line:?}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("value in {line:?}"));
+        assert!(series.starts_with("relay_"), "prefix: {line}");
+        if let Some((name, labels)) = series.split_once('{') {
+            assert!(labels.ends_with('}'), "{line}");
+            assert!(
+                name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                "{line}"
+            );
+        }
+        samples.insert(series.to_string(), value);
+    }
+    samples
+}
+
+fn scrape(addr: SocketAddr, path: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args([
+            "--silent",
+            "--max-time",
+            "10",
+            "--write-out",
+            "\n%{http_code}",
+        ])
+        .arg(format!("http://{addr}{path}"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.parse().unwrap(), body.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_scraped_and_parsed_and_status_for_humans() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(&dir.path().join("pki")).unwrap();
+    let backend = Backend::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    let front = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        relay_section(dir.path(), &format!("metrics = \"{metrics}\""))
+            + &service(
+                "shop",
+                front,
+                backend.addr,
+                &inbound("tls", &pki),
+                &outbound("plain", &pki),
+            ),
+    )
+    .unwrap();
+    let relay = Relay::start(&config).unwrap();
+
+    for _ in 0..2 {
+        let s = client::connect(front, &ClientLevel::Tls { ca: &pki.ca })
+            .await
+            .unwrap();
+        client::sink(s, &[7u8; 1000]).await.unwrap();
+    }
+    let mut garbage = tokio::net::TcpStream::connect(front).await.unwrap();
+    garbage.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    garbage.shutdown().await.unwrap();
+    assert!(relay.wait_logs(&["connection closed"], 3, Duration::from_secs(5)));
+
+    let (code, text) = scrape(metrics, "/metrics");
+    assert_eq!(code, 200);
+    let m = parse_exposition(&text);
+    let get = |k: &str| {
+        *m.get(k)
+            .unwrap_or_else(|| panic!("missing {k} in:\n{text}"))
+    };
+    assert_eq!(
+        get("relay_connections_accepted_total{service=\"shop\"}"),
+        3.0
+    );
+    assert_eq!(get("relay_connections_active{service=\"shop\"}"), 0.0);
+    assert_eq!(
+        get("relay_connections_closed_total{service=\"shop\",reason=\"closed\"}"),
+        2.0
+    );
+    assert_eq!(
+        get("relay_connections_closed_total{service=\"shop\",reason=\"handshake_failed\"}"),
+        1.0
+    );
+    assert_eq!(
+        get(
+            "relay_handshake_failures_total{service=\"shop\",side=\"inbound\",reason=\"handshake_failed\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        get("relay_handshake_duration_seconds_count{service=\"shop\"}"),
+        2.0
+    );
+    assert!(get("relay_bytes_total{service=\"shop\",direction=\"up\"}") >= 2000.0);
+    assert_eq!(get("relay_worker_restarts_total"), 0.0);
+    assert_eq!(scrape(metrics, "/other").0, 404);
+
+    // relay status, for humans.
+    let out = Command::new(binary())
+        .args(["status", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "supervisor pid",
+        "worker pid",
+        "restarts 0",
+        "shop",
+        "explicit",
+        &front.to_string(),
+        "tls",
+    ] {
+        assert!(
+            status.contains(needle),
+            "status lacks {needle:?}:\n{status}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_one_object_per_line_without_key_material() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(&dir.path().join("pki")).unwrap();
+    let backend = Backend::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    let front = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        relay_section(dir.path(), "")
+            + &service(
+                "shop",
+                front,
+                backend.addr,
+                &inbound("tls", &pki),
+                &outbound("plain", &pki),
+            ),
+    )
+    .unwrap();
+    let mut relay = Relay::start_with(
+        Command::new(binary())
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(&config),
+    )
+    .unwrap();
+    let s = client::connect(front, &ClientLevel::Tls { ca: &pki.ca })
+        .await
+        .unwrap();
+    client::sink(s, b"logged").await.unwrap();
+    assert!(relay.wait_logs(&["connection closed"], 1, Duration::from_secs(5)));
+    relay.terminate(Duration::from_secs(10)).unwrap();
+    let key = std::fs::read_to_string(&pki.server().key).unwrap();
+    let key_body: String = key.lines().nth(1).unwrap().to_string();
+    for line in relay.logs() {
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["fields"]["message"].is_string(), "{line}");
+        assert!(!line.contains(&key_body), "private key material in the log");
+    }
+    let close = relay
+        .logs()
+        .into_iter()
+        .find(|l| l.contains("connection closed"))
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&close).unwrap();
+    assert_eq!(v["fields"]["service"], "shop");
+    assert_eq!(v["fields"]["outcome"], "closed");
+    assert_eq!(v["fields"]["bytes_up"], 11, "\"SINK\\n\" and \"logged\"");
+}
