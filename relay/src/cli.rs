@@ -56,6 +56,11 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (relay.1 and one per subcommand) into a directory.
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
     /// The worker process, started by `relay run`; not for direct use.
     #[command(hide = true)]
     Worker,

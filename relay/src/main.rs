@@ -7,7 +7,7 @@ use std::{
     process::ExitCode,
 };
 
-use clap::Parser as _;
+use clap::{CommandFactory as _, Parser as _};
 use relay::{
     cli::{Cli, Command, LogFormat, ServiceCommand, Target},
     config::Config,
@@ -53,6 +53,12 @@ fn main() -> ExitCode {
                 EXIT_RUNTIME,
             )
         }
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "relay", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Manpages { dir } => exit(manpages(&dir), EXIT_RUNTIME),
         Command::Worker => exit(
             runtime().and_then(|rt| rt.block_on(worker::run())),
             EXIT_RUNTIME,
@@ -73,6 +79,12 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
+}
+
+fn manpages(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    clap_mangen::generate_to(Cli::command(), dir)?;
+    Ok(())
 }
 
 fn init_logging(format: LogFormat) {

@@ -109,6 +109,8 @@ pub async fn run(
             control = %control_path.display(),
             "relay ready"
         );
+        // Type=notify: systemd considers the service started only now. A no-op elsewhere.
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         sup.main_loop(&control, &mut exits, &mut scrapes).await
     }
     .await;
@@ -155,6 +157,7 @@ impl Supervisor {
                 }
             }
         }
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         self.stop().await;
         Ok(())
     }

@@ -219,3 +219,119 @@ async fn json_logs_one_object_per_line_without_key_material() {
     assert_eq!(v["fields"]["outcome"], "closed");
     assert_eq!(v["fields"]["bytes_up"], 11, "\"SINK\\n\" and \"logged\"");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn systemd_readiness_and_stopping_are_notified() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(&dir.path().join("pki")).unwrap();
+    let backend = Backend::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    let front = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        relay_section(dir.path(), "")
+            + &service(
+                "shop",
+                front,
+                backend.addr,
+                &inbound("plain", &pki),
+                &outbound("plain", &pki),
+            ),
+    )
+    .unwrap();
+    let notify = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut relay = Relay::start_with(
+        Command::new(binary())
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &notify),
+    )
+    .unwrap();
+    let mut buf = [0u8; 256];
+    let n = socket.recv(&mut buf).expect("READY=1 from the supervisor");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+    relay.terminate(Duration::from_secs(10)).unwrap();
+    let n = socket.recv(&mut buf).expect("STOPPING=1 on SIGTERM");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+}
+
+#[test]
+fn systemd_unit_passes_systemd_analyze_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../dist/relay.service"
+    ))
+    .unwrap();
+    assert!(unit.contains("Type=notify") && unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
+    // Point the unit at this build and a config that exists here.
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, "[relay]\n").unwrap();
+    let unit = unit
+        .replace("/usr/bin/relay", binary().to_str().unwrap())
+        .replace("/etc/relay/relay.toml", config.to_str().unwrap());
+    let path = dir.path().join("relay.service");
+    std::fs::write(&path, unit).unwrap();
+    // Documentation=man:relay(1) must resolve: install the pages the binary generates.
+    let man = dir.path().join("man");
+    let made = Command::new(binary())
+        .arg("manpages")
+        .arg(man.join("man1"))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .env("MANPATH", &man)
+        .output()
+        .expect("systemd-analyze is installed (`cargo xtask setup`)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let about_unit: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("relay.service"))
+        .collect();
+    assert!(
+        out.status.success() && about_unit.is_empty(),
+        "systemd-analyze verify: {stderr}"
+    );
+}
+
+#[test]
+fn man_pages_and_completions_come_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(binary())
+        .arg("manpages")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    for page in [
+        "relay.1",
+        "relay-run.1",
+        "relay-status.1",
+        "relay-service-add.1",
+        "relay-detach.1",
+    ] {
+        let text = std::fs::read_to_string(dir.path().join(page))
+            .unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(text.contains(".TH"), "{page} is roff");
+    }
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(binary())
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("detach") && text.contains("reload"),
+            "{shell}"
+        );
+    }
+}

@@ -4,6 +4,7 @@
 //! commands work on a fresh machine that has only rustup's stable + nightly toolchains and root.
 
 mod demo;
+mod dist;
 mod setup;
 
 use std::{
@@ -37,6 +38,8 @@ enum Cmd {
         #[arg(long, default_value = "examples/relay.toml")]
         config: PathBuf,
     },
+    /// Build a release tarball (binary, man pages, completions, systemd unit, example config).
+    Dist,
     /// Lint and run every test (unit, eBPF, end to end). CI runs exactly this.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -78,6 +81,10 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Test { args } => test(&args),
+        Cmd::Dist => {
+            build(true)?;
+            dist::dist(&relay_bin(true)).map(|_| ())
+        }
     }
 }
 

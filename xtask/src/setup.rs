@@ -5,7 +5,7 @@
 //! machine it installs, with a line of progress each:
 //! - Debian packages: LLVM of the same major version as the nightly rustc (bpf-linker links
 //!   against it), bpftool, and the peers the tests and the demo drive (curl, openssl, iproute2,
-//!   python3 for `http.server`).
+//!   iputils-ping, python3 for `http.server`, systemd-analyze and man for the unit check).
 //! - the nightly `rust-src` component (`-Z build-std=core` for the bpfel target). rustup does not
 //!   install a toolchain file's components by itself where `RUSTUP_AUTO_INSTALL=0`.
 //! - `bpf-linker`, built from crates.io against Debian's `llvm-NN-dev`.
