@@ -148,24 +148,8 @@ impl Maps {
         for (k, v) in &servers {
             self.servers.insert(k, v, 0).context("update SERVERS map")?;
         }
-        let stale: Vec<PolicyKey> = self
-            .policy
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !policy.contains_key(k))
-            .collect();
-        for k in stale {
-            self.policy.remove(&k).context("update POLICY map")?;
-        }
-        let stale: Vec<Addr> = self
-            .servers
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !servers.contains_key(k))
-            .collect();
-        for k in stale {
-            self.servers.remove(&k).context("update SERVERS map")?;
-        }
+        remove_stale(&mut self.policy, &policy).context("update POLICY map")?;
+        remove_stale(&mut self.servers, &servers).context("update SERVERS map")?;
         Ok(())
     }
 
@@ -245,6 +229,26 @@ impl Maps {
             .context("SOCKMAP: IPv6 listener")?;
         Ok(())
     }
+}
+
+/// Removes the entries of `map` whose key is not in `keep`.
+fn remove_stale<K, V, W>(
+    map: &mut HashMap<MapData, K, V>,
+    keep: &StdHashMap<K, W>,
+) -> Result<(), aya::maps::MapError>
+where
+    K: aya::Pod + Eq + std::hash::Hash,
+    V: aya::Pod,
+{
+    let stale: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !keep.contains_key(k))
+        .collect();
+    for k in stale {
+        map.remove(&k)?;
+    }
+    Ok(())
 }
 
 fn cpus() -> anyhow::Result<usize> {

@@ -47,6 +47,8 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(30);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Time a worker gets to take its configuration.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(15);
+/// Time a worker gets to answer for status or metrics.
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct WorkerProc {
     pid: u32,
@@ -266,26 +268,12 @@ impl Supervisor {
         let roles: Vec<Role> = self.listeners.keys().cloned().collect();
         let msg = self.apply_message(&self.config.services, roles.clone(), vec![])?;
         let fds: Vec<BorrowedFd<'_>> = roles.iter().map(|r| self.listeners[r].as_fd()).collect();
-        let setup = async {
-            channel.send(&msg, &fds).await?;
-            match channel.recv::<FromWorker>().await? {
-                Some((FromWorker::Applied { error: None }, _)) => Ok(()),
-                Some((FromWorker::Applied { error: Some(e) }, _)) => {
-                    bail!("worker refused the configuration: {e}")
-                }
-                other => bail!("unexpected answer from the worker: {other:?}"),
-            }
-        };
-        match tokio::time::timeout(APPLY_TIMEOUT, setup).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                kill(pid);
-                return Err(e);
-            }
-            Err(_) => {
-                kill(pid);
-                bail!("worker {pid} did not take its configuration within {APPLY_TIMEOUT:?}");
-            }
+        if let Err(e) = ask(&channel, &msg, &fds, APPLY_TIMEOUT)
+            .await
+            .and_then(applied)
+        {
+            kill(pid);
+            return Err(e.context(format!("worker {pid} did not take its configuration")));
         }
         info!(worker = pid, listeners = roles.len(), "worker started");
         self.worker = Some(WorkerProc {
@@ -429,17 +417,9 @@ impl Supervisor {
         let msg = self.apply_message(&next.services, add, close.clone())?;
         if let Some(w) = &self.worker {
             let fds: Vec<BorrowedFd<'_>> = opened.iter().map(|(_, l)| l.as_fd()).collect();
-            let exchange = async {
-                w.channel.send(&msg, &fds).await?;
-                match w.channel.recv::<FromWorker>().await? {
-                    Some((FromWorker::Applied { error: None }, _)) => Ok(()),
-                    Some((FromWorker::Applied { error: Some(e) }, _)) => bail!("{e}"),
-                    other => bail!("unexpected answer from the worker: {other:?}"),
-                }
-            };
-            tokio::time::timeout(APPLY_TIMEOUT, exchange)
+            ask(&w.channel, &msg, &fds, APPLY_TIMEOUT)
                 .await
-                .context("the worker did not answer")??;
+                .and_then(applied)?;
         }
         if let Some(d) = &mut self.datapath {
             d.maps
@@ -531,19 +511,10 @@ impl Supervisor {
             .unwrap_or_default();
         let mut text = crate::metrics::encode_supervisor(u64::from(self.restarts), &counters);
         let worker = match &self.worker {
-            Some(w) => {
-                let ask = async {
-                    w.channel.send(&ToWorker::Metrics, &[]).await?;
-                    match w.channel.recv::<FromWorker>().await? {
-                        Some((FromWorker::Metrics(t), _)) => Ok(t),
-                        other => bail!("unexpected answer from the worker: {other:?}"),
-                    }
-                };
-                tokio::time::timeout(Duration::from_secs(5), ask)
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-            }
+            Some(w) => match ask(&w.channel, &ToWorker::Metrics, &[], ASK_TIMEOUT).await {
+                Ok(FromWorker::Metrics(t)) => Some(t),
+                _ => None,
+            },
             None => None,
         };
         text.push_str(worker.as_deref().unwrap_or("# EOF\n"));
@@ -552,19 +523,10 @@ impl Supervisor {
 
     async fn status(&mut self) -> anyhow::Result<serde_json::Value> {
         let connections = match &self.worker {
-            Some(w) => {
-                let ask = async {
-                    w.channel.send(&ToWorker::Status, &[]).await?;
-                    match w.channel.recv::<FromWorker>().await? {
-                        Some((FromWorker::Status(s), _)) => Ok(s),
-                        other => bail!("unexpected answer from the worker: {other:?}"),
-                    }
-                };
-                tokio::time::timeout(Duration::from_secs(5), ask)
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-            }
+            Some(w) => match ask(&w.channel, &ToWorker::Status, &[], ASK_TIMEOUT).await {
+                Ok(FromWorker::Status(s)) => Some(s),
+                _ => None,
+            },
             None => None,
         };
         let datapath = match (&self.datapath, &self.config.datapath) {
@@ -599,6 +561,35 @@ impl Supervisor {
             "connections": connections,
             "datapath": datapath,
         }))
+    }
+}
+
+/// Sends `msg` (with `fds`) to a worker and waits up to `limit` for its answer.
+async fn ask(
+    channel: &Channel,
+    msg: &ToWorker,
+    fds: &[BorrowedFd<'_>],
+    limit: Duration,
+) -> anyhow::Result<FromWorker> {
+    let exchange = async {
+        channel.send(msg, fds).await?;
+        channel
+            .recv::<FromWorker>()
+            .await?
+            .map(|(answer, _)| answer)
+            .context("the worker closed the channel")
+    };
+    tokio::time::timeout(limit, exchange)
+        .await
+        .with_context(|| format!("the worker did not answer within {limit:?}"))?
+}
+
+/// The worker's answer to `Apply`.
+fn applied(answer: FromWorker) -> anyhow::Result<()> {
+    match answer {
+        FromWorker::Applied { error: None } => Ok(()),
+        FromWorker::Applied { error: Some(e) } => bail!("worker refused the configuration: {e}"),
+        other => bail!("unexpected answer from the worker: {other:?}"),
     }
 }
 
