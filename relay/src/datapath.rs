@@ -574,25 +574,29 @@ impl Routing {
         ip(&args)
     }
 
+    /// `ip <family> route <verb> local <any> dev lo table <table>`.
+    fn route(&self, family: &str, verb: &str) -> anyhow::Result<String> {
+        let any = if family == "-4" { "0.0.0.0/0" } else { "::/0" };
+        ip(&[
+            family,
+            "route",
+            verb,
+            "local",
+            any,
+            "dev",
+            "lo",
+            "table",
+            &self.table.to_string(),
+        ])
+    }
+
     /// Adds the rule and the `local` routes for IPv4 and IPv6, unless present.
     pub fn install(&self) -> anyhow::Result<()> {
         for family in ["-4", "-6"] {
             if self.rule(family, "list")?.trim().is_empty() {
                 self.rule(family, "add")?;
             }
-            let any = if family == "-4" { "0.0.0.0/0" } else { "::/0" };
-            ip(&[
-                family,
-                "route",
-                "replace",
-                "local",
-                any,
-                "dev",
-                "lo",
-                "table",
-                &self.table.to_string(),
-            ]
-            .map(String::from))?;
+            self.route(family, "replace")?;
         }
         Ok(())
     }
@@ -610,20 +614,8 @@ impl Routing {
                 }
                 removed.push(format!("ip {family} rule {}", self.rule_spec()));
             }
-            let any = if family == "-4" { "0.0.0.0/0" } else { "::/0" };
-            let route = [
-                family,
-                "route",
-                "del",
-                "local",
-                any,
-                "dev",
-                "lo",
-                "table",
-                &self.table.to_string(),
-            ]
-            .map(String::from);
-            if ip(&route).is_ok() {
+            if self.route(family, "del").is_ok() {
+                let any = if family == "-4" { "0.0.0.0/0" } else { "::/0" };
                 removed.push(format!(
                     "ip {family} route local {any} table {}",
                     self.table

@@ -75,9 +75,7 @@ fn scrape(addr: SocketAddr, path: &str) -> (u16, String) {
 async fn metrics_scraped_and_parsed_and_status_for_humans() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::generate(&dir.path().join("pki")).unwrap();
-    let backend = Backend::start("127.0.0.1:0".parse().unwrap(), None)
-        .await
-        .unwrap();
+    let backend = Backend::plain().await;
     let front = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let config = dir.path().join("relay.toml");
@@ -172,9 +170,7 @@ async fn metrics_scraped_and_parsed_and_status_for_humans() {
 async fn json_logs_one_object_per_line_without_key_material() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::generate(&dir.path().join("pki")).unwrap();
-    let backend = Backend::start("127.0.0.1:0".parse().unwrap(), None)
-        .await
-        .unwrap();
+    let backend = Backend::plain().await;
     let front = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let config = dir.path().join("relay.toml");
     std::fs::write(
@@ -224,9 +220,7 @@ async fn json_logs_one_object_per_line_without_key_material() {
 async fn systemd_readiness_and_stopping_are_notified() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::generate(&dir.path().join("pki")).unwrap();
-    let backend = Backend::start("127.0.0.1:0".parse().unwrap(), None)
-        .await
-        .unwrap();
+    let backend = Backend::plain().await;
     let front = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let config = dir.path().join("relay.toml");
     std::fs::write(

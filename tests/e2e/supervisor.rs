@@ -112,9 +112,7 @@ fn control_raw(socket: &Path, request: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn killing_the_worker_under_load_refuses_no_connection() {
     let env = Env::new();
-    let backend = Backend::start("127.0.0.1:0".parse().unwrap(), None)
-        .await
-        .unwrap();
+    let backend = Backend::plain().await;
     let front = listen();
     env.write_config(
         "",
@@ -217,9 +215,7 @@ fn der(pem: &Path) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread")]
 async fn reload_changes_the_certificate_for_new_connections_only() {
     let env = Env::new();
-    let backend = Backend::start("127.0.0.1:0".parse().unwrap(), None)
-        .await
-        .unwrap();
+    let backend = Backend::plain().await;
     let front = listen();
     let svc = |kind: KeyKind| {
         let c = env.pki.server_of(kind);
@@ -302,9 +298,7 @@ async fn reload_changes_the_certificate_for_new_connections_only() {
 #[tokio::test(flavor = "multi_thread")]
 async fn services_are_added_and_removed_at_run_time() {
     let env = Env::new();
-    let backend = Backend::start("127.0.0.1:0".parse().unwrap(), None)
-        .await
-        .unwrap();
+    let backend = Backend::plain().await;
     let first = listen();
     env.write_config(
         "",
@@ -467,9 +461,7 @@ fn s_client(addr: SocketAddr, ca: &Path, session: &Path, resume: bool) -> bool {
 #[tokio::test(flavor = "multi_thread")]
 async fn tls_resumption_survives_a_worker_restart() {
     let env = Env::new();
-    let backend = Backend::start("127.0.0.1:0".parse().unwrap(), None)
-        .await
-        .unwrap();
+    let backend = Backend::plain().await;
     let front = listen();
     env.write_config(
         "",
@@ -513,9 +505,7 @@ async fn tls_resumption_survives_a_worker_restart() {
 #[tokio::test(flavor = "multi_thread")]
 async fn control_socket_is_root_only_and_survives_bad_requests() {
     let env = Env::new();
-    let backend = Backend::start("127.0.0.1:0".parse().unwrap(), None)
-        .await
-        .unwrap();
+    let backend = Backend::plain().await;
     let front = listen();
     env.write_config(
         "",

@@ -49,6 +49,13 @@ pub struct BackendTls<'a> {
 }
 
 impl Backend {
+    /// A plaintext backend on an ephemeral loopback port.
+    pub async fn plain() -> Backend {
+        Backend::start("127.0.0.1:0".parse().unwrap(), None)
+            .await
+            .expect("start a plain backend on loopback")
+    }
+
     pub async fn start(bind: SocketAddr, tls: Option<BackendTls<'_>>) -> anyhow::Result<Backend> {
         let acceptor = tls.map(|t| tokio_rustls::TlsAcceptor::from(server_config(&t)));
         let listener = TcpListener::bind(bind).await?;

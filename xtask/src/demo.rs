@@ -215,7 +215,7 @@ pub fn demo(relay_bin: &Path) -> anyhow::Result<()> {
     ));
     check()?;
 
-    say("Data path counters (relay status)");
+    say("relay status: services, connections, worker, data path counters");
     let status = topo
         .enter(&topo.gw, relay_bin)
         .args(["status", "--config"])
