@@ -24,7 +24,16 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the project uses at run or test time (besides LLVM, chosen at run time).
 const APT_PACKAGES: &[&str] = &[
-    "bpftool", "curl", "openssl", "iproute2", "python3", "procps",
+    "bpftool",
+    "curl",
+    "openssl",
+    "iproute2",
+    "iputils-ping",
+    "python3",
+    "procps",
+    // systemd-analyze verifies the unit; it resolves Documentation=man:relay(1) with man.
+    "systemd",
+    "man-db",
 ];
 
 pub fn setup() -> anyhow::Result<()> {
