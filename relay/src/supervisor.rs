@@ -77,7 +77,7 @@ pub async fn run(
     config: Config,
     log_format: LogFormat,
 ) -> anyhow::Result<()> {
-    crate::worker::raise_fd_limit();
+    raise_fd_limit();
     let control_path = config.relay.control_socket.clone();
     let control = bind_control(&control_path)?;
     let (exits_tx, mut exits) = mpsc::unbounded_channel();
@@ -160,7 +160,7 @@ impl Supervisor {
             }
         }
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-        self.stop().await;
+        self.stop(exits).await;
         Ok(())
     }
 
@@ -320,18 +320,25 @@ impl Supervisor {
         }
     }
 
-    async fn stop(&mut self) {
+    async fn stop(
+        &mut self,
+        exits: &mut mpsc::UnboundedReceiver<(u32, std::io::Result<ExitStatus>)>,
+    ) {
         // Close our copies of the listeners at once: new clients are refused (or, steered, find
         // no listener) rather than queued for a worker that is only draining.
         self.listeners.clear();
         if let Some(w) = self.worker.take() {
             let _ = w.channel.send(&ToWorker::Stop, &[]).await;
             let limit = self.config.relay.shutdown_grace + Duration::from_secs(5);
-            let deadline = Instant::now() + limit;
-            while pid_alive(w.pid) && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            if pid_alive(w.pid) {
+            // The exit watcher reports the worker's end; nothing to poll.
+            let exited = async {
+                while let Some((pid, _)) = exits.recv().await {
+                    if pid == w.pid {
+                        return;
+                    }
+                }
+            };
+            if tokio::time::timeout(limit, exited).await.is_err() {
                 warn!(worker = w.pid, "worker did not stop in time, killing it");
                 kill(w.pid);
             }
@@ -698,8 +705,20 @@ fn kill(pid: u32) {
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
 }
 
-fn pid_alive(pid: u32) -> bool {
-    // The exit watcher reaps the child, so a gone process makes kill(pid, 0) fail.
-    // SAFETY: signal 0 only checks existence.
-    unsafe { libc::kill(pid as i32, 0) == 0 }
+/// An edge relay holds two descriptors per connection: use every descriptor the hard limit
+/// allows rather than the conservative default soft limit. The worker inherits it across exec.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                warn!("could not raise the open file limit");
+            }
+        }
+    }
 }

@@ -88,7 +88,6 @@ pub async fn run() -> anyhow::Result<()> {
                 }
                 channel.send(&FromWorker::Applied { error }, &[]).await?;
                 if first {
-                    raise_fd_limit();
                     drop_privileges(worker.as_ref().and_then(|w| w.relay.user.as_deref()))?;
                 }
             }
@@ -287,22 +286,4 @@ fn drop_privileges(user: Option<&str>) -> anyhow::Result<()> {
         info!(user = name, uid, "worker dropped privileges");
     }
     Ok(())
-}
-
-/// An edge relay holds two descriptors per connection: use every descriptor the hard limit
-/// allows rather than the conservative default soft limit.
-pub fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                warn!("could not raise the open file limit");
-            }
-        }
-    }
 }
