@@ -9,7 +9,7 @@
 //! Every way a connection can end has a reason label ([`Outcome`]), so an operator can tell
 //! clients speaking the wrong protocol from a backend that is down.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::collections::BTreeMap;
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -173,43 +173,50 @@ impl Default for WorkerMetrics {
     }
 }
 
+/// The label sets of one service's series, built in one place so that `service` and `remove`
+/// always name the same series.
+fn service_label(name: &str) -> ServiceLabel {
+    ServiceLabel {
+        service: name.to_string(),
+    }
+}
+
+fn direction_labels(name: &str, direction: &str) -> DirectionLabels {
+    DirectionLabels {
+        service: name.to_string(),
+        direction: direction.to_string(),
+    }
+}
+
+fn reason_labels(name: &str, o: Outcome) -> ReasonLabels {
+    ReasonLabels {
+        service: name.to_string(),
+        reason: o.label().to_string(),
+    }
+}
+
+fn side_labels(name: &str, o: Outcome) -> Option<SideLabels> {
+    o.handshake_failure().map(|side| SideLabels {
+        service: name.to_string(),
+        side: side.to_string(),
+        reason: o.label().to_string(),
+    })
+}
+
 impl WorkerMetrics {
     /// The handles one service updates; the same series whenever asked for the same name.
     pub fn service(&self, name: &str) -> ServiceMetrics {
-        let l = ServiceLabel {
-            service: name.to_string(),
-        };
-        let dir = |d: &str| {
-            self.bytes
-                .get_or_create(&DirectionLabels {
-                    service: name.to_string(),
-                    direction: d.to_string(),
-                })
-                .clone()
-        };
+        let l = service_label(name);
+        let bytes = |d| self.bytes.get_or_create(&direction_labels(name, d)).clone();
         ServiceMetrics {
             accepted: self.accepted.get_or_create(&l).clone(),
             active: self.active.get_or_create(&l).clone(),
-            bytes_up: dir("up"),
-            bytes_down: dir("down"),
-            outcomes: Outcome::ALL.map(|o| {
-                self.closed
-                    .get_or_create(&ReasonLabels {
-                        service: name.to_string(),
-                        reason: o.label().to_string(),
-                    })
-                    .clone()
-            }),
+            bytes_up: bytes("up"),
+            bytes_down: bytes("down"),
+            outcomes: Outcome::ALL
+                .map(|o| self.closed.get_or_create(&reason_labels(name, o)).clone()),
             handshake_failures: Outcome::ALL.map(|o| {
-                o.handshake_failure().map(|side| {
-                    self.handshake_failures
-                        .get_or_create(&SideLabels {
-                            service: name.to_string(),
-                            side: side.to_string(),
-                            reason: o.label().to_string(),
-                        })
-                        .clone()
-                })
+                side_labels(name, o).map(|l| self.handshake_failures.get_or_create(&l).clone())
             }),
             handshake_seconds: self.handshake_seconds.get_or_create(&l).clone(),
             resumed: self.resumed.get_or_create(&l).clone(),
@@ -218,30 +225,18 @@ impl WorkerMetrics {
 
     /// Drops the series of a removed service.
     pub fn remove(&self, name: &str) {
-        let l = ServiceLabel {
-            service: name.to_string(),
-        };
+        let l = service_label(name);
         self.accepted.remove(&l);
         self.active.remove(&l);
         self.handshake_seconds.remove(&l);
         self.resumed.remove(&l);
         for d in ["up", "down"] {
-            self.bytes.remove(&DirectionLabels {
-                service: name.to_string(),
-                direction: d.into(),
-            });
+            self.bytes.remove(&direction_labels(name, d));
         }
         for o in Outcome::ALL {
-            self.closed.remove(&ReasonLabels {
-                service: name.to_string(),
-                reason: o.label().into(),
-            });
-            if let Some(side) = o.handshake_failure() {
-                self.handshake_failures.remove(&SideLabels {
-                    service: name.to_string(),
-                    side: side.into(),
-                    reason: o.label().into(),
-                });
+            self.closed.remove(&reason_labels(name, o));
+            if let Some(l) = side_labels(name, o) {
+                self.handshake_failures.remove(&l);
             }
         }
     }
@@ -364,6 +359,3 @@ pub fn encode_supervisor(restarts: u64, datapath: &[crate::datapath::ServiceCoun
     let _ = encode(&mut out, &registry);
     out.strip_suffix("# EOF\n").unwrap_or(&out).to_string()
 }
-
-/// Shared ownership of the worker's registry.
-pub type SharedWorkerMetrics = Arc<WorkerMetrics>;
