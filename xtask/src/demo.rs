@@ -85,7 +85,7 @@ pub fn demo(relay_bin: &Path) -> anyhow::Result<()> {
         );
         Ok(())
     };
-    let work = TempDir::new()?;
+    let work = tempfile::Builder::new().prefix("relay-demo-").tempdir()?;
     let dir = work.path();
 
     say("Building the network: client — gateway — server (three namespaces, veth pairs)");
@@ -249,25 +249,4 @@ pub fn dev_certs(dir: &Path) -> anyhow::Result<()> {
     eprintln!("generating development certificates in {}", dir.display());
     Pki::generate(dir)?;
     Ok(())
-}
-
-/// A directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> anyhow::Result<TempDir> {
-        let path = std::env::temp_dir().join(format!("relay-demo-{}", std::process::id()));
-        std::fs::create_dir_all(&path)?;
-        Ok(TempDir(path))
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
