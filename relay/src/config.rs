@@ -68,6 +68,9 @@ pub struct RelaySection {
     pub shutdown_grace: Duration,
     /// Connections open at once over all services; more are closed right after accept.
     pub max_connections: usize,
+    /// Largest data buffer a connection holds per direction while bytes are in flight (bytes;
+    /// buffers start at 4 KiB and grow toward this for bulk flows).
+    pub max_buffer: usize,
     /// The worker runs as this user once it holds its sockets (when started as root).
     pub user: Option<String>,
     /// How often the supervisor draws a new TLS session ticket key; tickets stay valid for two
@@ -86,6 +89,7 @@ impl Default for RelaySection {
             idle_timeout: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(30),
             max_connections: 10_000,
+            max_buffer: 64 << 10,
             user: None,
             ticket_rotation: Duration::from_secs(3600),
         }
@@ -292,6 +296,12 @@ impl Config {
             return Err((
                 vec![Key("relay"), Key("max_connections")],
                 "must be at least 1".into(),
+            ));
+        }
+        if !(4096..=131_072).contains(&r.max_buffer) {
+            return Err((
+                vec![Key("relay"), Key("max_buffer")],
+                "must be between 4096 and 131072 bytes".into(),
             ));
         }
         if let Some(user) = &r.user

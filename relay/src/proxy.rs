@@ -58,6 +58,8 @@ pub struct Timeouts {
     pub handshake: Duration,
     pub connect: Duration,
     pub idle: Duration,
+    /// Not a timeout, but set from the same section for every connection alike.
+    pub max_buffer: usize,
 }
 
 impl From<&RelaySection> for Timeouts {
@@ -66,6 +68,7 @@ impl From<&RelaySection> for Timeouts {
             handshake: r.handshake_timeout,
             connect: r.connect_timeout,
             idle: r.idle_timeout,
+            max_buffer: r.max_buffer,
         }
     }
 }
@@ -239,7 +242,16 @@ async fn handle(socket: TcpStream, peer: SocketAddr, service: &ServiceRuntime, t
     let result = async {
         let inbound = accept_inbound(socket, service, t.handshake).await?;
         let outbound = connect_outbound(service, t).await?;
-        let (moved, result) = copy::relay(inbound, outbound, t.idle).await;
+        let limits = copy::Limits {
+            idle: t.idle,
+            max_buffer: t.max_buffer,
+        };
+        let (moved, result) = match (inbound, outbound) {
+            (Either::Left(client), Either::Left(backend)) => {
+                copy::relay_tcp(client, backend, limits).await
+            }
+            (client, backend) => copy::relay(client, backend, limits).await,
+        };
         transfer = moved;
         result.map_err(|e| match e {
             CopyError::Idle(_) => Failure::new(Outcome::IdleTimeout, e),

@@ -3,6 +3,7 @@
 //! Every command first runs the idempotent toolchain bootstrap (`setup`), so the two README
 //! commands work on a fresh machine that has only rustup's stable + nightly toolchains and root.
 
+mod bench;
 mod demo;
 mod dist;
 mod setup;
@@ -37,6 +38,16 @@ enum Cmd {
     Run {
         #[arg(long, default_value = "examples/relay.toml")]
         config: PathBuf,
+    },
+    /// Measure relay against HAProxy and stunnel (and no relay), same run, same work; writes
+    /// target/bench/report.md and target/bench/ratios.svg.
+    Bench {
+        /// A reduced run (shorter loads, smaller transfers) that takes under 3 minutes.
+        #[arg(long)]
+        quick: bool,
+        /// Run only the scenarios whose title contains this (e.g. "bulk", "idle", "XDP").
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Build a release tarball (binary, man pages, completions, systemd unit, example config).
     Dist,
@@ -81,6 +92,10 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Test { args } => test(&args),
+        Cmd::Bench { quick, only } => {
+            let relay = bench::build_release()?;
+            bench::bench(quick, only.as_deref(), &relay)
+        }
         Cmd::Dist => {
             build(true)?;
             dist::dist(&relay_bin(true)).map(|_| ())
@@ -138,6 +153,21 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd
         .status()
         .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{} exited with {status}", describe(cmd));
+    }
+    Ok(())
+}
+
+/// Runs a command with `input` on its stdin; fails if it fails.
+pub fn run_with_input(cmd: &mut Command, input: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    child.stdin.take().context("stdin")?.write_all(input)?;
+    let status = child.wait()?;
     if !status.success() {
         bail!("{} exited with {status}", describe(cmd));
     }

@@ -160,6 +160,50 @@ fn bpf_linker(llvm_major: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Debian packages `cargo xtask bench` drives: the peers relay is compared with (HAProxy,
+/// stunnel), the load generator (wrk), the backend (nginx), nftables for the drop comparison,
+/// trafgen (netsniff-ng) for the packet flood and perf for profiles. Installed only by the
+/// bench, so the test command stays lean.
+const BENCH_PACKAGES: &[&str] = &[
+    "haproxy",
+    "stunnel4",
+    "wrk",
+    "nginx-light",
+    "nftables",
+    "netsniff-ng",
+    "linux-perf",
+    "util-linux",
+];
+
+/// Installs the bench's peers without letting their packages start system services: a
+/// `policy-rc.d` that refuses service starts exists only while apt runs (unless the machine
+/// already has one, which is then respected as is).
+pub fn bench_tools() -> anyhow::Result<()> {
+    let missing: Vec<&str> = BENCH_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !apt_installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let policy = std::path::Path::new("/usr/sbin/policy-rc.d");
+    let ours = is_root() && !policy.exists();
+    if ours {
+        std::fs::write(
+            policy,
+            "#!/bin/sh\n# written by cargo xtask bench while apt runs\nexit 101\n",
+        )
+        .context("writing /usr/sbin/policy-rc.d")?;
+        std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    }
+    let result = apt_install(&missing);
+    if ours {
+        std::fs::remove_file(policy).context("removing /usr/sbin/policy-rc.d")?;
+    }
+    result
+}
+
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }

@@ -233,3 +233,22 @@ fn missing_file_is_a_read_error() {
     assert!(matches!(e, ConfigError::Read { .. }));
     assert!(e.to_string().contains("/nonexistent/relay.toml"), "{e}");
 }
+
+#[test]
+fn max_buffer_is_bounded() {
+    let f = Fixture::new();
+    let c = f.parse(TLS_TO_PLAIN).unwrap();
+    assert_eq!(c.relay.max_buffer, 64 << 10, "default");
+    let text = TLS_TO_PLAIN.replace(
+        "handshake_timeout = \"250ms\"",
+        "handshake_timeout = \"250ms\"\nmax_buffer = 1000",
+    );
+    let (line, key, message) = f.error(&text);
+    assert_eq!((line, key.as_str()), (4, "relay.max_buffer"), "{message}");
+    assert!(message.contains("between 4096 and 131072"), "{message}");
+    let ok = TLS_TO_PLAIN.replace(
+        "handshake_timeout = \"250ms\"",
+        "handshake_timeout = \"250ms\"\nmax_buffer = 16384",
+    );
+    assert_eq!(f.parse(&ok).unwrap().relay.max_buffer, 16384);
+}

@@ -1,0 +1,474 @@
+//! `cargo xtask bench`: relay side by side with HAProxy and stunnel, same run, same work.
+//!
+//! Each scenario starts every peer fresh (relay, HAProxy, stunnel, and "direct": no relay at
+//! all), one at a time, in front of the same nginx backend, drives it with the same real
+//! client tool for the same bounded time, and reads the peer's own CPU time and memory from
+//! `/proc`. Servers run on one core with one thread, clients and backend on the other, so the
+//! CPU-seconds figures compare the work each peer does per unit, whatever the client costs.
+//! The output is `target/bench/report.md` (tables with ratios relay/peer, versions, machine,
+//! settings) and `target/bench/ratios.svg`; a summary line per scenario is printed at the end.
+
+mod load;
+mod peers;
+mod procfs;
+mod report;
+mod xdp;
+
+use std::{
+    fs,
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, ensure};
+use peers::{Front, Peer, Server};
+use relay_tests::pki::{KeyKind, Pki};
+
+use crate::{capture, run};
+
+/// How big a run is.
+#[derive(Clone, Copy)]
+pub struct Size {
+    pub quick: bool,
+    /// Length of every timed load run.
+    pub duration: Duration,
+    /// Size of the bulk transfer.
+    pub bulk_bytes: u64,
+    /// Idle connections held open for the memory scenario.
+    pub idle: u32,
+    /// Concurrent connections of the handshake scenarios.
+    pub handshake_conns: u32,
+    /// Concurrent keep-alive connections of the request scenario.
+    pub keepalive_conns: u32,
+}
+
+impl Size {
+    pub fn new(quick: bool) -> Size {
+        if quick {
+            Size {
+                quick,
+                duration: Duration::from_secs(3),
+                bulk_bytes: 256 << 20,
+                idle: 1000,
+                handshake_conns: 16,
+                keepalive_conns: 50,
+            }
+        } else {
+            Size {
+                quick,
+                duration: Duration::from_secs(10),
+                bulk_bytes: 1 << 30,
+                idle: 5000,
+                handshake_conns: 16,
+                keepalive_conns: 100,
+            }
+        }
+    }
+}
+
+/// One line of the report: a figure per peer.
+pub struct Row {
+    pub title: String,
+    pub unit: &'static str,
+    pub higher_is_better: bool,
+    /// Indexed like [`Peer::ALL`].
+    pub values: [Option<f64>; 4],
+    /// Shown in the plot (the headline figures; CPU rows are derived from them).
+    pub plotted: bool,
+}
+
+impl Row {
+    fn new(title: impl Into<String>, unit: &'static str, higher_is_better: bool) -> Row {
+        Row {
+            title: title.into(),
+            unit,
+            higher_is_better,
+            values: [None; 4],
+            plotted: true,
+        }
+    }
+
+    fn set(&mut self, peer: Peer, v: f64) {
+        self.values[Peer::ALL.iter().position(|p| *p == peer).unwrap()] = Some(v);
+    }
+
+    pub fn get(&self, peer: Peer) -> Option<f64> {
+        self.values[Peer::ALL.iter().position(|p| *p == peer).unwrap()]
+    }
+}
+
+/// Everything a run found, for the report.
+pub struct Results {
+    pub size: Size,
+    pub rows: Vec<Row>,
+    /// Observations worth a line in the report (negotiated parameters, errors, resumption).
+    pub notes: Vec<String>,
+    pub xdp: Option<xdp::XdpFigures>,
+    pub started: Instant,
+}
+
+pub fn bench(quick: bool, only: Option<&str>, relay_bin: &Path) -> anyhow::Result<()> {
+    ensure!(
+        crate::setup::is_root(),
+        "the bench installs its peers with apt and measures the XDP data path: run it as root"
+    );
+    crate::setup::bench_tools()?;
+    raise_fd_limit();
+    // SAFETY: set before any thread of ours reads the environment.
+    unsafe {
+        std::env::set_var("RELAY_BIN", relay_bin);
+        std::env::set_var("RELAY_ECHO_LOGS", "0");
+        // One log line per connection would be work the peers (no logs) do not do.
+        std::env::set_var("RELAY_TEST_LOG", "warn,relay::supervisor=info");
+    }
+    let out_dir = crate::workspace_root().join("target/bench");
+    let work = out_dir.join("work");
+    if work.exists() {
+        fs::remove_dir_all(&work).context("clearing target/bench/work")?;
+    }
+    fs::create_dir_all(&work)?;
+    let size = Size::new(quick);
+    let mut results = Results {
+        size,
+        rows: Vec::new(),
+        notes: Vec::new(),
+        xdp: None,
+        started: Instant::now(),
+    };
+    let www = work.join("www");
+    write_content(&www, size.bulk_bytes)?;
+    let pki = Pki::generate(&work.join("pki"))?;
+    let backend = peers::start_backend(&work, &www)?;
+    say(&format!(
+        "bench ({}): servers on CPU {}, clients and nginx backend on CPU {}",
+        if quick { "quick" } else { "full" },
+        peers::SERVER_CPU,
+        peers::LOAD_CPU
+    ));
+
+    let ecdsa = pki.server_of(KeyKind::EcdsaP256).clone();
+    let rsa = pki.server_of(KeyKind::Rsa2048).clone();
+    let full = |certs: &relay_tests::pki::CertFiles| Front {
+        tls: Some(certs.clone()),
+        resumption: false,
+    };
+    let resumable = Front {
+        tls: Some(ecdsa.clone()),
+        resumption: true,
+    };
+    let plain = Front {
+        tls: None,
+        resumption: true,
+    };
+
+    let wanted = |title: &str| only.is_none_or(|o| title.contains(o));
+    for (title, front) in [
+        ("new TLS 1.3 handshakes, ECDSA P-256", full(&ecdsa)),
+        ("new TLS 1.3 handshakes, RSA-2048", full(&rsa)),
+        ("resumed TLS 1.3 handshakes, ECDSA P-256", resumable.clone()),
+    ] {
+        if wanted(title) {
+            handshakes(&mut results, title, &front, backend.port, &work)?;
+        }
+    }
+    if wanted("bulk TLS→plain") {
+        bulk(&mut results, "TLS→plain", &resumable, backend.port, &work)?;
+    }
+    if wanted("bulk plain→plain") {
+        bulk(&mut results, "plain→plain", &plain, backend.port, &work)?;
+    }
+    if wanted("keep-alive requests") {
+        keepalive(&mut results, &resumable, backend.port, &work)?;
+    }
+    if wanted("idle connection memory") {
+        idle(&mut results, &resumable, backend.port, &work)?;
+    }
+    drop(backend);
+
+    if wanted("XDP data path") {
+        match xdp::measure(&work, quick) {
+            Ok(x) => results.xdp = Some(x),
+            Err(e) => results.notes.push(format!("XDP scenario failed: {e:#}")),
+        }
+    }
+
+    let report = report::write(&results, &out_dir)?;
+    summary(&results);
+    say(&format!(
+        "report: {} (plot: {}); took {:.0} s",
+        report.display(),
+        out_dir.join("ratios.svg").display(),
+        results.started.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
+fn say(msg: &str) {
+    eprintln!("\x1b[1;36m[bench]\x1b[0m {msg}");
+}
+
+/// Lets every peer (and the idle client) hold thousands of sockets: they inherit this limit.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// `small` (1 KiB, the request scenarios) and `big` (the bulk scenario).
+fn write_content(www: &Path, bulk: u64) -> anyhow::Result<()> {
+    fs::create_dir_all(www)?;
+    fs::write(www.join("small"), relay_tests::pattern(1, 1024))?;
+    let chunk = relay_tests::pattern(2, 1 << 20);
+    let mut f = std::io::BufWriter::new(fs::File::create(www.join("big"))?);
+    for _ in 0..bulk / chunk.len() as u64 {
+        f.write_all(&chunk)?;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+/// Starts `peer`, runs `work` against it and returns what it measured plus the peer's CPU
+/// seconds during `work`. `None` when the peer cannot serve this front side.
+fn with_peer<T>(
+    peer: Peer,
+    front: &Front,
+    backend: u16,
+    dir: &Path,
+    work: impl FnOnce(&Server) -> anyhow::Result<T>,
+) -> anyhow::Result<Option<(T, Option<f64>, Server)>> {
+    let Some(server) = peers::start(peer, front, backend, dir)
+        .with_context(|| format!("starting {}", peer.name()))?
+    else {
+        return Ok(None);
+    };
+    // One request first, so start-up work (certificate parsing, first allocations) is not
+    // counted as load.
+    let _ = load::bulk(&server.url("/small"), 1024);
+    let cpu_before = server.pid.map(procfs::cpu_seconds);
+    let out = work(&server).with_context(|| format!("measuring {}", peer.name()))?;
+    let cpu = match (cpu_before, server.pid) {
+        (Some(b), Some(pid)) => Some(procfs::cpu_seconds(pid) - b),
+        _ => None,
+    };
+    Ok(Some((out, cpu, server)))
+}
+
+fn handshakes(
+    results: &mut Results,
+    title: &str,
+    front: &Front,
+    backend: u16,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    say(title);
+    let size = results.size;
+    let mut rate = Row::new(title, "handshakes/s", true);
+    let mut cpu = Row::new(format!("CPU per 1000 {title}"), "CPU-s", false);
+    cpu.plotted = false;
+    for peer in Peer::ALL {
+        let Some((r, secs, server)) = with_peer(peer, front, backend, dir, |s| {
+            load::wrk(&s.url("/small"), size.handshake_conns, size.duration, true)
+        })?
+        else {
+            continue;
+        };
+        note_errors(results, peer, title, &r);
+        rate.set(peer, r.per_second);
+        if let Some(secs) = secs {
+            cpu.set(peer, secs / r.requests as f64 * 1000.0);
+        }
+        if server.tls {
+            let neg = load::negotiated(server.port)?;
+            results
+                .notes
+                .push(format!("{title}: {} negotiated {neg}", peer.name()));
+        }
+        if peer == Peer::Relay {
+            note_resumption(results, title, &server, r.requests);
+        }
+        eprintln!("    {:8} {:>10.0} handshakes/s", peer.name(), r.per_second);
+    }
+    results.rows.push(rate);
+    results.rows.push(cpu);
+    Ok(())
+}
+
+/// Records how many of relay's handshakes resumed, from its own metrics: it shows the
+/// scenario measured what it says (0 for new handshakes, nearly all for resumed ones).
+fn note_resumption(results: &mut Results, title: &str, server: &Server, requests: u64) {
+    let Some(addr) = &server.metrics else { return };
+    let Ok(text) = capture(Command::new("curl").args(["-sf", &format!("http://{addr}/metrics")]))
+    else {
+        return;
+    };
+    let value = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    results.notes.push(format!(
+        "{title}: relay counted {:.0} resumed of {:.0} accepted connections (wrk made {requests} requests)",
+        value("relay_tls_resumed_total"),
+        value("relay_connections_accepted_total"),
+    ));
+}
+
+fn note_errors(results: &mut Results, peer: Peer, title: &str, r: &load::Rate) {
+    if r.errors > 0 {
+        results.notes.push(format!(
+            "{title}: {} had {} errors in {} requests",
+            peer.name(),
+            r.errors,
+            r.requests
+        ));
+    }
+}
+
+fn bulk(
+    results: &mut Results,
+    kind: &str,
+    front: &Front,
+    backend: u16,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let title = format!(
+        "bulk {kind}, {} MiB transfers (median)",
+        results.size.bulk_bytes >> 20
+    );
+    say(&title);
+    let mut speed = Row::new(title.clone(), "MB/s", true);
+    let mut cpu = Row::new(format!("CPU per GB, {kind}"), "CPU-s", false);
+    cpu.plotted = false;
+    let (bytes, duration) = (results.size.bulk_bytes, results.size.duration);
+    for peer in Peer::ALL {
+        // One transfer lasts well under a second: repeat for the scenario's duration (at
+        // least three times) and keep the median, which single transfers are too noisy for.
+        let Some(((mbps, count), secs, _server)) = with_peer(peer, front, backend, dir, |s| {
+            let started = Instant::now();
+            let mut speeds = Vec::new();
+            while speeds.len() < 3 || started.elapsed() < duration {
+                speeds.push(load::bulk(&s.url("/big"), bytes)?);
+            }
+            speeds.sort_by(f64::total_cmp);
+            Ok((speeds[speeds.len() / 2], speeds.len()))
+        })?
+        else {
+            continue;
+        };
+        speed.set(peer, mbps);
+        if let Some(secs) = secs {
+            cpu.set(peer, secs / (count as f64 * bytes as f64 / 1e9));
+        }
+        eprintln!("    {:8} {:>10.0} MB/s", peer.name(), mbps);
+    }
+    results.rows.push(speed);
+    results.rows.push(cpu);
+    Ok(())
+}
+
+fn keepalive(results: &mut Results, front: &Front, backend: u16, dir: &Path) -> anyhow::Result<()> {
+    let size = results.size;
+    let title = format!(
+        "1 KiB keep-alive requests over TLS, {} connections",
+        size.keepalive_conns
+    );
+    say(&title);
+    let mut rate = Row::new(title.clone(), "requests/s", true);
+    let mut cpu = Row::new("CPU per 1000 keep-alive requests", "CPU-s", false);
+    cpu.plotted = false;
+    let mut peak = Row::new("peak RSS under keep-alive load", "MiB", false);
+    for peer in Peer::ALL {
+        let Some((r, secs, server)) = with_peer(peer, front, backend, dir, |s| {
+            load::wrk(&s.url("/small"), size.keepalive_conns, size.duration, false)
+        })?
+        else {
+            continue;
+        };
+        note_errors(results, peer, &title, &r);
+        rate.set(peer, r.per_second);
+        if let (Some(secs), Some(pid)) = (secs, server.pid) {
+            cpu.set(peer, secs / r.requests as f64 * 1000.0);
+            peak.set(peer, procfs::peak_rss_kib(pid) as f64 / 1024.0);
+        }
+        eprintln!("    {:8} {:>10.0} requests/s", peer.name(), r.per_second);
+    }
+    results.rows.extend([rate, cpu, peak]);
+    Ok(())
+}
+
+fn idle(results: &mut Results, front: &Front, backend: u16, dir: &Path) -> anyhow::Result<()> {
+    let n = results.size.idle;
+    let title = format!("memory per idle TLS connection ({n} open)");
+    say(&title);
+    let mut per_conn = Row::new(title, "KiB", false);
+    for peer in Peer::ALL {
+        if peer == Peer::Direct {
+            continue;
+        }
+        let Some((kib, _, _server)) = with_peer(peer, front, backend, dir, |s| {
+            let pid = s.pid.context("no process")?;
+            let before = procfs::rss_kib(pid);
+            let mut held = load::Idle::open(s.port, n, s.tls)?;
+            let after = procfs::rss_kib(pid);
+            held.close();
+            Ok(after.saturating_sub(before) as f64 / n as f64)
+        })?
+        else {
+            continue;
+        };
+        per_conn.set(peer, kib);
+        eprintln!(
+            "    {:8} {:>10.1} KiB per idle connection",
+            peer.name(),
+            kib
+        );
+    }
+    results.rows.push(per_conn);
+    Ok(())
+}
+
+fn summary(results: &Results) {
+    say("summary (ratio relay/peer; see the report for direction and units)");
+    for row in &results.rows {
+        let Some(relay) = row.get(Peer::Relay) else {
+            continue;
+        };
+        let ratio = |p: Peer| {
+            row.get(p)
+                .filter(|v| *v > 0.0)
+                .map_or("  n/a".to_string(), |v| format!("{:5.2}", relay / v))
+        };
+        eprintln!(
+            "  {:58} relay {:>10} {:12} ×haproxy {} ×stunnel {}",
+            row.title,
+            report::fmt(relay),
+            row.unit,
+            ratio(Peer::Haproxy),
+            ratio(Peer::Stunnel)
+        );
+    }
+    if let Some(x) = &results.xdp {
+        for line in x.summary() {
+            eprintln!("  {line}");
+        }
+    }
+}
+
+/// The release build of relay the bench measures.
+pub fn build_release() -> anyhow::Result<PathBuf> {
+    run(Command::new("cargo").args(["build", "--release", "--package", "relay"]))
+        .context("building relay (release) failed")?;
+    Ok(crate::relay_bin(true))
+}
