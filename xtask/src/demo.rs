@@ -41,11 +41,12 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).trim_end().to_string()
 }
 
-/// Removes the demo's pins, rules and routes when dropped (after the relay stopped).
-struct Detach<'a> {
-    relay_bin: &'a Path,
-    topo: &'a Topology,
-    config: PathBuf,
+/// Removes a namespaced relay's pins, rules and routes when dropped (after the relay stopped),
+/// showing what `relay detach` reports. The demo and the bench's XDP scenario use it.
+pub struct Detach<'a> {
+    pub relay_bin: &'a Path,
+    pub topo: &'a Topology,
+    pub config: PathBuf,
 }
 
 impl Drop for Detach<'_> {

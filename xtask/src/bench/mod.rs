@@ -311,18 +311,20 @@ fn note_resumption(results: &mut Results, title: &str, server: &Server, requests
     else {
         return;
     };
-    let value = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().last())
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    let value = |name: &str| metric_sum(&text, name, "");
     results.notes.push(format!(
         "{title}: relay counted {:.0} resumed of {:.0} accepted connections (wrk made {requests} requests)",
         value("relay_tls_resumed_total"),
         value("relay_connections_accepted_total"),
     ));
+}
+
+/// Sum of the samples of metric `name` whose labels contain `label`, in Prometheus text.
+fn metric_sum(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
 }
 
 fn note_errors(results: &mut Results, peer: Peer, title: &str, r: &load::Rate) {

@@ -162,20 +162,19 @@ pub fn start_backend(work: &Path, www: &Path) -> anyhow::Result<Backend> {
 
 fn wait_port(port: u16, proc: &mut Proc) -> anyhow::Result<()> {
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if !proc.alive() {
-            bail!("{} exited during start-up", proc.what);
-        }
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let up = relay_tests::wait_until(Duration::from_secs(10), || {
+        !proc.alive() || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+    });
+    if !proc.alive() {
+        bail!("{} exited during start-up", proc.what);
     }
-    bail!(
-        "{} does not listen on 127.0.0.1:{port} after 10 s",
-        proc.what
-    )
+    if !up {
+        bail!(
+            "{} does not listen on 127.0.0.1:{port} after 10 s",
+            proc.what
+        );
+    }
+    Ok(())
 }
 
 /// Starts `peer` in front of `backend` with the given front side. `None` when the peer cannot

@@ -219,7 +219,12 @@ fn flood_xdp(topo: &Topology, pki: &Pki, work: &Path, packets: u64) -> anyhow::R
             cert.key.display()
         ),
     )?;
-    let _detach = Detach { topo, conf: &conf };
+    let relay_bin = relay_tests::relay::binary();
+    let _detach = crate::demo::Detach {
+        relay_bin: &relay_bin,
+        topo,
+        config: conf.clone(),
+    };
     let mut relay = Relay::start_with(
         topo.enter(&topo.gw, &relay_tests::relay::binary())
             .args(["run", "--config"])
@@ -230,13 +235,7 @@ fn flood_xdp(topo: &Topology, pki: &Pki, work: &Path, packets: u64) -> anyhow::R
             topo.exec(&topo.gw, "curl")
                 .args(["-sf", &format!("http://{metrics}/metrics")]),
         )?;
-        Ok(text
-            .lines()
-            .filter(|l| {
-                l.starts_with("relay_xdp_packets_total") && l.contains("action=\"dropped\"")
-            })
-            .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-            .sum::<f64>() as u64)
+        Ok(super::metric_sum(&text, "relay_xdp_packets_total", "action=\"dropped\"") as u64)
     };
     let before = dropped()?;
     let (seconds, cpu) = send_flood(topo, packets)?;
@@ -249,23 +248,6 @@ fn flood_xdp(topo: &Topology, pki: &Pki, work: &Path, packets: u64) -> anyhow::R
         seconds,
         cpu_ns_per_packet: cpu * 1e9 / packets as f64,
     })
-}
-
-/// Removes the bench relay's pins, links and routes once it stopped.
-struct Detach<'a> {
-    topo: &'a Topology,
-    conf: &'a Path,
-}
-
-impl Drop for Detach<'_> {
-    fn drop(&mut self) {
-        let _ = self
-            .topo
-            .enter(&self.topo.gw, &relay_tests::relay::binary())
-            .args(["detach", "--config"])
-            .arg(self.conf)
-            .output();
-    }
 }
 
 fn flood_nft(topo: &Topology, packets: u64) -> anyhow::Result<Flood> {
