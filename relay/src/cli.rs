@@ -110,6 +110,16 @@ pub enum ServiceCommand {
         key: Option<PathBuf>,
         #[arg(long)]
         client_ca: Option<PathBuf>,
+        /// Identity allowed in (mtls; repeat for more): dns:NAME, uri:URI (`*` within a path
+        /// segment) or cn:NAME.
+        #[arg(long)]
+        allow: Vec<String>,
+        /// Revocation lists for client certificates, PEM (mtls).
+        #[arg(long)]
+        crl: Option<PathBuf>,
+        /// Plaintext on the TLS front port: reject, relay or redirect (default reject).
+        #[arg(long, value_enum)]
+        plaintext: Option<crate::config::Plaintext>,
         #[arg(long, value_enum, default_value_t = LevelArg::Plain)]
         outbound_level: LevelArg,
         #[arg(long)]
@@ -121,6 +131,9 @@ pub enum ServiceCommand {
         outbound_cert: Option<PathBuf>,
         #[arg(long)]
         outbound_key: Option<PathBuf>,
+        /// PROXY protocol header toward the backend.
+        #[arg(long, value_enum, default_value_t = crate::config::ProxyProtocol::None)]
+        proxy_protocol: crate::config::ProxyProtocol,
     },
     /// Remove a service; its established connections finish.
     Remove { name: String },

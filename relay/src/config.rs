@@ -171,10 +171,49 @@ pub struct Inbound {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub client_ca: Option<PathBuf>,
+    /// mtls: only clients whose verified identity matches one of these pass (see `access`).
     #[serde(default)]
     pub allow: Vec<String>,
+    /// mtls: certificate revocation lists (PEM) for client certificates.
+    pub crl: Option<PathBuf>,
+    /// What to do with a client that speaks plaintext to this TLS front port; default `reject`.
+    pub plaintext: Option<Plaintext>,
+    /// Further certificates chosen by the SNI of the ClientHello (`cert`/`key` stay the default).
+    #[serde(default)]
+    pub sni: Vec<SniEntry>,
     #[serde(default = "yes")]
     pub resumption: bool,
+}
+
+impl Inbound {
+    pub fn plaintext(&self) -> Plaintext {
+        self.plaintext.unwrap_or_default()
+    }
+}
+
+/// Policy for plaintext recognised on a TLS front port (the first byte is not a TLS record).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Plaintext {
+    /// Close the connection (counted as `plaintext_rejected`).
+    #[default]
+    Reject,
+    /// Relay it at plain level to the backend.
+    Relay,
+    /// Answer an HTTP request with `301` to the same URL over https, then close.
+    Redirect,
+}
+
+/// A certificate for one server name, and optionally its own backend.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniEntry {
+    /// `api.example.org`, or `*.example.org` for any one label in front of it.
+    pub name: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Where connections for this name go; defaults to the service's backend.
+    pub backend: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -191,7 +230,7 @@ pub struct Outbound {
     pub resumption: bool,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ProxyProtocol {
     #[default]
@@ -262,6 +301,14 @@ impl Config {
             fix(&mut s.inbound.cert);
             fix(&mut s.inbound.key);
             fix(&mut s.inbound.client_ca);
+            fix(&mut s.inbound.crl);
+            for e in &mut s.inbound.sni {
+                for p in [&mut e.cert, &mut e.key] {
+                    if p.is_relative() {
+                        *p = base.join(&*p);
+                    }
+                }
+            }
             fix(&mut s.outbound.ca);
             fix(&mut s.outbound.cert);
             fix(&mut s.outbound.key);
@@ -449,17 +496,88 @@ impl Config {
             }
             _ => {}
         }
-        if !inb.allow.is_empty() {
+        if level != Level::Mtls {
+            if !inb.allow.is_empty() {
+                return Err((
+                    at("allow"),
+                    "needs level = \"mtls\": rules match the verified client certificate".into(),
+                ));
+            }
+            if inb.crl.is_some() {
+                return Err((
+                    at("crl"),
+                    "needs level = \"mtls\": it revokes client certificates".into(),
+                ));
+            }
+        }
+        if let Err((n, message)) = crate::access::Allow::parse(&inb.allow) {
+            let mut path = at("allow");
+            path.push(Index(n));
+            return Err((path, message));
+        }
+        match (level, inb.plaintext) {
+            (Level::Plain, Some(_)) => {
+                return Err((
+                    at("plaintext"),
+                    "has no effect with level = \"plain\"; remove it".into(),
+                ));
+            }
+            (Level::Mtls, Some(Plaintext::Relay)) => {
+                return Err((
+                    at("plaintext"),
+                    "\"relay\" would let clients without a certificate past level = \"mtls\"; \
+                     use \"reject\" or \"redirect\""
+                        .into(),
+                ));
+            }
+            _ => {}
+        }
+        if level == Level::Plain && !inb.sni.is_empty() {
             return Err((
-                at("allow"),
-                "identity-based allow rules are not supported by this version yet; any client \
-                 certificate signed by client_ca is accepted"
-                    .into(),
+                at("sni"),
+                "has no effect with level = \"plain\"; remove it".into(),
             ));
         }
+        let mut sni_names = HashSet::new();
+        for (n, e) in inb.sni.iter().enumerate() {
+            let at_sni = |k: &'static str| {
+                vec![
+                    Key("service"),
+                    Index(i),
+                    Key("inbound"),
+                    Key("sni"),
+                    Index(n),
+                    Key(k),
+                ]
+            };
+            if !tls::valid_sni_pattern(&e.name) {
+                return Err((
+                    at_sni("name"),
+                    format!(
+                        "{:?} is not a DNS name (or `*.` followed by one)",
+                        e.name
+                    ),
+                ));
+            }
+            if !sni_names.insert(e.name.to_ascii_lowercase()) {
+                return Err((at_sni("name"), format!("duplicate name {:?}", e.name)));
+            }
+        }
         if level != Level::Plain {
-            tls::server_config(inb, &tls::Disk, &tls::Resumption::default())
-                .map_err(|e| (at(e.field()), e.to_string()))?;
+            tls::server_side(inb, &tls::Disk, &tls::Resumption::default()).map_err(|e| {
+                let path = match e.sni() {
+                    Some(n) => vec![
+                        Key("service"),
+                        Index(i),
+                        Key("inbound"),
+                        Key("sni"),
+                        Index(n),
+                        Key(e.field()),
+                    ],
+                    None => at(e.field()),
+                };
+                (path, e.to_string())
+            })?;
         }
         Ok(())
     }
@@ -503,12 +621,6 @@ impl Config {
                     ));
                 }
             }
-        }
-        if out.proxy_protocol != ProxyProtocol::None {
-            return Err((
-                at("proxy_protocol"),
-                "PROXY protocol is not supported by this version yet".into(),
-            ));
         }
         if level != Level::Plain {
             tls::client_config(out, &tls::Disk).map_err(|e| (at(e.field()), e.to_string()))?;

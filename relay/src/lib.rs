@@ -14,6 +14,7 @@
 //! - [`metrics`]: counters per service and outcome.
 //! - [`datapath`]: the embedded eBPF object (transparent mode).
 
+pub mod access;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -22,6 +23,8 @@ pub mod datapath;
 pub mod handoff;
 pub mod metrics;
 pub mod proxy;
+pub mod proxy_protocol;
+pub mod recognise;
 pub mod supervisor;
 pub mod tickets;
 pub mod tls;

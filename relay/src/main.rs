@@ -267,11 +267,15 @@ fn service(target: &Target, command: ServiceCommand) -> anyhow::Result<()> {
             cert,
             key,
             client_ca,
+            allow,
+            crl,
+            plaintext,
             outbound_level,
             ca,
             server_name,
             outbound_cert,
             outbound_key,
+            proxy_protocol,
         } => {
             // The relay resolves nothing relative to its own directory: send absolute paths.
             let abs = |p: Option<PathBuf>| -> anyhow::Result<Option<PathBuf>> {
@@ -291,7 +295,10 @@ fn service(target: &Target, command: ServiceCommand) -> anyhow::Result<()> {
                     cert: abs(cert)?,
                     key: abs(key)?,
                     client_ca: abs(client_ca)?,
-                    allow: Vec::new(),
+                    allow,
+                    crl: abs(crl)?,
+                    plaintext,
+                    sni: Vec::new(),
                     resumption: true,
                 },
                 outbound: relay::config::Outbound {
@@ -300,7 +307,7 @@ fn service(target: &Target, command: ServiceCommand) -> anyhow::Result<()> {
                     server_name,
                     cert: abs(outbound_cert)?,
                     key: abs(outbound_key)?,
-                    proxy_protocol: relay::config::ProxyProtocol::None,
+                    proxy_protocol,
                     resumption: true,
                 },
             };

@@ -41,10 +41,16 @@ pub enum Outcome {
     IoError,
     /// Closed right after accept: the service or the relay is at its connection limit.
     LimitReached,
+    /// mtls: a verified client whose identity matches no `allow` rule.
+    Denied,
+    /// Plaintext on a TLS front port whose `plaintext` policy is `reject`.
+    PlaintextRejected,
+    /// Plaintext HTTP on a TLS front port, answered with a redirect to https.
+    Redirected,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 12] = [
         Outcome::Closed,
         Outcome::IdleTimeout,
         Outcome::HandshakeTimeout,
@@ -54,6 +60,9 @@ impl Outcome {
         Outcome::BackendHandshakeFailed,
         Outcome::IoError,
         Outcome::LimitReached,
+        Outcome::Denied,
+        Outcome::PlaintextRejected,
+        Outcome::Redirected,
     ];
 
     pub fn label(self) -> &'static str {
@@ -67,13 +76,24 @@ impl Outcome {
             Outcome::BackendHandshakeFailed => "backend_handshake_failed",
             Outcome::IoError => "io_error",
             Outcome::LimitReached => "limit_reached",
+            Outcome::Denied => "denied",
+            Outcome::PlaintextRejected => "plaintext_rejected",
+            Outcome::Redirected => "redirected",
         }
+    }
+
+    /// Whether the connection ended as the relay meant it to (logged at info, not warn).
+    pub fn is_normal(self) -> bool {
+        matches!(self, Outcome::Closed | Outcome::Redirected)
     }
 
     /// Outcomes that are failed handshakes, by the side that failed.
     fn handshake_failure(self) -> Option<&'static str> {
         match self {
-            Outcome::HandshakeFailed | Outcome::HandshakeTimeout => Some("inbound"),
+            Outcome::HandshakeFailed
+            | Outcome::HandshakeTimeout
+            | Outcome::Denied
+            | Outcome::PlaintextRejected => Some("inbound"),
             Outcome::BackendHandshakeFailed => Some("outbound"),
             _ => None,
         }
@@ -89,6 +109,13 @@ struct ServiceLabel {
 struct ReasonLabels {
     service: String,
     reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    service: String,
+    /// `allowed` or `denied`.
+    decision: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -123,6 +150,7 @@ pub struct WorkerMetrics {
     handshake_failures: Family<SideLabels, Counter>,
     handshake_seconds: HistogramFamily,
     resumed: Family<ServiceLabel, Counter>,
+    access: Family<DecisionLabels, Counter>,
 }
 
 impl Default for WorkerMetrics {
@@ -136,6 +164,7 @@ impl Default for WorkerMetrics {
             handshake_failures: Family::default(),
             handshake_seconds: Family::new_with_constructor(handshake_histogram),
             resumed: Family::default(),
+            access: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -169,6 +198,11 @@ impl Default for WorkerMetrics {
             "Inbound TLS handshakes that resumed a session",
             m.resumed.clone(),
         );
+        registry.register(
+            "access_decisions",
+            "mtls clients checked against the service's allow rules, by decision",
+            m.access.clone(),
+        );
         WorkerMetrics { registry, ..m }
     }
 }
@@ -185,6 +219,13 @@ fn direction_labels(name: &str, direction: &str) -> DirectionLabels {
     DirectionLabels {
         service: name.to_string(),
         direction: direction.to_string(),
+    }
+}
+
+fn decision_labels(name: &str, decision: &str) -> DecisionLabels {
+    DecisionLabels {
+        service: name.to_string(),
+        decision: decision.to_string(),
     }
 }
 
@@ -220,6 +261,14 @@ impl WorkerMetrics {
             }),
             handshake_seconds: self.handshake_seconds.get_or_create(&l).clone(),
             resumed: self.resumed.get_or_create(&l).clone(),
+            allowed: self
+                .access
+                .get_or_create(&decision_labels(name, "allowed"))
+                .clone(),
+            denied: self
+                .access
+                .get_or_create(&decision_labels(name, "denied"))
+                .clone(),
         }
     }
 
@@ -232,6 +281,9 @@ impl WorkerMetrics {
         self.resumed.remove(&l);
         for d in ["up", "down"] {
             self.bytes.remove(&direction_labels(name, d));
+        }
+        for d in ["allowed", "denied"] {
+            self.access.remove(&decision_labels(name, d));
         }
         for o in Outcome::ALL {
             self.closed.remove(&reason_labels(name, o));
@@ -260,6 +312,8 @@ pub struct ServiceMetrics {
     handshake_failures: [Option<Counter>; Outcome::ALL.len()],
     handshake_seconds: Histogram,
     resumed: Counter,
+    allowed: Counter,
+    denied: Counter,
 }
 
 impl ServiceMetrics {
@@ -280,6 +334,15 @@ impl ServiceMetrics {
         self.outcomes[outcome as usize].inc();
         if let Some(c) = &self.handshake_failures[outcome as usize] {
             c.inc();
+        }
+    }
+
+    /// An `allow` decision on a verified client.
+    pub fn access(&self, allowed: bool) {
+        if allowed {
+            self.allowed.inc();
+        } else {
+            self.denied.inc();
         }
     }
 

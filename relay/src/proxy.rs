@@ -1,10 +1,12 @@
 //! One service at work: accepting client connections and relaying each of them.
 //!
-//! Per connection, in order: the inbound level is established (TLS handshake with the service
-//! certificate; client certificate verification for `mtls`), then the relay connects to the
-//! backend and establishes the outbound level, then bytes are copied both ways until both sides
-//! are done (see `copy`). Each step has its own timeout; every end is logged in one line and
-//! counted by outcome. A failing connection never affects another one.
+//! Per connection, in order: the inbound level is established — on a TLS front port the first
+//! byte tells TLS from plaintext (`recognise`), the ClientHello's SNI picks the certificate,
+//! client certificates are verified and checked against `allow` for `mtls` — then the relay
+//! connects to the backend, writes the PROXY header if configured and establishes the outbound
+//! level, then bytes are copied both ways until both sides are done (see `copy`). Each step has
+//! its own timeout; every end is logged in one line and counted by outcome. A failing
+//! connection never affects another one.
 
 use std::{
     collections::HashMap,
@@ -17,18 +19,22 @@ use std::{
 use anyhow::Context as _;
 use rustls::pki_types::ServerName;
 use tokio::{
+    io::AsyncWriteExt as _,
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
     time::timeout,
 };
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 use tokio_util::{either::Either, sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
-    config::{Level, RelaySection, Service},
+    access::{self, Identity},
+    config::{Level, Plaintext, ProxyProtocol, RelaySection, Service},
     copy::{self, CopyError},
     metrics::{Outcome, ServiceMetrics},
+    proxy_protocol::{self, TlsFacts},
+    recognise::{self, Protocol},
     tls,
 };
 
@@ -76,7 +82,7 @@ impl From<&RelaySection> for Timeouts {
 /// A service ready to relay: its config with the TLS state built from it.
 pub struct ServiceRuntime {
     pub config: Service,
-    acceptor: Option<TlsAcceptor>,
+    server_side: Option<tls::ServerSide>,
     connector: Option<(TlsConnector, ServerName<'static>)>,
     limit: Option<Arc<Semaphore>>,
     /// Kept across reloads of the same service, so counters do not restart.
@@ -91,12 +97,12 @@ impl ServiceRuntime {
         metrics: Arc<ServiceMetrics>,
     ) -> anyhow::Result<Self> {
         let name = &config.name;
-        let acceptor = match config.inbound.level {
+        let server_side = match config.inbound.level {
             Level::Plain => None,
-            _ => Some(TlsAcceptor::from(
-                tls::server_config(&config.inbound, material, resumption)
+            _ => Some(
+                tls::server_side(&config.inbound, material, resumption)
                     .with_context(|| format!("service {name}: inbound TLS"))?,
-            )),
+            ),
         };
         let connector = match config.outbound.level {
             Level::Plain => None,
@@ -111,7 +117,7 @@ impl ServiceRuntime {
         let limit = config.max_connections.map(|n| Arc::new(Semaphore::new(n)));
         Ok(Self {
             config,
-            acceptor,
+            server_side,
             connector,
             limit,
             metrics,
@@ -163,9 +169,10 @@ pub async fn serve(
             r = listener.accept() => r,
         };
         let (socket, peer) = match accepted {
-            Ok(a) => {
+            Ok((socket, peer)) => {
                 backoff = Duration::from_millis(10);
-                a
+                // IPv4 clients of a dual-stack listener are named as IPv4 in logs.
+                (socket, SocketAddr::new(peer.ip().to_canonical(), peer.port()))
             }
             Err(e) => {
                 // Out of file descriptors or memory: keep the queue, wait, try again. Errors that
@@ -238,10 +245,25 @@ async fn handle(socket: TcpStream, peer: SocketAddr, service: &ServiceRuntime, t
     let started = Instant::now();
     service.metrics.opened();
     let _ = socket.set_nodelay(true);
+    // What the client connected to: the server and front port in transparent mode.
+    let destination = socket.local_addr();
     let mut transfer = copy::Transfer::default();
+    let mut identity = None;
     let result = async {
-        let inbound = accept_inbound(socket, service, t.handshake).await?;
-        let outbound = connect_outbound(service, t).await?;
+        let accepted = accept_inbound(socket, service, t.handshake).await?;
+        identity = accepted
+            .tls
+            .as_ref()
+            .and_then(|f| f.client.as_ref())
+            .map(Identity::principal);
+        let header = match service.config.outbound.proxy_protocol {
+            ProxyProtocol::None => Vec::new(),
+            kind => destination
+                .and_then(|d| proxy_protocol::header(kind, peer, d, accepted.tls.as_ref()))
+                .map_err(|e| Failure::new(Outcome::IoError, format!("PROXY header: {e}")))?,
+        };
+        let inbound = accepted.conn;
+        let outbound = connect_outbound(service, accepted.backend, &header, t).await?;
         let limits = copy::Limits {
             idle: t.idle,
             max_buffer: t.max_buffer,
@@ -265,51 +287,144 @@ async fn handle(socket: TcpStream, peer: SocketAddr, service: &ServiceRuntime, t
         .finished(outcome, transfer.up, transfer.down);
     let c = &service.config;
     let duration_ms = started.elapsed().as_millis() as u64;
+    let identity = identity.as_deref().unwrap_or("-");
     match result {
         Ok(()) => info!(
             service = %c.name, %peer, inbound = %c.inbound.level, outbound = %c.outbound.level,
-            bytes_up = transfer.up, bytes_down = transfer.down, duration_ms,
+            %identity, bytes_up = transfer.up, bytes_down = transfer.down, duration_ms,
             outcome = outcome.label(), "connection closed"
+        ),
+        Err(f) if outcome.is_normal() => info!(
+            service = %c.name, %peer, inbound = %c.inbound.level, outbound = %c.outbound.level,
+            %identity, bytes_up = transfer.up, bytes_down = transfer.down, duration_ms,
+            outcome = outcome.label(), detail = %f.detail, "connection closed"
         ),
         Err(f) => warn!(
             service = %c.name, %peer, inbound = %c.inbound.level, outbound = %c.outbound.level,
-            bytes_up = transfer.up, bytes_down = transfer.down, duration_ms,
+            %identity, bytes_up = transfer.up, bytes_down = transfer.down, duration_ms,
             outcome = outcome.label(), error = %f.detail, "connection closed"
         ),
     }
+}
+
+/// The client side, established: the connection at its level, what TLS negotiated, and the
+/// backend its SNI entry names (if any).
+struct Accepted {
+    conn: Conn,
+    tls: Option<TlsFacts>,
+    backend: Option<SocketAddr>,
 }
 
 async fn accept_inbound(
     socket: TcpStream,
     service: &ServiceRuntime,
     limit: Duration,
-) -> Result<Conn, Failure> {
-    let Some(acceptor) = &service.acceptor else {
-        return Ok(Either::Left(socket));
+) -> Result<Accepted, Failure> {
+    let Some(server) = &service.server_side else {
+        return Ok(Accepted {
+            conn: Either::Left(socket),
+            tls: None,
+            backend: None,
+        });
     };
-    let started = Instant::now();
-    match timeout(limit, acceptor.accept(socket)).await {
+    match timeout(limit, establish_tls(socket, service, server)).await {
         Err(_) => Err(Failure::new(
             Outcome::HandshakeTimeout,
             format!("no TLS handshake within {limit:?}"),
         )),
-        Ok(Err(e)) => Err(Failure::new(
-            Outcome::HandshakeFailed,
-            format!("TLS handshake: {e}"),
-        )),
-        Ok(Ok(tls)) => {
-            let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-            service
-                .metrics
-                .handshake(started.elapsed().as_secs_f64(), resumed);
-            Ok(Either::Right(tls.into()))
-        }
+        Ok(r) => r,
     }
 }
 
-async fn connect_outbound(service: &ServiceRuntime, t: Timeouts) -> Result<Conn, Failure> {
-    let addr = service.config.backend_addr();
-    let socket = match timeout(t.connect, TcpStream::connect(addr)).await {
+/// Recognition, then the TLS handshake with the configuration the SNI selects.
+async fn establish_tls(
+    socket: TcpStream,
+    service: &ServiceRuntime,
+    server: &tls::ServerSide,
+) -> Result<Accepted, Failure> {
+    let started = Instant::now();
+    let recognised = recognise::recognise(&socket)
+        .await
+        .map_err(|e| Failure::new(Outcome::HandshakeFailed, format!("before TLS: {e}")))?;
+    match recognised {
+        None => {
+            return Err(Failure::new(
+                Outcome::HandshakeFailed,
+                "closed before sending a ClientHello",
+            ));
+        }
+        Some(Protocol::Tls) => {}
+        Some(Protocol::Plain) => return plaintext(socket, service.config.inbound.plaintext()).await,
+    }
+    let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), socket)
+        .await
+        .map_err(|e| Failure::new(Outcome::HandshakeFailed, format!("TLS ClientHello: {e}")))?;
+    let (config, backend) = server.select(start.client_hello().server_name());
+    let stream = start
+        .into_stream(Arc::clone(config))
+        .await
+        .map_err(|e| match access::denied_in(&e) {
+            Some(denied) => {
+                service.metrics.access(false);
+                Failure::new(Outcome::Denied, denied)
+            }
+            None => Failure::new(Outcome::HandshakeFailed, format!("TLS handshake: {e}")),
+        })?;
+    let facts = TlsFacts::of(stream.get_ref().1);
+    service
+        .metrics
+        .handshake(started.elapsed().as_secs_f64(), facts.resumed);
+    if let Some(client) = &facts.client
+        && !server.allow.is_empty()
+    {
+        // The verifier let this client in; name the rule that did, for the audit trail.
+        let rule = server.allow.decide(client).map(ToString::to_string);
+        service.metrics.access(true);
+        info!(
+            service = %service.name(), identity = %client.principal(),
+            rule = %rule.unwrap_or_default(), "client allowed"
+        );
+    }
+    Ok(Accepted {
+        conn: Either::Right(tokio_rustls::TlsStream::Server(stream)),
+        tls: Some(facts),
+        backend,
+    })
+}
+
+/// A client that spoke plaintext to a TLS front port, handled by the service's policy.
+async fn plaintext(socket: TcpStream, policy: Plaintext) -> Result<Accepted, Failure> {
+    match policy {
+        Plaintext::Reject => Err(Failure::new(
+            Outcome::PlaintextRejected,
+            "plaintext on a TLS port (inbound.plaintext = \"reject\")",
+        )),
+        Plaintext::Relay => Ok(Accepted {
+            conn: Either::Left(socket),
+            tls: None,
+            backend: None,
+        }),
+        Plaintext::Redirect => match recognise::redirect(socket).await {
+            Ok(location) => Err(Failure::new(
+                Outcome::Redirected,
+                format!("301 to {location}"),
+            )),
+            Err(e) => Err(Failure::new(
+                Outcome::PlaintextRejected,
+                format!("plaintext on a TLS port, no redirect: {e}"),
+            )),
+        },
+    }
+}
+
+async fn connect_outbound(
+    service: &ServiceRuntime,
+    backend: Option<SocketAddr>,
+    proxy_header: &[u8],
+    t: Timeouts,
+) -> Result<Conn, Failure> {
+    let addr = backend.unwrap_or_else(|| service.config.backend_addr());
+    let mut socket = match timeout(t.connect, TcpStream::connect(addr)).await {
         Err(_) => {
             return Err(Failure::new(
                 Outcome::ConnectTimeout,
@@ -325,6 +440,24 @@ async fn connect_outbound(service: &ServiceRuntime, t: Timeouts) -> Result<Conn,
         Ok(Ok(s)) => s,
     };
     let _ = socket.set_nodelay(true);
+    if !proxy_header.is_empty() {
+        // The header goes first, in clear, before any TLS toward the backend.
+        match timeout(t.connect, socket.write_all(proxy_header)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(Failure::new(
+                    Outcome::ConnectFailed,
+                    format!("backend {addr}: PROXY header: {e}"),
+                ));
+            }
+            Err(_) => {
+                return Err(Failure::new(
+                    Outcome::ConnectTimeout,
+                    format!("backend {addr}: PROXY header not taken within {:?}", t.connect),
+                ));
+            }
+        }
+    }
     let Some((connector, name)) = &service.connector else {
         return Ok(Either::Left(socket));
     };

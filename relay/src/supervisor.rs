@@ -667,6 +667,13 @@ fn bind(addr: std::net::SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     // A restarted relay must be able to bind while old connections sit in TIME_WAIT.
     socket.set_reuse_address(true)?;
+    // `[::]` means every address of both families, whatever net.ipv6.bindv6only says: IPv4
+    // clients arrive as ::ffff:a.b.c.d and are logged and forwarded as IPv4.
+    if let std::net::SocketAddr::V6(v6) = addr
+        && v6.ip().is_unspecified()
+    {
+        socket.set_only_v6(false)?;
+    }
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     Ok(socket.into())

@@ -15,7 +15,7 @@
 use std::{
     collections::HashMap,
     io,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -23,11 +23,20 @@ use std::{
 use rustls::{
     ClientConfig, RootCertStore, ServerConfig,
     client::Resumption as ClientResumption,
-    pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _},
-    server::{NoServerSessionStorage, ServerSessionMemoryCache, WebPkiClientVerifier},
+    pki_types::{
+        CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName,
+        pem::PemObject as _,
+    },
+    server::{
+        NoServerSessionStorage, ServerSessionMemoryCache, WebPkiClientVerifier,
+        danger::ClientCertVerifier,
+    },
 };
 
-use crate::config::{Inbound, Outbound, Service};
+use crate::{
+    access::{Allow, AllowVerifier},
+    config::{Inbound, Outbound, Service},
+};
 
 /// Where PEM files come from.
 pub trait Material {
@@ -59,17 +68,22 @@ impl Material for Files {
 
 /// Every file a service's TLS configuration reads.
 pub fn files_of(s: &Service) -> Vec<&Path> {
-    [
+    let mut files: Vec<&Path> = [
         &s.inbound.cert,
         &s.inbound.key,
         &s.inbound.client_ca,
+        &s.inbound.crl,
         &s.outbound.ca,
         &s.outbound.cert,
         &s.outbound.key,
     ]
     .into_iter()
     .filter_map(|p| p.as_deref())
-    .collect()
+    .collect();
+    for e in &s.inbound.sni {
+        files.extend([e.cert.as_path(), e.key.as_path()]);
+    }
+    files
 }
 
 /// Session resumption state shared by the services of one process.
@@ -88,6 +102,8 @@ const CLIENT_SESSION_CACHE: usize = 1024;
 #[error("{message}")]
 pub struct TlsError {
     field: &'static str,
+    /// Set when the error is about entry N of `inbound.sni`.
+    sni: Option<usize>,
     message: String,
 }
 
@@ -95,13 +111,19 @@ impl TlsError {
     fn new(field: &'static str, message: impl Into<String>) -> Self {
         Self {
             field,
+            sni: None,
             message: message.into(),
         }
     }
 
-    /// The config key (inside `inbound` or `outbound`) the error is about.
+    /// The config key (inside `inbound`, `outbound` or `inbound.sni[N]`) the error is about.
     pub fn field(&self) -> &'static str {
         self.field
+    }
+
+    /// Which `inbound.sni` entry the error is about, if any.
+    pub fn sni(&self) -> Option<usize> {
+        self.sni
     }
 }
 
@@ -167,39 +189,138 @@ fn required<'a>(
         .ok_or_else(|| TlsError::new(field, "required for this level"))
 }
 
-/// The TLS server side of a service (inbound `tls` or `mtls`).
-pub fn server_config(
+/// The TLS server side of a service (inbound `tls` or `mtls`): the default configuration, and
+/// one per `sni` entry, chosen by the server name of each ClientHello.
+pub struct ServerSide {
+    pub default: Arc<ServerConfig>,
+    by_name: Vec<(String, Arc<ServerConfig>, Option<SocketAddr>)>,
+    /// The `allow` rules, also enforced in the verifier; kept to name the rule that matched.
+    pub allow: Allow,
+}
+
+impl ServerSide {
+    /// The configuration for a ClientHello's server name, and that name's own backend if set.
+    /// Exact names win over `*.` patterns; no match (or no SNI) gets the default.
+    pub fn select(&self, sni: Option<&str>) -> (&Arc<ServerConfig>, Option<SocketAddr>) {
+        let Some(sni) = sni.map(str::to_ascii_lowercase) else {
+            return (&self.default, None);
+        };
+        let exact = self.by_name.iter().find(|(n, ..)| *n == sni);
+        let wildcard = || {
+            let (_, parent) = sni.split_once('.')?;
+            self.by_name
+                .iter()
+                .find(|(n, ..)| n.strip_prefix("*.") == Some(parent))
+        };
+        match exact.or_else(wildcard) {
+            Some((_, config, backend)) => (config, *backend),
+            None => (&self.default, None),
+        }
+    }
+}
+
+/// A name for `inbound.sni`: a DNS name, or `*.` and a DNS name.
+pub fn valid_sni_pattern(name: &str) -> bool {
+    let rest = name.strip_prefix("*.").unwrap_or(name);
+    !rest.contains('*')
+        && rest.contains('.')
+        && matches!(ServerName::try_from(rest), Ok(ServerName::DnsName(_)))
+}
+
+/// Builds the server side of `inb`.
+pub fn server_side(
     inb: &Inbound,
     m: &dyn Material,
     resumption: &Resumption,
-) -> Result<Arc<ServerConfig>, TlsError> {
-    let chain = certs(m, "cert", required("cert", &inb.cert)?)?;
-    let key = key(m, "key", required("key", &inb.key)?)?;
-    let builder = ServerConfig::builder();
-    let builder = match &inb.client_ca {
-        Some(ca) => {
-            let verifier = WebPkiClientVerifier::builder(Arc::new(roots(m, "client_ca", ca)?))
-                .build()
-                .map_err(|e| TlsError::new("client_ca", format!("{}: {e}", ca.display())))?;
-            builder.with_client_cert_verifier(verifier)
-        }
-        None => builder.with_no_client_auth(),
+) -> Result<ServerSide, TlsError> {
+    let verifier = client_verifier(inb, m)?;
+    let allow = Allow::parse(&inb.allow).map_err(|(_, e)| TlsError::new("allow", e))?;
+    let verifier = match verifier {
+        Some(inner) if !allow.is_empty() => Some(Arc::new(AllowVerifier {
+            inner,
+            allow: allow.clone(),
+        }) as Arc<dyn ClientCertVerifier>),
+        other => other,
     };
-    let mut config = builder
-        .with_single_cert(chain, key)
-        .map_err(|e| TlsError::new("key", format!("key does not fit the certificate: {e}")))?;
-    if inb.resumption {
-        config.session_storage = ServerSessionMemoryCache::new(SERVER_SESSION_CACHE);
-        config.ticketer = match &resumption.ticketer {
-            Some(shared) => Arc::clone(shared),
-            None => rustls::crypto::aws_lc_rs::Ticketer::new()
+    // One ticketer for all of the service's configurations: a ticket issued under one name's
+    // certificate stays readable whichever configuration the next ClientHello selects.
+    let ticketer = match (&resumption.ticketer, inb.resumption) {
+        (_, false) => None,
+        (Some(shared), true) => Some(Arc::clone(shared)),
+        (None, true) => Some(
+            rustls::crypto::aws_lc_rs::Ticketer::new()
                 .map_err(|e| TlsError::new("resumption", format!("session tickets: {e}")))?,
+        ),
+    };
+    let build = |cert: &Path, key_path: &Path| -> Result<Arc<ServerConfig>, TlsError> {
+        let chain = certs(m, "cert", cert)?;
+        let key = key(m, "key", key_path)?;
+        let builder = ServerConfig::builder();
+        let builder = match &verifier {
+            Some(v) => builder.with_client_cert_verifier(Arc::clone(v)),
+            None => builder.with_no_client_auth(),
         };
-    } else {
-        config.session_storage = Arc::new(NoServerSessionStorage {});
-        config.send_tls13_tickets = 0;
+        let mut config = builder.with_single_cert(chain, key).map_err(|e| {
+            TlsError::new("key", format!("key does not fit the certificate: {e}"))
+        })?;
+        match &ticketer {
+            Some(t) => {
+                config.session_storage = ServerSessionMemoryCache::new(SERVER_SESSION_CACHE);
+                config.ticketer = Arc::clone(t);
+            }
+            None => {
+                config.session_storage = Arc::new(NoServerSessionStorage {});
+                config.send_tls13_tickets = 0;
+            }
+        }
+        Ok(Arc::new(config))
+    };
+    let default = build(required("cert", &inb.cert)?, required("key", &inb.key)?)?;
+    let mut by_name = Vec::with_capacity(inb.sni.len());
+    for (n, e) in inb.sni.iter().enumerate() {
+        let config = build(&e.cert, &e.key).map_err(|mut err| {
+            err.sni = Some(n);
+            err
+        })?;
+        by_name.push((e.name.to_ascii_lowercase(), config, e.backend));
     }
-    Ok(Arc::new(config))
+    Ok(ServerSide {
+        default,
+        by_name,
+        allow,
+    })
+}
+
+/// The client certificate verifier of an `mtls` inbound side (CA and CRLs), `None` for `tls`.
+fn client_verifier(
+    inb: &Inbound,
+    m: &dyn Material,
+) -> Result<Option<Arc<dyn ClientCertVerifier>>, TlsError> {
+    let Some(ca) = &inb.client_ca else {
+        return Ok(None);
+    };
+    let mut builder = WebPkiClientVerifier::builder(Arc::new(roots(m, "client_ca", ca)?));
+    if let Some(path) = &inb.crl {
+        let pem = read(m, "crl", path)?;
+        let crls = CertificateRevocationListDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsError::new("crl", format!("{}: {}", path.display(), pem_error(e))))?;
+        if crls.is_empty() {
+            return Err(TlsError::new(
+                "crl",
+                format!("{}: no X509 CRL in PEM file", path.display()),
+            ));
+        }
+        // Revocation is checked for the client's own certificate; intermediates whose CA
+        // published no CRL here are not refused for it.
+        builder = builder
+            .with_crls(crls)
+            .only_check_end_entity_revocation();
+    }
+    let verifier = builder
+        .build()
+        .map_err(|e| TlsError::new("client_ca", format!("{}: {e}", ca.display())))?;
+    Ok(Some(verifier))
 }
 
 /// The TLS client side of a service (outbound `tls` or `mtls`).

@@ -252,3 +252,76 @@ fn max_buffer_is_bounded() {
     );
     assert_eq!(f.parse(&ok).unwrap().relay.max_buffer, 16384);
 }
+
+#[test]
+fn allow_and_crl_need_mtls_and_valid_rules() {
+    let f = Fixture::new();
+    let tls_with_allow = TLS_TO_PLAIN.replace(
+        "key = \"server.key\"\n",
+        "key = \"server.key\"\nallow = [\"dns:api.example.org\"]\n",
+    );
+    let (_, key, message) = f.error(&tls_with_allow);
+    assert_eq!(key, "service[0].inbound.allow");
+    assert!(message.contains("mtls"), "{message}");
+    let mtls = TLS_TO_PLAIN
+        .replace("level = \"tls\"", "level = \"mtls\"")
+        .replace("key = \"server.key\"\n", "key = \"server.key\"\nclient_ca = \"ca.pem\"\n");
+    let bad_rule = mtls.replace(
+        "client_ca = \"ca.pem\"\n",
+        "client_ca = \"ca.pem\"\nallow = [\"cn:ops\", \"uri:spiffe://*.org/x\"]\n",
+    );
+    let (line, key, message) = f.error(&bad_rule);
+    assert_eq!((line, key.as_str()), (17, "service[0].inbound.allow[1]"), "{message}");
+    assert!(message.contains("path only"), "{message}");
+    let good = mtls.replace(
+        "client_ca = \"ca.pem\"\n",
+        "client_ca = \"ca.pem\"\nallow = [\"uri:spiffe://example.org/ns/*/sa/web\", \"cn:ops\"]\n",
+    );
+    assert_eq!(f.parse(&good).unwrap().services[0].inbound.allow.len(), 2);
+    let crl_garbage = mtls.replace(
+        "client_ca = \"ca.pem\"\n",
+        "client_ca = \"ca.pem\"\ncrl = \"garbage.pem\"\n",
+    );
+    let (_, key, message) = f.error(&crl_garbage);
+    assert_eq!(key, "service[0].inbound.crl", "{message}");
+}
+
+#[test]
+fn plaintext_policy_and_sni_entries() {
+    let f = Fixture::new();
+    let c = f.parse(TLS_TO_PLAIN).unwrap();
+    assert_eq!(c.services[0].inbound.plaintext(), Plaintext::Reject, "default");
+    let redirect = TLS_TO_PLAIN.replace(
+        "key = \"server.key\"\n",
+        "key = \"server.key\"\nplaintext = \"redirect\"\n",
+    );
+    assert_eq!(
+        f.parse(&redirect).unwrap().services[0].inbound.plaintext(),
+        Plaintext::Redirect
+    );
+    let mtls_relay = redirect
+        .replace("level = \"tls\"", "level = \"mtls\"")
+        .replace("\"redirect\"", "\"relay\"\nclient_ca = \"ca.pem\"");
+    let (_, key, message) = f.error(&mtls_relay);
+    assert_eq!(key, "service[0].inbound.plaintext");
+    assert!(message.contains("without a certificate"), "{message}");
+
+    let sni = |name: &str, key: &str| {
+        TLS_TO_PLAIN.replace(
+            "[service.outbound]",
+            &format!(
+                "[[service.inbound.sni]]\nname = \"{name}\"\ncert = \"server.pem\"\nkey = \"{key}\"\n\
+                 backend = \"198.51.100.20:8080\"\n\n[service.outbound]"
+            ),
+        )
+    };
+    let c = f.parse(&sni("*.example.org", "server.key")).unwrap();
+    let entry = &c.services[0].inbound.sni[0];
+    assert_eq!(entry.cert, f.dir.path().join("server.pem"), "resolved path");
+    assert_eq!(entry.backend, Some("198.51.100.20:8080".parse().unwrap()));
+    let (line, key, message) = f.error(&sni("not a name", "server.key"));
+    assert_eq!((line, key.as_str()), (18, "service[0].inbound.sni[0].name"), "{message}");
+    let (line, key, message) = f.error(&sni("api.example.org", "other.key"));
+    assert_eq!((line, key.as_str()), (20, "service[0].inbound.sni[0].key"), "{message}");
+    assert!(message.contains("does not fit"), "{message}");
+}

@@ -1,0 +1,352 @@
+//! Identity-based access for `mtls` inbound (SPEC §1: access is decided by the authenticated
+//! identity, declared in the config rather than programmed into applications).
+//!
+//! A client's [`Identity`] comes from its verified certificate: URI SANs (SPIFFE IDs), DNS SANs
+//! and the subject CN. `allow` rules name who may pass:
+//!
+//! - `dns:api.example.org` — a DNS SAN, case-insensitive; `dns:*.example.org` matches one label.
+//! - `uri:spiffe://example.org/ns/*/sa/web` — a URI SAN; `*` in the path matches within one
+//!   path segment (never across `/`).
+//! - `cn:ops-console` — the subject common name, exactly.
+//!
+//! With `allow` set, a client matching no rule is denied. The check runs inside certificate
+//! verification ([`AllowVerifier`]), so the handshake fails and the client gets a TLS alert
+//! rather than a silent close; the relay recognises the [`Denied`] error afterwards to log the
+//! identity and count the decision.
+
+use std::{fmt, str::FromStr, sync::Arc};
+
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError,
+    SignatureScheme,
+    client::danger::HandshakeSignatureValid,
+    pki_types::{CertificateDer, UnixTime},
+    server::danger::{ClientCertVerified, ClientCertVerifier},
+};
+use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer as _};
+
+/// The names a verified client certificate carries.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Identity {
+    pub cn: Option<String>,
+    pub dns: Vec<String>,
+    pub uris: Vec<String>,
+}
+
+impl Identity {
+    /// Reads the names of a DER certificate; `None` if it does not parse.
+    pub fn from_der(der: &[u8]) -> Option<Identity> {
+        let (_, cert) = X509Certificate::from_der(der).ok()?;
+        let cn = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|a| a.as_str().ok())
+            .map(str::to_owned);
+        let mut id = Identity {
+            cn,
+            ..Identity::default()
+        };
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::DNSName(d) => id.dns.push((*d).to_owned()),
+                    GeneralName::URI(u) => id.uris.push((*u).to_owned()),
+                    _ => {}
+                }
+            }
+        }
+        Some(id)
+    }
+
+    /// The one name that stands for the client in logs and PROXY headers: its first URI SAN
+    /// (a SPIFFE ID is the most specific), else its first DNS SAN, else its CN.
+    pub fn principal(&self) -> String {
+        if let Some(u) = self.uris.first() {
+            format!("uri:{u}")
+        } else if let Some(d) = self.dns.first() {
+            format!("dns:{d}")
+        } else if let Some(cn) = &self.cn {
+            format!("cn:{cn}")
+        } else {
+            "(no name)".into()
+        }
+    }
+}
+
+/// One `allow` entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rule {
+    Dns(String),
+    Uri(String),
+    Cn(String),
+}
+
+impl FromStr for Rule {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Rule, String> {
+        let (kind, value) = s
+            .split_once(':')
+            .ok_or_else(|| format!("{s:?}: expected dns:NAME, uri:URI or cn:NAME"))?;
+        if value.is_empty() {
+            return Err(format!("{s:?}: the name after {kind}: is empty"));
+        }
+        match kind {
+            "dns" => {
+                let rest = value.strip_prefix("*.").unwrap_or(value);
+                if rest.contains('*') {
+                    return Err(format!(
+                        "{s:?}: a DNS rule may only start with `*.` (one label)"
+                    ));
+                }
+                Ok(Rule::Dns(value.to_ascii_lowercase()))
+            }
+            "uri" => {
+                // The wildcard belongs to the path: scheme and authority are always exact.
+                let (_, after_scheme) = value
+                    .split_once("://")
+                    .ok_or_else(|| format!("{s:?}: not a URI (expected scheme://authority/path)"))?;
+                let authority = after_scheme.split('/').next().unwrap_or_default();
+                if authority.is_empty() {
+                    return Err(format!("{s:?}: the URI has no authority (trust domain)"));
+                }
+                if value[..value.len() - after_scheme.len() + authority.len()].contains('*') {
+                    return Err(format!(
+                        "{s:?}: `*` is allowed in the URI path only, not in its scheme or authority"
+                    ));
+                }
+                Ok(Rule::Uri(value.to_owned()))
+            }
+            "cn" => Ok(Rule::Cn(value.to_owned())),
+            other => Err(format!(
+                "{s:?}: unknown kind {other:?}; use dns:, uri: or cn:"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rule::Dns(v) => write!(f, "dns:{v}"),
+            Rule::Uri(v) => write!(f, "uri:{v}"),
+            Rule::Cn(v) => write!(f, "cn:{v}"),
+        }
+    }
+}
+
+impl Rule {
+    fn matches(&self, id: &Identity) -> bool {
+        match self {
+            Rule::Dns(pattern) => id.dns.iter().any(|d| dns_matches(pattern, d)),
+            Rule::Uri(pattern) => id.uris.iter().any(|u| glob_segment(pattern, u)),
+            Rule::Cn(cn) => id.cn.as_deref() == Some(cn),
+        }
+    }
+}
+
+fn dns_matches(pattern: &str, name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => name
+            .split_once('.')
+            .is_some_and(|(label, rest)| !label.is_empty() && rest == suffix),
+        None => name == pattern,
+    }
+}
+
+/// `*` matches any run of characters other than `/`.
+fn glob_segment(pattern: &str, text: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == text,
+        Some((head, tail)) => {
+            let Some(rest) = text.strip_prefix(head) else {
+                return false;
+            };
+            // Try every split of `rest` that keeps the starred part inside one segment.
+            let segment_end = rest.find('/').unwrap_or(rest.len());
+            (0..=segment_end).any(|n| glob_segment(tail, &rest[n..]))
+        }
+    }
+}
+
+/// The `allow` rules of one service.
+#[derive(Clone, Debug, Default)]
+pub struct Allow {
+    rules: Vec<Rule>,
+}
+
+/// A verified client whose identity matches no `allow` rule.
+#[derive(Debug, thiserror::Error)]
+#[error("client identity {identity} matches no allow rule")]
+pub struct Denied {
+    pub identity: String,
+}
+
+impl Allow {
+    /// Parses every rule; the error names the index of the first bad one.
+    pub fn parse(rules: &[String]) -> Result<Allow, (usize, String)> {
+        let rules = rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| r.parse().map_err(|e| (i, e)))
+            .collect::<Result<_, _>>()?;
+        Ok(Allow { rules })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// The first rule that lets `id` pass, or the denial.
+    pub fn decide(&self, id: &Identity) -> Result<&Rule, Denied> {
+        self.rules
+            .iter()
+            .find(|r| r.matches(id))
+            .ok_or_else(|| Denied {
+                identity: id.principal(),
+            })
+    }
+}
+
+/// Certificate verification first (chain, expiry, revocation), then the `allow` rules.
+#[derive(Debug)]
+pub struct AllowVerifier {
+    pub inner: Arc<dyn ClientCertVerifier>,
+    pub allow: Allow,
+}
+
+impl ClientCertVerifier for AllowVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let id = Identity::from_der(end_entity).ok_or(Error::InvalidCertificate(
+            CertificateError::BadEncoding,
+        ))?;
+        match self.allow.decide(&id) {
+            Ok(_) => Ok(verified),
+            Err(denied) => Err(Error::InvalidCertificate(CertificateError::Other(
+                OtherError(Arc::new(denied)),
+            ))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The denial inside a failed handshake's error, if that is why it failed.
+pub fn denied_in(e: &std::io::Error) -> Option<&Denied> {
+    let rustls_error = e.get_ref()?.downcast_ref::<Error>()?;
+    match rustls_error {
+        Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => {
+            inner.downcast_ref::<Denied>()
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(cn: Option<&str>, dns: &[&str], uris: &[&str]) -> Identity {
+        Identity {
+            cn: cn.map(str::to_owned),
+            dns: dns.iter().map(|s| s.to_string()).collect(),
+            uris: uris.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn allow(rules: &[&str]) -> Allow {
+        Allow::parse(&rules.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
+    }
+
+    #[test]
+    fn uri_wildcards_stay_inside_one_segment() {
+        let a = allow(&["uri:spiffe://example.org/ns/*/sa/web"]);
+        let web = id(None, &[], &["spiffe://example.org/ns/prod/sa/web"]);
+        assert_eq!(a.decide(&web).unwrap().to_string(), "uri:spiffe://example.org/ns/*/sa/web");
+        for other in [
+            "spiffe://example.org/ns/a/b/sa/web",
+            "spiffe://example.org/ns/prod/sa/db",
+            "spiffe://evil.org/ns/prod/sa/web",
+            "spiffe://example.org/ns/prod/sa/web/extra",
+        ] {
+            let e = a.decide(&id(None, &[], &[other])).unwrap_err();
+            assert_eq!(e.identity, format!("uri:{other}"));
+        }
+        let prefix = allow(&["uri:spiffe://example.org/web-*"]);
+        assert!(prefix.decide(&id(None, &[], &["spiffe://example.org/web-1"])).is_ok());
+        assert!(prefix.decide(&id(None, &[], &["spiffe://example.org/web-1/x"])).is_err());
+    }
+
+    #[test]
+    fn dns_and_cn_rules() {
+        let a = allow(&["dns:API.example.org", "dns:*.svc.example.org", "cn:ops"]);
+        assert!(a.decide(&id(None, &["api.EXAMPLE.org"], &[])).is_ok());
+        assert!(a.decide(&id(None, &["x.svc.example.org"], &[])).is_ok());
+        assert!(a.decide(&id(None, &["svc.example.org"], &[])).is_err());
+        assert!(a.decide(&id(None, &["a.b.svc.example.org"], &[])).is_err());
+        assert!(a.decide(&id(Some("ops"), &[], &[])).is_ok());
+        assert!(a.decide(&id(Some("OPS"), &[], &[])).is_err());
+        assert_eq!(
+            a.decide(&id(Some("x"), &["other.org"], &[])).unwrap_err().identity,
+            "dns:other.org"
+        );
+    }
+
+    #[test]
+    fn bad_rules_are_refused_with_their_index() {
+        for (rule, needle) in [
+            ("api.example.org", "expected dns:NAME"),
+            ("ip:192.0.2.1", "unknown kind"),
+            ("dns:", "empty"),
+            ("dns:a.*.org", "only start with"),
+            ("uri:spiffe://*.org/web", "path only"),
+            ("uri:web", "not a URI"),
+        ] {
+            let (i, e) = Allow::parse(&["cn:ok".into(), rule.into()]).unwrap_err();
+            assert_eq!(i, 1);
+            assert!(e.contains(needle), "{rule}: {e}");
+        }
+    }
+}
