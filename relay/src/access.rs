@@ -17,8 +17,7 @@
 use std::{fmt, str::FromStr, sync::Arc};
 
 use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError,
-    SignatureScheme,
+    CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError, SignatureScheme,
     client::danger::HandshakeSignatureValid,
     pki_types::{CertificateDer, UnixTime},
     server::danger::{ClientCertVerified, ClientCertVerifier},
@@ -104,9 +103,9 @@ impl FromStr for Rule {
             }
             "uri" => {
                 // The wildcard belongs to the path: scheme and authority are always exact.
-                let (_, after_scheme) = value
-                    .split_once("://")
-                    .ok_or_else(|| format!("{s:?}: not a URI (expected scheme://authority/path)"))?;
+                let (_, after_scheme) = value.split_once("://").ok_or_else(|| {
+                    format!("{s:?}: not a URI (expected scheme://authority/path)")
+                })?;
                 let authority = after_scheme.split('/').next().unwrap_or_default();
                 if authority.is_empty() {
                     return Err(format!("{s:?}: the URI has no authority (trust domain)"));
@@ -239,9 +238,8 @@ impl ClientCertVerifier for AllowVerifier {
         let verified = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        let id = Identity::from_der(end_entity).ok_or(Error::InvalidCertificate(
-            CertificateError::BadEncoding,
-        ))?;
+        let id = Identity::from_der(end_entity)
+            .ok_or(Error::InvalidCertificate(CertificateError::BadEncoding))?;
         match self.allow.decide(&id) {
             Ok(_) => Ok(verified),
             Err(denied) => Err(Error::InvalidCertificate(CertificateError::Other(
@@ -304,7 +302,10 @@ mod tests {
     fn uri_wildcards_stay_inside_one_segment() {
         let a = allow(&["uri:spiffe://example.org/ns/*/sa/web"]);
         let web = id(None, &[], &["spiffe://example.org/ns/prod/sa/web"]);
-        assert_eq!(a.decide(&web).unwrap().to_string(), "uri:spiffe://example.org/ns/*/sa/web");
+        assert_eq!(
+            a.decide(&web).unwrap().to_string(),
+            "uri:spiffe://example.org/ns/*/sa/web"
+        );
         for other in [
             "spiffe://example.org/ns/a/b/sa/web",
             "spiffe://example.org/ns/prod/sa/db",
@@ -315,8 +316,16 @@ mod tests {
             assert_eq!(e.identity, format!("uri:{other}"));
         }
         let prefix = allow(&["uri:spiffe://example.org/web-*"]);
-        assert!(prefix.decide(&id(None, &[], &["spiffe://example.org/web-1"])).is_ok());
-        assert!(prefix.decide(&id(None, &[], &["spiffe://example.org/web-1/x"])).is_err());
+        assert!(
+            prefix
+                .decide(&id(None, &[], &["spiffe://example.org/web-1"]))
+                .is_ok()
+        );
+        assert!(
+            prefix
+                .decide(&id(None, &[], &["spiffe://example.org/web-1/x"]))
+                .is_err()
+        );
     }
 
     #[test]
@@ -329,7 +338,9 @@ mod tests {
         assert!(a.decide(&id(Some("ops"), &[], &[])).is_ok());
         assert!(a.decide(&id(Some("OPS"), &[], &[])).is_err());
         assert_eq!(
-            a.decide(&id(Some("x"), &["other.org"], &[])).unwrap_err().identity,
+            a.decide(&id(Some("x"), &["other.org"], &[]))
+                .unwrap_err()
+                .identity,
             "dns:other.org"
         );
     }

@@ -553,10 +553,7 @@ impl Config {
             if !tls::valid_sni_pattern(&e.name) {
                 return Err((
                     at_sni("name"),
-                    format!(
-                        "{:?} is not a DNS name (or `*.` followed by one)",
-                        e.name
-                    ),
+                    format!("{:?} is not a DNS name (or `*.` followed by one)", e.name),
                 ));
             }
             if !sni_names.insert(e.name.to_ascii_lowercase()) {

@@ -249,6 +249,9 @@ impl WorkerMetrics {
     pub fn service(&self, name: &str) -> ServiceMetrics {
         let l = service_label(name);
         let bytes = |d| self.bytes.get_or_create(&direction_labels(name, d)).clone();
+        // Through closures: a family's guard must be gone before the next get_or_create on the
+        // same family, or the second one waits for the first forever.
+        let access = |d| self.access.get_or_create(&decision_labels(name, d)).clone();
         ServiceMetrics {
             accepted: self.accepted.get_or_create(&l).clone(),
             active: self.active.get_or_create(&l).clone(),
@@ -261,14 +264,8 @@ impl WorkerMetrics {
             }),
             handshake_seconds: self.handshake_seconds.get_or_create(&l).clone(),
             resumed: self.resumed.get_or_create(&l).clone(),
-            allowed: self
-                .access
-                .get_or_create(&decision_labels(name, "allowed"))
-                .clone(),
-            denied: self
-                .access
-                .get_or_create(&decision_labels(name, "denied"))
-                .clone(),
+            allowed: access("allowed"),
+            denied: access("denied"),
         }
     }
 

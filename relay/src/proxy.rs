@@ -172,7 +172,10 @@ pub async fn serve(
             Ok((socket, peer)) => {
                 backoff = Duration::from_millis(10);
                 // IPv4 clients of a dual-stack listener are named as IPv4 in logs.
-                (socket, SocketAddr::new(peer.ip().to_canonical(), peer.port()))
+                (
+                    socket,
+                    SocketAddr::new(peer.ip().to_canonical(), peer.port()),
+                )
             }
             Err(e) => {
                 // Out of file descriptors or memory: keep the queue, wait, try again. Errors that
@@ -354,22 +357,25 @@ async fn establish_tls(
             ));
         }
         Some(Protocol::Tls) => {}
-        Some(Protocol::Plain) => return plaintext(socket, service.config.inbound.plaintext()).await,
+        Some(Protocol::Plain) => {
+            return plaintext(socket, service.config.inbound.plaintext()).await;
+        }
     }
     let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), socket)
         .await
         .map_err(|e| Failure::new(Outcome::HandshakeFailed, format!("TLS ClientHello: {e}")))?;
     let (config, backend) = server.select(start.client_hello().server_name());
-    let stream = start
-        .into_stream(Arc::clone(config))
-        .await
-        .map_err(|e| match access::denied_in(&e) {
-            Some(denied) => {
-                service.metrics.access(false);
-                Failure::new(Outcome::Denied, denied)
-            }
-            None => Failure::new(Outcome::HandshakeFailed, format!("TLS handshake: {e}")),
-        })?;
+    let stream =
+        start
+            .into_stream(Arc::clone(config))
+            .await
+            .map_err(|e| match access::denied_in(&e) {
+                Some(denied) => {
+                    service.metrics.access(false);
+                    Failure::new(Outcome::Denied, denied)
+                }
+                None => Failure::new(Outcome::HandshakeFailed, format!("TLS handshake: {e}")),
+            })?;
     let facts = TlsFacts::of(stream.get_ref().1);
     service
         .metrics
@@ -453,7 +459,10 @@ async fn connect_outbound(
             Err(_) => {
                 return Err(Failure::new(
                     Outcome::ConnectTimeout,
-                    format!("backend {addr}: PROXY header not taken within {:?}", t.connect),
+                    format!(
+                        "backend {addr}: PROXY header not taken within {:?}",
+                        t.connect
+                    ),
                 ));
             }
         }

@@ -83,11 +83,9 @@ pub fn header(
     let destination = canonical(destination);
     match kind {
         ProxyProtocol::None => Ok(Vec::new()),
-        ProxyProtocol::V1 => {
-            Ok(ppp::v1::Addresses::from((client, destination))
-                .to_string()
-                .into_bytes())
-        }
+        ProxyProtocol::V1 => Ok(ppp::v1::Addresses::from((client, destination))
+            .to_string()
+            .into_bytes()),
         ProxyProtocol::V2 => v2_header(client, destination, tls),
     }
 }
@@ -188,7 +186,10 @@ mod tests {
         let mut rest = &ssl[5..];
         while !rest.is_empty() {
             let len = usize::from(u16::from_be_bytes([rest[1], rest[2]]));
-            subs.push((rest[0], String::from_utf8(rest[3..3 + len].to_vec()).unwrap()));
+            subs.push((
+                rest[0],
+                String::from_utf8(rest[3..3 + len].to_vec()).unwrap(),
+            ));
             rest = &rest[3 + len..];
         }
         assert_eq!(

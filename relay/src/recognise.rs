@@ -134,7 +134,10 @@ mod tests {
     fn redirects_keep_path_and_host_and_add_the_port() {
         let head = "GET /a/b?c=1 HTTP/1.1\r\nHost: shop.example.org:8080\r\n\r\n";
         assert_eq!(loc(head, 443).unwrap(), "https://shop.example.org/a/b?c=1");
-        assert_eq!(loc(head, 8443).unwrap(), "https://shop.example.org:8443/a/b?c=1");
+        assert_eq!(
+            loc(head, 8443).unwrap(),
+            "https://shop.example.org:8443/a/b?c=1"
+        );
         let v6 = "GET / HTTP/1.1\r\nhost: [2001:db8::1]:80\r\n\r\n";
         assert_eq!(loc(v6, 443).unwrap(), "https://[2001:db8::1]/");
     }
@@ -147,7 +150,10 @@ mod tests {
         assert_eq!(loc(absolute, 443).unwrap(), "https://a.example/");
         let bad_host = "GET / HTTP/1.1\r\nHost: a b\r\n\r\n";
         assert_eq!(loc(bad_host, 443).unwrap(), "https://192.0.2.1/");
-        assert!(matches!(loc("hello\r\n\r\n", 443), Err(RedirectError::NotHttp(_))));
+        assert!(matches!(
+            loc("hello\r\n\r\n", 443),
+            Err(RedirectError::NotHttp(_))
+        ));
         assert!(matches!(
             loc("SSH-2.0-OpenSSH\r\n\r\n", 443),
             Err(RedirectError::NotHttp(_))

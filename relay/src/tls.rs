@@ -260,9 +260,9 @@ pub fn server_side(
             Some(v) => builder.with_client_cert_verifier(Arc::clone(v)),
             None => builder.with_no_client_auth(),
         };
-        let mut config = builder.with_single_cert(chain, key).map_err(|e| {
-            TlsError::new("key", format!("key does not fit the certificate: {e}"))
-        })?;
+        let mut config = builder
+            .with_single_cert(chain, key)
+            .map_err(|e| TlsError::new("key", format!("key does not fit the certificate: {e}")))?;
         match &ticketer {
             Some(t) => {
                 config.session_storage = ServerSessionMemoryCache::new(SERVER_SESSION_CACHE);
@@ -313,9 +313,7 @@ fn client_verifier(
         }
         // Revocation is checked for the client's own certificate; intermediates whose CA
         // published no CRL here are not refused for it.
-        builder = builder
-            .with_crls(crls)
-            .only_check_end_entity_revocation();
+        builder = builder.with_crls(crls).only_check_end_entity_revocation();
     }
     let verifier = builder
         .build()

@@ -8,7 +8,8 @@ use std::{
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType, SignatureAlgorithm,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType, IsCa, Issuer,
+    KeyIdMethod, KeyPair, RevokedCertParams, SanType, SerialNumber, SignatureAlgorithm,
 };
 
 /// Key algorithm of a generated certificate.
@@ -57,6 +58,16 @@ pub struct Pki {
     pub client: CertFiles,
     /// A client certificate from a CA nobody trusts.
     pub stranger: CertFiles,
+    server_issuer: Issuer<'static, KeyPair>,
+    client_issuer: Issuer<'static, KeyPair>,
+}
+
+/// The names a client certificate carries.
+#[derive(Clone, Debug, Default)]
+pub struct Names<'a> {
+    pub cn: Option<&'a str>,
+    pub dns: &'a [&'a str],
+    pub uris: &'a [&'a str],
 }
 
 impl Pki {
@@ -115,7 +126,73 @@ impl Pki {
             servers,
             client,
             stranger,
+            server_issuer: ca_issuer,
+            client_issuer,
         })
+    }
+
+    /// A client certificate signed by `client_ca` with exactly these names and serial number,
+    /// written as `<stem>.pem` / `<stem>.key`.
+    pub fn client_with(&self, stem: &str, names: &Names, serial: u64) -> anyhow::Result<CertFiles> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params =
+            CertificateParams::new(names.dns.iter().map(|d| d.to_string()).collect::<Vec<_>>())?;
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        if let Some(cn) = names.cn {
+            params.distinguished_name.push(DnType::CommonName, cn);
+        }
+        for uri in names.uris {
+            params
+                .subject_alt_names
+                .push(SanType::URI(uri.to_string().try_into()?));
+        }
+        params.serial_number = Some(SerialNumber::from(serial));
+        let cert = params.signed_by(&key, &self.client_issuer)?;
+        self.write_pair(stem, cert.pem(), key.serialize_pem())
+    }
+
+    /// A server certificate signed by the server CA for these DNS names.
+    pub fn server_for(&self, stem: &str, names: &[&str]) -> anyhow::Result<CertFiles> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+        params.distinguished_name.push(DnType::CommonName, names[0]);
+        let cert = params.signed_by(&key, &self.server_issuer)?;
+        self.write_pair(stem, cert.pem(), key.serialize_pem())
+    }
+
+    /// A CRL from the client CA revoking these serial numbers, written as `<stem>.pem`.
+    pub fn client_crl(&self, stem: &str, revoked: &[u64]) -> anyhow::Result<PathBuf> {
+        let params = CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2025, 1, 1),
+            next_update: rcgen::date_time_ymd(2099, 1, 1),
+            crl_number: SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|&serial| RevokedCertParams {
+                    serial_number: SerialNumber::from(serial),
+                    revocation_time: rcgen::date_time_ymd(2025, 1, 2),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.client_issuer)?;
+        let path = self.dir.join(format!("{stem}.pem"));
+        fs::write(&path, crl.pem()?)?;
+        Ok(path)
+    }
+
+    fn write_pair(&self, stem: &str, cert: String, key: String) -> anyhow::Result<CertFiles> {
+        let files = CertFiles {
+            cert: self.dir.join(format!("{stem}.pem")),
+            key: self.dir.join(format!("{stem}.key")),
+        };
+        fs::write(&files.cert, cert)?;
+        fs::write(&files.key, key)?;
+        Ok(files)
     }
 
     /// The ECDSA server certificate, the default one.

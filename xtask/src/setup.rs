@@ -34,6 +34,10 @@ const APT_PACKAGES: &[&str] = &[
     // systemd-analyze verifies the unit; it resolves Documentation=man:relay(1) with man.
     "systemd",
     "man-db",
+    // The PROXY protocol tests' real consumer, and the capture that proves chained relays send
+    // nothing in clear.
+    "haproxy",
+    "tshark",
 ];
 
 pub fn setup() -> anyhow::Result<()> {
@@ -101,13 +105,32 @@ fn apt_install(pkgs: &[&str]) -> anyhow::Result<()> {
         "apt: installing {} (about 30 s)",
         missing.join(" ")
     ));
-    run(Command::new("apt-get").args(["update", "-qq"]))
-        .context("apt-get update failed: are Debian's package mirrors reachable?")?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
-    .with_context(|| format!("apt-get install {} failed", missing.join(" ")))?;
+    // Packages such as haproxy and nginx would start their system services on install; a
+    // `policy-rc.d` that refuses service starts exists only while apt runs (a machine's own
+    // policy-rc.d is respected as is).
+    let policy = std::path::Path::new("/usr/sbin/policy-rc.d");
+    let ours = !policy.exists();
+    if ours {
+        std::fs::write(
+            policy,
+            "#!/bin/sh\n# written by cargo xtask while apt runs\nexit 101\n",
+        )
+        .context("writing /usr/sbin/policy-rc.d")?;
+        std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    }
+    let result = run(Command::new("apt-get").args(["update", "-qq"]))
+        .context("apt-get update failed: are Debian's package mirrors reachable?")
+        .and_then(|_| {
+            run(Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"))
+            .with_context(|| format!("apt-get install {} failed", missing.join(" ")))
+        });
+    if ours {
+        std::fs::remove_file(policy).context("removing /usr/sbin/policy-rc.d")?;
+    }
+    result?;
     step(&format!("apt: done in {}", secs(t.elapsed())));
     Ok(())
 }
@@ -175,33 +198,9 @@ const BENCH_PACKAGES: &[&str] = &[
     "util-linux",
 ];
 
-/// Installs the bench's peers without letting their packages start system services: a
-/// `policy-rc.d` that refuses service starts exists only while apt runs (unless the machine
-/// already has one, which is then respected as is).
+/// Installs the bench's peers.
 pub fn bench_tools() -> anyhow::Result<()> {
-    let missing: Vec<&str> = BENCH_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !apt_installed(p))
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let policy = std::path::Path::new("/usr/sbin/policy-rc.d");
-    let ours = is_root() && !policy.exists();
-    if ours {
-        std::fs::write(
-            policy,
-            "#!/bin/sh\n# written by cargo xtask bench while apt runs\nexit 101\n",
-        )
-        .context("writing /usr/sbin/policy-rc.d")?;
-        std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-    }
-    let result = apt_install(&missing);
-    if ours {
-        std::fs::remove_file(policy).context("removing /usr/sbin/policy-rc.d")?;
-    }
-    result
+    apt_install(BENCH_PACKAGES)
 }
 
 pub fn is_root() -> bool {

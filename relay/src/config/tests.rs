@@ -265,13 +265,20 @@ fn allow_and_crl_need_mtls_and_valid_rules() {
     assert!(message.contains("mtls"), "{message}");
     let mtls = TLS_TO_PLAIN
         .replace("level = \"tls\"", "level = \"mtls\"")
-        .replace("key = \"server.key\"\n", "key = \"server.key\"\nclient_ca = \"ca.pem\"\n");
+        .replace(
+            "key = \"server.key\"\n",
+            "key = \"server.key\"\nclient_ca = \"ca.pem\"\n",
+        );
     let bad_rule = mtls.replace(
         "client_ca = \"ca.pem\"\n",
         "client_ca = \"ca.pem\"\nallow = [\"cn:ops\", \"uri:spiffe://*.org/x\"]\n",
     );
     let (line, key, message) = f.error(&bad_rule);
-    assert_eq!((line, key.as_str()), (17, "service[0].inbound.allow[1]"), "{message}");
+    assert_eq!(
+        (line, key.as_str()),
+        (17, "service[0].inbound.allow[1]"),
+        "{message}"
+    );
     assert!(message.contains("path only"), "{message}");
     let good = mtls.replace(
         "client_ca = \"ca.pem\"\n",
@@ -290,7 +297,11 @@ fn allow_and_crl_need_mtls_and_valid_rules() {
 fn plaintext_policy_and_sni_entries() {
     let f = Fixture::new();
     let c = f.parse(TLS_TO_PLAIN).unwrap();
-    assert_eq!(c.services[0].inbound.plaintext(), Plaintext::Reject, "default");
+    assert_eq!(
+        c.services[0].inbound.plaintext(),
+        Plaintext::Reject,
+        "default"
+    );
     let redirect = TLS_TO_PLAIN.replace(
         "key = \"server.key\"\n",
         "key = \"server.key\"\nplaintext = \"redirect\"\n",
@@ -320,8 +331,16 @@ fn plaintext_policy_and_sni_entries() {
     assert_eq!(entry.cert, f.dir.path().join("server.pem"), "resolved path");
     assert_eq!(entry.backend, Some("198.51.100.20:8080".parse().unwrap()));
     let (line, key, message) = f.error(&sni("not a name", "server.key"));
-    assert_eq!((line, key.as_str()), (18, "service[0].inbound.sni[0].name"), "{message}");
+    assert_eq!(
+        (line, key.as_str()),
+        (18, "service[0].inbound.sni[0].name"),
+        "{message}"
+    );
     let (line, key, message) = f.error(&sni("api.example.org", "other.key"));
-    assert_eq!((line, key.as_str()), (20, "service[0].inbound.sni[0].key"), "{message}");
+    assert_eq!(
+        (line, key.as_str()),
+        (20, "service[0].inbound.sni[0].key"),
+        "{message}"
+    );
     assert!(message.contains("does not fit"), "{message}");
 }
