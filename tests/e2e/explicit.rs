@@ -444,8 +444,18 @@ async fn wrong_protocol_on_a_tls_port_is_closed_and_the_relay_keeps_serving() {
         let took = closed_within(s, Duration::from_secs(5)).await;
         eprintln!("{what}: closed after {took:?}");
     }
+    // Random bytes and HTTP are recognised as plaintext before any TLS parsing.
     assert!(
-        relay.wait_logs(&["outcome=\"handshake_failed\""], 3, Duration::from_secs(5)),
+        relay.wait_logs(
+            &["outcome=\"plaintext_rejected\""],
+            2,
+            Duration::from_secs(5)
+        ),
+        "{}",
+        relay.logs().join("\n")
+    );
+    assert!(
+        relay.wait_logs(&["outcome=\"handshake_failed\""], 1, Duration::from_secs(5)),
         "{}",
         relay.logs().join("\n")
     );

@@ -121,12 +121,12 @@ async fn metrics_scraped_and_parsed_and_status_for_humans() {
         2.0
     );
     assert_eq!(
-        get("relay_connections_closed_total{service=\"shop\",reason=\"handshake_failed\"}"),
+        get("relay_connections_closed_total{service=\"shop\",reason=\"plaintext_rejected\"}"),
         1.0
     );
     assert_eq!(
         get(
-            "relay_handshake_failures_total{service=\"shop\",side=\"inbound\",reason=\"handshake_failed\"}"
+            "relay_handshake_failures_total{service=\"shop\",side=\"inbound\",reason=\"plaintext_rejected\"}"
         ),
         1.0
     );
