@@ -12,7 +12,7 @@ use std::{
 
 use relay_tests::{
     http::HttpServer,
-    netns::{GW_CLIENT_IF, SERVER4, SERVER6, Topology, require_root},
+    netns::{CLIENT4, CLIENT6, GW_CLIENT_IF, SERVER4, SERVER6, Topology, require_root},
     pki::Pki,
     relay::{Relay, binary},
 };
@@ -60,6 +60,17 @@ impl Gateway {
 
     /// Writes the relay config: one TLS→plain service per server address in `servers`.
     fn write_config(&self, xdp_mode: &str, servers: &[(&str, &str)]) {
+        self.write_services(xdp_mode, servers, 8080, "");
+    }
+
+    /// Like `write_config`, with another backend port and more `[service.outbound]` lines.
+    fn write_services(
+        &self,
+        xdp_mode: &str,
+        servers: &[(&str, &str)],
+        backend_port: u16,
+        outbound_extra: &str,
+    ) {
         let c = self.pki.server();
         let mut text = format!(
             "[relay]\ncontrol_socket = \"{}/control.sock\"\nconnect_timeout = \"2s\"\nmetrics = \"127.0.0.1:9464\"\n\n\
@@ -69,9 +80,9 @@ impl Gateway {
         );
         for (name, server) in servers {
             text += &format!(
-                "[[service]]\nname = \"{name}\"\nserver = \"{server}\"\nport = 443\nbackend_port = 8080\n\
+                "[[service]]\nname = \"{name}\"\nserver = \"{server}\"\nport = 443\nbackend_port = {backend_port}\n\
                  [service.inbound]\nlevel = \"tls\"\ncert = \"{}\"\nkey = \"{}\"\n\
-                 [service.outbound]\nlevel = \"plain\"\n\n",
+                 [service.outbound]\nlevel = \"plain\"\n{outbound_extra}\n",
                 c.cert.display(),
                 c.key.display()
             );
@@ -630,4 +641,46 @@ fn fragments_never_carry_a_segment_to_the_backend_port() {
         dropped + 3,
         "all three fragments dropped at XDP"
     );
+}
+
+#[test]
+fn proxy_header_names_the_client_and_its_original_destination() {
+    let gw = Gateway::new("pp");
+    let srv = gw.topo.srv.clone();
+    let consumer = relay_tests::haproxy::ProxyConsumer::start_in(
+        gw.dir.path(),
+        "[::]:8081".parse().unwrap(),
+        &["ip", "netns", "exec", &srv],
+    )
+    .unwrap();
+    gw.write_services(
+        "auto",
+        &[("pp4", SERVER4), ("pp6", SERVER6)],
+        8081,
+        "proxy_protocol = \"v2\"\n",
+    );
+    let _relay = gw.start_relay();
+    for (client, server) in [(CLIENT4, SERVER4), (CLIENT6, SERVER6)] {
+        let out = gw.topo.curl(&[
+            "--max-time",
+            "10",
+            "--cacert",
+            gw.pki.ca.to_str().unwrap(),
+            "-w",
+            "\n%{local_port}",
+            &format!("https://{}/", Topology::host(server)),
+        ]);
+        assert!(out.status.success(), "{server}: {}", text(&out.stderr));
+        let body = text(&out.stdout);
+        let (seen, local_port) = body.rsplit_once('\n').unwrap();
+        // The backend connection comes from the gateway, but the header names the client and
+        // the (server, front port) it believes it talks to.
+        let expected = format!("src={client}:{local_port} dst={server}:443 ");
+        assert!(
+            seen.starts_with(&expected),
+            "HAProxy saw {seen:?}, expected {expected:?}…\n{}",
+            consumer.log_text()
+        );
+    }
+    assert_eq!(consumer.log_text().matches("pp-received").count(), 2);
 }

@@ -26,19 +26,38 @@ impl ProxyConsumer {
     /// HAProxy in HTTP mode on `addr`, every connection starting with a PROXY header (v1 or v2,
     /// HAProxy tells them apart itself).
     pub fn start(dir: &Path, addr: SocketAddr) -> anyhow::Result<ProxyConsumer> {
+        Self::start_in(dir, addr, &[])
+    }
+
+    /// Like [`ProxyConsumer::start`], run through `wrap` (e.g. `ip netns exec NS`); `[::]`
+    /// listens on both families there.
+    pub fn start_in(dir: &Path, addr: SocketAddr, wrap: &[&str]) -> anyhow::Result<ProxyConsumer> {
         let config = dir.join(format!("haproxy-{}.cfg", addr.port()));
         let log = dir.join(format!("haproxy-{}.log", addr.port()));
+        let v4v6 = if addr.ip().is_unspecified() && addr.is_ipv6() {
+            " v4v6"
+        } else {
+            ""
+        };
         std::fs::write(
             &config,
             format!(
                 "global\n  log stdout format raw local0\ndefaults\n  mode http\n  log global\n  \
                  timeout connect 5s\n  timeout client 10s\n  timeout server 10s\n\
-                 frontend pp\n  bind {addr} accept-proxy\n  log-format \"pp-received {FORMAT}\"\n  \
+                 frontend pp\n  bind {addr}{v4v6} accept-proxy\n  log-format \"pp-received {FORMAT}\"\n  \
                  http-request return status 200 content-type text/plain lf-string \"{FORMAT}\\n\"\n"
             ),
         )?;
         let out = std::fs::File::create(&log)?;
-        let child = Command::new("haproxy")
+        let mut cmd = match wrap.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg("haproxy");
+                c
+            }
+            None => Command::new("haproxy"),
+        };
+        let child = cmd
             .args(["-db", "-f"])
             .arg(&config)
             .stdin(Stdio::null())
@@ -47,8 +66,14 @@ impl ProxyConsumer {
             .spawn()
             .context("start haproxy (is it installed? `cargo xtask setup`)")?;
         let mut consumer = ProxyConsumer { child, addr, log };
-        let up = wait_until(Duration::from_secs(10), || {
-            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        let up = wait_until(Duration::from_secs(10), || match wrap.split_first() {
+            // Another namespace: ask `ss` there whether the port is listening.
+            Some((first, rest)) => Command::new(first)
+                .args(rest)
+                .args(["ss", "-Hltn", &format!("sport = :{}", addr.port())])
+                .output()
+                .is_ok_and(|o| !o.stdout.is_empty()),
+            None => TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok(),
         });
         if !up {
             let _ = consumer.child.kill();
