@@ -139,7 +139,7 @@ impl Rule {
     fn matches(&self, id: &Identity) -> bool {
         match self {
             Rule::Dns(pattern) => id.dns.iter().any(|d| dns_matches(pattern, d)),
-            Rule::Uri(pattern) => id.uris.iter().any(|u| glob_segment(pattern, u)),
+            Rule::Uri(pattern) => id.uris.iter().any(|u| uri_matches(pattern, u)),
             Rule::Cn(cn) => id.cn.as_deref() == Some(cn),
         }
     }
@@ -155,19 +155,38 @@ fn dns_matches(pattern: &str, name: &str) -> bool {
     }
 }
 
-/// `*` matches any run of characters other than `/`.
-fn glob_segment(pattern: &str, text: &str) -> bool {
-    match pattern.split_once('*') {
-        None => pattern == text,
-        Some((head, tail)) => {
-            let Some(rest) = text.strip_prefix(head) else {
-                return false;
-            };
-            // Try every split of `rest` that keeps the starred part inside one segment.
-            let segment_end = rest.find('/').unwrap_or(rest.len());
-            (0..=segment_end).any(|n| glob_segment(tail, &rest[n..]))
+/// `*` matches any run of characters other than `/`: the URI and the pattern must have the
+/// same number of `/`-separated segments, each matched on its own.
+fn uri_matches(pattern: &str, uri: &str) -> bool {
+    pattern.split('/').count() == uri.split('/').count()
+        && pattern
+            .split('/')
+            .zip(uri.split('/'))
+            .all(|(p, u)| glob(p.as_bytes(), u.as_bytes()))
+}
+
+/// `*` matches any run of bytes. The greedy matcher that backtracks only to the last star:
+/// at most pattern × text steps, however many stars (a client chooses its URI SAN).
+fn glob(p: &[u8], t: &[u8]) -> bool {
+    let (mut pi, mut ti) = (0, 0);
+    let mut last_star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if p.get(pi) == Some(&b'*') {
+            last_star = Some((pi, ti));
+            pi += 1;
+        } else if p.get(pi) == Some(&t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if let Some((sp, st)) = last_star {
+            // Let the last star swallow one more byte and retry from there.
+            last_star = Some((sp, st + 1));
+            pi = sp + 1;
+            ti = st + 1;
+        } else {
+            return false;
         }
     }
+    p[pi..].iter().all(|&b| b == b'*')
 }
 
 /// The `allow` rules of one service.
@@ -315,6 +334,21 @@ mod tests {
             let e = a.decide(&id(None, &[], &[other])).unwrap_err();
             assert_eq!(e.identity, format!("uri:{other}"));
         }
+        // Found by the allow_rules fuzz target: a star before multi-byte characters.
+        let utf8 = allow(&["uri:spiffe://example.org/*é"]);
+        assert!(
+            utf8.decide(&id(None, &[], &["spiffe://example.org/ééé"]))
+                .is_ok()
+        );
+        assert!(
+            utf8.decide(&id(None, &[], &["spiffe://example.org/€"]))
+                .is_err()
+        );
+        // Many stars against a long segment: a backtracking matcher would not finish this
+        // (the allow_rules fuzz target found such inputs); this one takes pattern × text steps.
+        let stars = format!("uri:spiffe://example.org/{}b", "*a".repeat(40));
+        let long = format!("spiffe://example.org/{}", "a".repeat(5000));
+        assert!(allow(&[&stars]).decide(&id(None, &[], &[&long])).is_err());
         let prefix = allow(&["uri:spiffe://example.org/web-*"]);
         assert!(
             prefix

@@ -181,8 +181,22 @@ pub struct Inbound {
     /// Further certificates chosen by the SNI of the ClientHello (`cert`/`key` stay the default).
     #[serde(default)]
     pub sni: Vec<SniEntry>,
+    /// A ClientHello naming a server no `sni` entry matches: `default` certificate or `reject`.
+    #[serde(default)]
+    pub unknown_sni: UnknownSni,
     #[serde(default = "yes")]
     pub resumption: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownSni {
+    /// Serve it with `cert`/`key`, like a client without SNI.
+    #[default]
+    Default,
+    /// Close it (counted as `unknown_sni`), unless `cert` itself names it; clients without SNI
+    /// still get `cert`/`key`.
+    Reject,
 }
 
 impl Inbound {
@@ -536,6 +550,13 @@ impl Config {
             return Err((
                 at("sni"),
                 "has no effect with level = \"plain\"; remove it".into(),
+            ));
+        }
+        if inb.unknown_sni == UnknownSni::Reject && inb.sni.is_empty() {
+            return Err((
+                at("unknown_sni"),
+                "\"reject\" needs [[service.inbound.sni]] entries naming the servers to accept"
+                    .into(),
             ));
         }
         let mut sni_names = HashSet::new();

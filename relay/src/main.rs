@@ -25,6 +25,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
+                for warning in c.services.iter().flat_map(relay::tls::key_warnings) {
+                    eprintln!("relay: warning: {warning}");
+                }
                 let explicit = c.services.iter().filter(|s| s.listen.is_some()).count();
                 println!(
                     "{}: valid, {} service(s): {} explicit, {} transparent",
@@ -299,6 +302,7 @@ fn service(target: &Target, command: ServiceCommand) -> anyhow::Result<()> {
                     crl: abs(crl)?,
                     plaintext,
                     sni: Vec::new(),
+                    unknown_sni: relay::config::UnknownSni::Default,
                     resumption: true,
                 },
                 outbound: relay::config::Outbound {

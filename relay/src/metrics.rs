@@ -47,10 +47,12 @@ pub enum Outcome {
     PlaintextRejected,
     /// Plaintext HTTP on a TLS front port, answered with a redirect to https.
     Redirected,
+    /// A ClientHello for a server name the service has no certificate for.
+    UnknownSni,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 12] = [
+    pub const ALL: [Outcome; 13] = [
         Outcome::Closed,
         Outcome::IdleTimeout,
         Outcome::HandshakeTimeout,
@@ -63,6 +65,7 @@ impl Outcome {
         Outcome::Denied,
         Outcome::PlaintextRejected,
         Outcome::Redirected,
+        Outcome::UnknownSni,
     ];
 
     pub fn label(self) -> &'static str {
@@ -79,6 +82,7 @@ impl Outcome {
             Outcome::Denied => "denied",
             Outcome::PlaintextRejected => "plaintext_rejected",
             Outcome::Redirected => "redirected",
+            Outcome::UnknownSni => "unknown_sni",
         }
     }
 
@@ -93,7 +97,8 @@ impl Outcome {
             Outcome::HandshakeFailed
             | Outcome::HandshakeTimeout
             | Outcome::Denied
-            | Outcome::PlaintextRejected => Some("inbound"),
+            | Outcome::PlaintextRejected
+            | Outcome::UnknownSni => Some("inbound"),
             Outcome::BackendHandshakeFailed => Some("outbound"),
             _ => None,
         }

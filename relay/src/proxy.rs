@@ -364,7 +364,13 @@ async fn establish_tls(
     let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), socket)
         .await
         .map_err(|e| Failure::new(Outcome::HandshakeFailed, format!("TLS ClientHello: {e}")))?;
-    let (config, backend) = server.select(start.client_hello().server_name());
+    let sni = start.client_hello().server_name().map(str::to_owned);
+    let Some((config, backend)) = server.select(sni.as_deref()) else {
+        return Err(Failure::new(
+            Outcome::UnknownSni,
+            format!("no certificate for server name {sni:?} (unknown_sni = \"reject\")"),
+        ));
+    };
     let stream =
         start
             .into_stream(Arc::clone(config))

@@ -69,7 +69,7 @@ pub async fn redirect(mut s: TcpStream) -> Result<String, RedirectError> {
 
 /// `https://<host>[:port]<path>` for a request head: the host from the Host header (without
 /// its port), else this relay's address; the port only when it is not 443.
-fn location(head: &[u8], local_ip: IpAddr, port: u16) -> Result<String, RedirectError> {
+pub fn location(head: &[u8], local_ip: IpAddr, port: u16) -> Result<String, RedirectError> {
     let text = std::str::from_utf8(head).map_err(|_| RedirectError::NotHttp("not UTF-8"))?;
     let mut lines = text.split("\r\n");
     let request_line = lines.next().unwrap_or_default();

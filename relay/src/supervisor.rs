@@ -215,6 +215,9 @@ impl Supervisor {
     ) -> anyhow::Result<ToWorker> {
         let mut files = Vec::new();
         for s in services {
+            for warning in tls::key_warnings(s) {
+                warn!("{warning}");
+            }
             for path in tls::files_of(s) {
                 let bytes = std::fs::read(path)
                     .with_context(|| format!("service {}: read {}", s.name, path.display()))?;

@@ -46,9 +46,24 @@ pub trait Material {
 /// Files on disk.
 pub struct Disk;
 
+/// Largest certificate, key, CA or CRL file read: far above any real PEM bundle, and a bound
+/// on what a mistaken path (a log file, `/dev/zero`) can make the relay read.
+const MAX_FILE: u64 = 16 << 20;
+
 impl Material for Disk {
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
-        std::fs::read(path)
+        use std::io::Read as _;
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)?
+            .take(MAX_FILE + 1)
+            .read_to_end(&mut bytes)?;
+        if bytes.len() as u64 > MAX_FILE {
+            return Err(io::Error::other(format!(
+                "larger than {} MiB: not a PEM file",
+                MAX_FILE >> 20
+            )));
+        }
+        Ok(bytes)
     }
 }
 
@@ -84,6 +99,35 @@ pub fn files_of(s: &Service) -> Vec<&Path> {
         files.extend([e.cert.as_path(), e.key.as_path()]);
     }
     files
+}
+
+/// A warning for every private key of `s` that every user of this machine may read: a leaked
+/// key lets anyone impersonate the service. Owner- and group-only keys pass (a group such as
+/// `ssl-cert` is a common way to share them).
+pub fn key_warnings(s: &Service) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut keys = vec![("inbound.key", s.inbound.key.as_deref())];
+    keys.push(("outbound.key", s.outbound.key.as_deref()));
+    keys.extend(
+        s.inbound
+            .sni
+            .iter()
+            .map(|e| ("inbound.sni.key", Some(e.key.as_path()))),
+    );
+    keys.into_iter()
+        .filter_map(|(key, path)| {
+            let path = path?;
+            let mode = std::fs::metadata(path).ok()?.permissions().mode();
+            (mode & 0o004 != 0).then(|| {
+                format!(
+                    "service {}: {key} {} is readable by every user (mode {:o}); chmod o-r it",
+                    s.name,
+                    path.display(),
+                    mode & 0o777
+                )
+            })
+        })
+        .collect()
 }
 
 /// Session resumption state shared by the services of one process.
@@ -194,28 +238,46 @@ fn required<'a>(
 pub struct ServerSide {
     pub default: Arc<ServerConfig>,
     by_name: Vec<(String, Arc<ServerConfig>, Option<SocketAddr>)>,
+    /// The DNS names of the default certificate: known names even with `unknown_sni = "reject"`.
+    default_names: Vec<String>,
+    reject_unknown: bool,
     /// The `allow` rules, also enforced in the verifier; kept to name the rule that matched.
     pub allow: Allow,
 }
 
 impl ServerSide {
     /// The configuration for a ClientHello's server name, and that name's own backend if set.
-    /// Exact names win over `*.` patterns; no match (or no SNI) gets the default.
-    pub fn select(&self, sni: Option<&str>) -> (&Arc<ServerConfig>, Option<SocketAddr>) {
+    /// Exact names win over `*.` patterns; no match gets the default, or `None` with
+    /// `unknown_sni = "reject"`; no SNI always gets the default.
+    pub fn select(&self, sni: Option<&str>) -> Option<(&Arc<ServerConfig>, Option<SocketAddr>)> {
         let Some(sni) = sni.map(str::to_ascii_lowercase) else {
-            return (&self.default, None);
+            return Some((&self.default, None));
         };
         let exact = self.by_name.iter().find(|(n, ..)| *n == sni);
         let wildcard = || {
-            let (_, parent) = sni.split_once('.')?;
             self.by_name
                 .iter()
-                .find(|(n, ..)| n.strip_prefix("*.") == Some(parent))
+                .find(|(n, ..)| name_matches(n, &sni) && n.starts_with("*."))
         };
         match exact.or_else(wildcard) {
-            Some((_, config, backend)) => (config, *backend),
-            None => (&self.default, None),
+            Some((_, config, backend)) => Some((config, *backend)),
+            None if self.reject_unknown
+                && !self.default_names.iter().any(|n| name_matches(n, &sni)) =>
+            {
+                None
+            }
+            None => Some((&self.default, None)),
         }
+    }
+}
+
+/// `pattern` (lowercase; `*.` covers one label) matches `name` (lowercase).
+fn name_matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_prefix("*.") {
+        Some(parent) => name
+            .split_once('.')
+            .is_some_and(|(label, rest)| !label.is_empty() && rest == parent),
+        None => pattern == name,
     }
 }
 
@@ -276,6 +338,11 @@ pub fn server_side(
         Ok(Arc::new(config))
     };
     let default = build(required("cert", &inb.cert)?, required("key", &inb.key)?)?;
+    let default_names = certs(m, "cert", required("cert", &inb.cert)?)?
+        .first()
+        .and_then(|der| crate::access::Identity::from_der(der))
+        .map(|id| id.dns.iter().map(|d| d.to_ascii_lowercase()).collect())
+        .unwrap_or_default();
     let mut by_name = Vec::with_capacity(inb.sni.len());
     for (n, e) in inb.sni.iter().enumerate() {
         let config = build(&e.cert, &e.key).map_err(|mut err| {
@@ -287,6 +354,8 @@ pub fn server_side(
     Ok(ServerSide {
         default,
         by_name,
+        default_names,
+        reject_unknown: inb.unknown_sni == crate::config::UnknownSni::Reject,
         allow,
     })
 }

@@ -27,7 +27,7 @@ use tokio::{
     net::TcpListener,
 };
 
-use crate::{hex, pattern, pki::CertFiles};
+use crate::{Pattern, hex, pki::CertFiles};
 
 pub struct Backend {
     pub addr: SocketAddr,
@@ -136,7 +136,16 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(stream: S) -> std::io::Result<
         ["SOURCE", len, seed] => {
             let len: usize = len.parse().map_err(std::io::Error::other)?;
             let seed: u64 = seed.parse().map_err(std::io::Error::other)?;
-            stream.write_all(&pattern(seed, len)).await?;
+            // Streamed: a SOURCE may be far larger than memory should hold.
+            let mut p = Pattern::new(seed);
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut left = len;
+            while left > 0 {
+                let n = left.min(buf.len());
+                p.fill(&mut buf[..n]);
+                stream.write_all(&buf[..n]).await?;
+                left -= n;
+            }
             stream.shutdown().await?;
             let mut rest = Vec::new();
             stream.read_to_end(&mut rest).await?;

@@ -51,13 +51,22 @@ pub async fn connect(
     addr: SocketAddr,
     level: &ClientLevel<'_>,
 ) -> std::io::Result<Box<dyn Stream>> {
+    connect_named(addr, level, "localhost").await
+}
+
+/// [`connect`] with another server name (SNI, and the name the certificate must carry).
+pub async fn connect_named(
+    addr: SocketAddr,
+    level: &ClientLevel<'_>,
+    server_name: &str,
+) -> std::io::Result<Box<dyn Stream>> {
     let tcp = TcpStream::connect(addr).await?;
     let config = match level {
         ClientLevel::Plain => return Ok(Box::new(tcp)),
         ClientLevel::Tls { ca } => tls_config(ca, None),
         ClientLevel::Mtls { ca, cert } => tls_config(ca, Some(cert)),
     };
-    let name = ServerName::try_from("localhost").unwrap();
+    let name = ServerName::try_from(server_name.to_string()).map_err(std::io::Error::other)?;
     let tls = tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
         .await?;
@@ -93,5 +102,57 @@ pub async fn source(mut s: Box<dyn Stream>, len: usize, seed: u64) -> anyhow::Re
         sha256_hex(&got) == expected,
         "content differs from what the backend sent"
     );
+    Ok(())
+}
+
+/// [`sink`] for `len` bytes of `pattern(seed)`, generated while sending (no buffer of `len`).
+pub async fn sink_stream(mut s: Box<dyn Stream>, len: u64, seed: u64) -> anyhow::Result<()> {
+    use sha2::Digest as _;
+    s.write_all(b"SINK\n").await?;
+    let mut p = crate::Pattern::new(seed);
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        p.fill(&mut buf[..n]);
+        hasher.update(&buf[..n]);
+        s.write_all(&buf[..n]).await?;
+        left -= n as u64;
+    }
+    s.shutdown().await?;
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer).await?;
+    let expected = format!("{len} {}", crate::hex(&hasher.finalize()));
+    anyhow::ensure!(
+        answer.trim() == expected,
+        "backend saw {answer:?}, sent {expected:?}"
+    );
+    Ok(())
+}
+
+/// [`source`] for `len` bytes, compared piece by piece with `pattern(seed)` as they arrive;
+/// the error names the first offset that differs.
+pub async fn source_stream(mut s: Box<dyn Stream>, len: u64, seed: u64) -> anyhow::Result<()> {
+    s.write_all(format!("SOURCE {len} {seed}\n").as_bytes())
+        .await?;
+    s.shutdown().await?;
+    let mut p = crate::Pattern::new(seed);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut expected = vec![0u8; 64 * 1024];
+    let mut got = 0u64;
+    loop {
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        anyhow::ensure!(got + n as u64 <= len, "more than the {len} bytes sent");
+        p.fill(&mut expected[..n]);
+        if let Some(i) = (0..n).find(|&i| buf[i] != expected[i]) {
+            anyhow::bail!("content differs at offset {}", got + i as u64);
+        }
+        got += n as u64;
+    }
+    anyhow::ensure!(got == len, "received {got} of {len} bytes");
     Ok(())
 }

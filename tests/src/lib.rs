@@ -12,6 +12,7 @@ pub mod client;
 pub mod config;
 pub mod haproxy;
 pub mod http;
+pub mod metrics;
 pub mod netns;
 pub mod pki;
 pub mod relay;
@@ -31,16 +32,33 @@ pub fn free_port() -> u16 {
 
 /// Deterministic test content: byte `i` of stream `seed`.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
+    let mut out = vec![0; len];
+    Pattern::new(seed).fill(&mut out);
+    out
+}
+
+/// The bytes of [`pattern`], produced piece by piece, for transfers too large to hold.
+pub struct Pattern {
+    x: u64,
+}
+
+impl Pattern {
+    pub fn new(seed: u64) -> Pattern {
+        Pattern {
+            x: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+        }
+    }
+
+    /// Writes the next `buf.len()` bytes of the stream.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for b in buf {
             // xorshift64: cheap, and distinct seeds give distinct streams.
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+            self.x ^= self.x << 13;
+            self.x ^= self.x >> 7;
+            self.x ^= self.x << 17;
+            *b = self.x as u8;
+        }
+    }
 }
 
 pub fn sha256_hex(data: &[u8]) -> String {
@@ -63,5 +81,26 @@ pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
             return false;
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Open file descriptors of a process (entries of `/proc/PID/fd`).
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Raises this process's soft limit on open files to its hard limit (tests that hold a
+/// thousand sockets).
+pub fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        let mut l = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
     }
 }

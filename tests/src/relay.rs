@@ -95,6 +95,17 @@ impl Relay {
         Ok(relay)
     }
 
+    /// The worker: the supervisor's child process that relays connections.
+    pub fn worker_pid(&self) -> Option<u32> {
+        let pid = self.pid();
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -53,6 +53,10 @@ enum Cmd {
     Dist,
     /// Lint and run every test (unit, eBPF, end to end). CI runs exactly this.
     Test {
+        /// The heavy variants of the hostile-input suite (more connections, larger transfers,
+        /// more rounds); sets RELAY_SOAK=1 for the tests.
+        #[arg(long)]
+        soak: bool,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -91,7 +95,7 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Test { args } => test(&args),
+        Cmd::Test { soak, args } => test(soak, &args),
         Cmd::Bench { quick, only } => {
             let relay = bench::build_release()?;
             bench::bench(quick, only.as_deref(), &relay)
@@ -103,7 +107,7 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
     }
 }
 
-fn test(args: &[String]) -> anyhow::Result<()> {
+fn test(soak: bool, args: &[String]) -> anyhow::Result<()> {
     if !setup::is_root() {
         eprintln!(
             "\x1b[1;33mwarning:\x1b[0m not root: the eBPF and network-namespace tests will FAIL \
@@ -116,11 +120,55 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         .context("clippy found problems")?;
     // `cargo test` builds the relay binary too (its package has integration tests), with the
     // same features as the tests: a separate `cargo build` would compile much of it twice.
-    run(Command::new("cargo")
+    let mut cargo_test = Command::new("cargo");
+    cargo_test
         .args(["test", "--no-fail-fast"])
         .args(args)
-        .env("RELAY_BIN", relay_bin(false)))
-    .context("tests failed")
+        .env("RELAY_BIN", relay_bin(false));
+    if soak {
+        cargo_test.env("RELAY_SOAK", "1");
+    }
+    run(&mut cargo_test).context("tests failed")?;
+    fuzz(if soak { 600 } else { 20 })
+}
+
+/// The fuzz targets in `fuzz/` (cargo-fuzz, libFuzzer): every parser of untrusted or
+/// operator-written input.
+const FUZZ_TARGETS: &[&str] = &[
+    "config",
+    "control_request",
+    "allow_rules",
+    "http_redirect",
+    "proxy_header",
+];
+
+/// Runs every fuzz target for `seconds`, starting from the committed seeds. A crash fails the
+/// test run and leaves its input in `fuzz/artifacts/<target>/`.
+fn fuzz(seconds: u32) -> anyhow::Result<()> {
+    setup::cargo_fuzz()?;
+    // No sanitizer in this bounded run: the targets are safe Rust, so libFuzzer looks for
+    // panics, hangs and runaway memory; it also halves the build. Longer runs: see README.
+    run(Command::new("cargo").args(["+nightly", "fuzz", "build", "--sanitizer", "none"]))
+        .context("building the fuzz targets")?;
+    for target in FUZZ_TARGETS {
+        let corpus = format!("fuzz/corpus/{target}");
+        std::fs::create_dir_all(&corpus)?;
+        run(Command::new("cargo")
+            .args([
+                "+nightly",
+                "fuzz",
+                "run",
+                "--sanitizer",
+                "none",
+                target,
+                &corpus,
+            ])
+            .arg(format!("fuzz/seeds/{target}"))
+            .args(["--", "-rss_limit_mb=2048", "-timeout=10"])
+            .arg(format!("-max_total_time={seconds}")))
+        .with_context(|| format!("fuzz target {target} failed: see fuzz/artifacts/{target}/"))?;
+    }
+    Ok(())
 }
 
 fn build(release: bool) -> anyhow::Result<()> {

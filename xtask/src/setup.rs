@@ -38,6 +38,8 @@ const APT_PACKAGES: &[&str] = &[
     // nothing in clear.
     "haproxy",
     "tshark",
+    // libFuzzer (the fuzzing step) is C++.
+    "g++",
 ];
 
 pub fn setup() -> anyhow::Result<()> {
@@ -197,6 +199,23 @@ const BENCH_PACKAGES: &[&str] = &[
     "linux-perf",
     "util-linux",
 ];
+
+/// cargo-fuzz, for the fuzzing step of `cargo xtask test`.
+pub fn cargo_fuzz() -> anyhow::Result<()> {
+    let installed = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if installed {
+        return Ok(());
+    }
+    let t = Instant::now();
+    step("cargo install cargo-fuzz (about a minute)");
+    run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))
+        .context("cargo install cargo-fuzz failed: is crates.io reachable?")?;
+    step(&format!("cargo-fuzz installed in {}", secs(t.elapsed())));
+    Ok(())
+}
 
 /// Installs the bench's peers.
 pub fn bench_tools() -> anyhow::Result<()> {
