@@ -695,6 +695,11 @@ async fn backend_faults_end_promptly_and_leak_nothing() {
         "file descriptors back to {baseline}: now {}",
         fd_count(worker)
     );
+    eprintln!(
+        "{} fault rounds after a warm-up: worker fds {baseline} before, {} after",
+        rounds,
+        fd_count(worker)
+    );
     drop(fillers);
 }
 
