@@ -11,42 +11,36 @@ use std::{
 use relay_tests::{
     backend::{Backend, BackendTls},
     client::{self, ClientLevel},
-    config::{inbound, outbound, relay_section, service},
+    config::{inbound, outbound, service},
+    env::TestDir,
     free_port,
     http::HttpServer,
     pattern,
-    pki::{KeyKind, Pki},
-    relay::Relay,
+    pki::KeyKind,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const PAGE: &str = "hello through the relay\n";
 
-struct Env {
-    dir: tempfile::TempDir,
-    pki: Pki,
-}
+/// A test directory with a `www/hello.txt` for the HTTP backend.
+struct Env(TestDir);
 
 fn env() -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::generate(&dir.path().join("pki")).unwrap();
-    std::fs::create_dir_all(dir.path().join("www")).unwrap();
-    std::fs::write(dir.path().join("www/hello.txt"), PAGE).unwrap();
-    Env { dir, pki }
+    let t = TestDir::new();
+    std::fs::create_dir_all(t.path().join("www")).unwrap();
+    std::fs::write(t.path().join("www/hello.txt"), PAGE).unwrap();
+    Env(t)
+}
+
+impl std::ops::Deref for Env {
+    type Target = TestDir;
+
+    fn deref(&self) -> &TestDir {
+        &self.0
+    }
 }
 
 impl Env {
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn start_relay(&self, relay_extra: &str, services: &[String]) -> Relay {
-        let text = relay_section(self.path(), relay_extra) + &services.concat();
-        let file = self.path().join("relay.toml");
-        std::fs::write(&file, text).unwrap();
-        Relay::start(&file).unwrap()
-    }
-
     fn http_backend(&self) -> HttpServer {
         HttpServer::start(
             &self.path().join("www"),

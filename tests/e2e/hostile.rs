@@ -18,11 +18,10 @@ use std::{
 use relay_tests::{
     backend::Backend,
     client::{self, ClientLevel},
-    config::{inbound, outbound, relay_section, service},
+    env::TestDir,
     fd_count, free_port,
     metrics::{closed, sample},
     pattern,
-    pki::Pki,
     relay::{Relay, binary},
     wait_until,
 };
@@ -37,29 +36,31 @@ fn soak() -> bool {
 }
 
 struct Env {
-    dir: tempfile::TempDir,
-    pki: Pki,
+    t: TestDir,
     metrics: SocketAddr,
 }
 
 fn env() -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::generate(&dir.path().join("pki")).unwrap();
     let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    Env { dir, pki, metrics }
+    Env {
+        t: TestDir::new(),
+        metrics,
+    }
+}
+
+impl std::ops::Deref for Env {
+    type Target = TestDir;
+
+    fn deref(&self) -> &TestDir {
+        &self.t
+    }
 }
 
 impl Env {
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
+    /// Writes the config, with the metrics listener every test here reads.
     fn config(&self, relay_extra: &str, services: &[String]) -> std::path::PathBuf {
         let extra = format!("metrics = \"{}\"\n{relay_extra}", self.metrics);
-        let text = relay_section(self.path(), &extra) + &services.concat();
-        let file = self.path().join("relay.toml");
-        std::fs::write(&file, text).unwrap();
-        file
+        self.write_config(&extra, services)
     }
 
     fn start_relay(&self, relay_extra: &str, services: &[String]) -> Relay {
@@ -161,8 +162,7 @@ async fn bad_input_is_closed_promptly_counted_and_others_are_served() {
     let tls_front = listen();
     let mtls_front = listen();
     let api = env.pki.server_for("api", &["api.example.org"]).unwrap();
-    let inb = inbound("tls", &env.pki)
-        + "unknown_sni = \"reject\"\n"
+    let sni = "unknown_sni = \"reject\"\n".to_string()
         + &format!(
             "[[service.inbound.sni]]\nname = \"api.example.org\"\ncert = \"{}\"\nkey = \"{}\"\n",
             api.cert.display(),
@@ -171,19 +171,19 @@ async fn bad_input_is_closed_promptly_counted_and_others_are_served() {
     let relay = env.start_relay(
         "handshake_timeout = \"2s\"",
         &[
-            service(
+            env.service(
                 "shop",
                 tls_front,
                 backend.addr,
-                &inb,
-                &outbound("plain", &env.pki),
+                ("tls", "plain"),
+                (&sni, ""),
             ),
-            service(
+            env.service(
                 "vault",
                 mtls_front,
                 backend.addr,
-                &inbound("mtls", &env.pki),
-                &outbound("plain", &env.pki),
+                ("mtls", "plain"),
+                ("", ""),
             ),
         ],
     );
@@ -332,13 +332,7 @@ async fn a_thousand_slowloris_connections_do_not_starve_clients() {
     let front = listen();
     let _relay = env.start_relay(
         "handshake_timeout = \"3s\"",
-        &[service(
-            "shop",
-            front,
-            backend.addr,
-            &inbound("tls", &env.pki),
-            &outbound("plain", &env.pki),
-        )],
+        &[env.service("shop", front, backend.addr, ("tls", "plain"), ("", ""))],
     );
     let count = if soak() { 5000 } else { 1000 };
     let hello = Arc::new(client_hello(&env.pki.ca, "localhost"));
@@ -394,15 +388,7 @@ async fn total_and_per_service_limits_close_the_excess_cleanly() {
     let env = env();
     let backend = Backend::plain().await;
     let (a, b) = (listen(), listen());
-    let svc = |name, front| {
-        service(
-            name,
-            front,
-            backend.addr,
-            &inbound("plain", &env.pki),
-            &outbound("plain", &env.pki),
-        )
-    };
+    let svc = |name, front| env.service(name, front, backend.addr, ("plain", "plain"), ("", ""));
     let _relay = env.start_relay("max_connections = 3", &[svc("a", a), svc("b", b)]);
     // Three held connections (ECHO keeps them open) fill the total limit.
     let mut held = Vec::new();
@@ -443,13 +429,7 @@ async fn out_of_file_descriptors_degrades_then_recovers() {
     let front = listen();
     let config = env.config(
         "",
-        &[service(
-            "shop",
-            front,
-            backend.addr,
-            &inbound("plain", &env.pki),
-            &outbound("plain", &env.pki),
-        )],
+        &[env.service("shop", front, backend.addr, ("plain", "plain"), ("", ""))],
     );
     // Started under a hard limit of 64 open files: the relay cannot raise it.
     let relay = Relay::start_with(
@@ -578,13 +558,7 @@ async fn backend_faults_end_promptly_and_leak_nothing() {
         for level in ["plain", "tls"] {
             let front = listen();
             let svc = format!("{name}-{level}");
-            services.push(service(
-                &svc,
-                front,
-                backend,
-                &inbound(level, &env.pki),
-                &outbound("plain", &env.pki),
-            ));
+            services.push(env.service(&svc, front, backend, (level, "plain"), ("", "")));
             fronts.push((name, level, svc, front));
         }
     }
@@ -728,19 +702,19 @@ async fn gibibytes_each_way_arrive_intact_and_concurrent_streams_do_not_mix() {
     let _relay = env.start_relay(
         "",
         &[
-            service(
+            env.service(
                 "tls-to-plain",
                 tls_in,
                 plain_backend.addr,
-                &inbound("tls", &env.pki),
-                &outbound("plain", &env.pki),
+                ("tls", "plain"),
+                ("", ""),
             ),
-            service(
+            env.service(
                 "plain-to-tls",
                 plain_in,
                 tls_backend.addr,
-                &inbound("plain", &env.pki),
-                &outbound("tls", &env.pki),
+                ("plain", "tls"),
+                ("", ""),
             ),
         ],
     );
@@ -779,13 +753,7 @@ async fn control_socket_refuses_other_users_and_open_keys_are_warned_about() {
     let backend = Backend::plain().await;
     let config = env.config(
         "",
-        &[service(
-            "shop",
-            listen(),
-            backend.addr,
-            &inbound("tls", &env.pki),
-            &outbound("plain", &env.pki),
-        )],
+        &[env.service("shop", listen(), backend.addr, ("tls", "plain"), ("", ""))],
     );
     let relay = Relay::start(&config).unwrap();
     let as_nobody = Command::new("setpriv")
@@ -852,16 +820,10 @@ async fn memory_stays_bounded_under_a_flood_of_handshakes() {
     let backend = Backend::plain().await;
     let front = listen();
     // No resumption: every handshake is a full one, the expensive kind.
-    let inb = inbound("tls", &env.pki) + "resumption = false\n";
+    let no_resumption = ("resumption = false\n", "");
     let relay = env.start_relay(
         "",
-        &[service(
-            "shop",
-            front,
-            backend.addr,
-            &inb,
-            &outbound("plain", &env.pki),
-        )],
+        &[env.service("shop", front, backend.addr, ("tls", "plain"), no_resumption)],
     );
     let worker = relay.worker_pid().unwrap();
     let before = peak_rss_kib(worker);

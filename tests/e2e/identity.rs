@@ -4,54 +4,34 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    path::Path,
     process::{Command, Output},
     time::Duration,
 };
 
 use relay_tests::{
-    config::{inbound, outbound, relay_section, service},
+    env::TestDir,
     free_port,
     haproxy::ProxyConsumer,
     http::HttpServer,
-    pki::{CertFiles, Names, Pki},
-    relay::Relay,
+    pki::{CertFiles, Names},
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// Loopback of each family: every test below runs over both.
 const FAMILIES: [&str; 2] = ["127.0.0.1", "::1"];
 
-struct Env {
-    dir: tempfile::TempDir,
-    pki: Pki,
-}
+type Env = TestDir;
 
 fn env() -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::generate(&dir.path().join("pki")).unwrap();
-    Env { dir, pki }
+    TestDir::new()
 }
 
-impl Env {
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn start_relay(&self, relay_extra: &str, services: &[String]) -> Relay {
-        let text = relay_section(self.path(), relay_extra) + &services.concat();
-        let file = self.path().join("relay.toml");
-        std::fs::write(&file, text).unwrap();
-        Relay::start(&file).unwrap()
-    }
-
-    /// A real HTTP server whose `page.txt` says `page`.
-    fn http_backend(&self, page: &str) -> HttpServer {
-        let www = self.path().join(format!("www-{page}"));
-        std::fs::create_dir_all(&www).unwrap();
-        std::fs::write(www.join("page.txt"), format!("{page}\n")).unwrap();
-        HttpServer::start(&www, "127.0.0.1".parse().unwrap(), free_port(), &[]).unwrap()
-    }
+/// A real HTTP server whose `page.txt` says `page`.
+fn http_backend(env: &Env, page: &str) -> HttpServer {
+    let www = env.path().join(format!("www-{page}"));
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("page.txt"), format!("{page}\n")).unwrap();
+    HttpServer::start(&www, "127.0.0.1".parse().unwrap(), free_port(), &[]).unwrap()
 }
 
 fn at(ip: &str, port: u16) -> SocketAddr {
@@ -161,24 +141,18 @@ async fn allow_rules_admit_by_uri_dns_or_cn_and_the_crl_revokes() {
     );
     let crl = pki.client_crl("clients-crl", &[105]).unwrap();
 
-    let http = env.http_backend("for-allowed-clients");
+    let http = http_backend(&env, "for-allowed-clients");
     let metrics = at("127.0.0.1", free_port());
     let fronts: Vec<SocketAddr> = FAMILIES.iter().map(|ip| at(ip, free_port())).collect();
     let services: Vec<String> = fronts
         .iter()
         .enumerate()
         .map(|(i, front)| {
-            let inb = inbound("mtls", pki)
-                + "allow = [\"uri:spiffe://example.org/ns/*/sa/web\", \"dns:api.example.org\", \
-                   \"cn:ops-console\"]\n"
-                + &format!("crl = \"{}\"\n", crl.display());
-            service(
-                &format!("acl{i}"),
-                *front,
-                http.addr,
-                &inb,
-                &outbound("plain", pki),
-            )
+            let acl = "allow = [\"uri:spiffe://example.org/ns/*/sa/web\", \"dns:api.example.org\", \
+                       \"cn:ops-console\"]\n"
+                .to_string() + &format!("crl = \"{}\"\n", crl.display());
+            let name = format!("acl{i}");
+            env.service(&name, *front, http.addr, ("mtls", "plain"), (&acl, ""))
         })
         .collect();
     let relay = env.start_relay(&format!("metrics = \"{metrics}\""), &services);
@@ -269,14 +243,8 @@ async fn proxy_protocol_v1_and_v2_tell_haproxy_the_client_address() {
         for (ip, consumer) in FAMILIES.iter().zip(&consumers) {
             let front = at(ip, free_port());
             let name = format!("pp-{version}-{}", if ip.contains(':') { 6 } else { 4 });
-            let out = outbound("plain", &env.pki) + &format!("proxy_protocol = \"{version}\"\n");
-            services.push(service(
-                &name,
-                front,
-                consumer.addr,
-                &inbound("tls", &env.pki),
-                &out,
-            ));
+            let pp = format!("proxy_protocol = \"{version}\"\n");
+            services.push(env.service(&name, front, consumer.addr, ("tls", "plain"), ("", &pp)));
             cases.push((version, *ip, front));
         }
     }
@@ -398,9 +366,14 @@ async fn proxy_v2_carries_tls_facts_and_the_verified_identity() {
     // The client comes over IPv6, the relay reaches the backend over IPv4: the header still
     // names the client's own family.
     let front = at("::1", free_port());
-    let inb = inbound("mtls", &env.pki) + "allow = [\"uri:spiffe://example.org/ns/prod/sa/*\"]\n";
-    let out = outbound("plain", &env.pki) + "proxy_protocol = \"v2\"\n";
-    let _relay = env.start_relay("", &[service("ppv2", front, backend, &inb, &out)]);
+    let extra = (
+        "allow = [\"uri:spiffe://example.org/ns/prod/sa/*\"]\n",
+        "proxy_protocol = \"v2\"\n",
+    );
+    let _relay = env.start_relay(
+        "",
+        &[env.service("ppv2", front, backend, ("mtls", "plain"), extra)],
+    );
 
     let got = tokio::task::spawn_blocking({
         let env_ca = env.pki.ca.clone();
@@ -471,20 +444,14 @@ async fn proxy_v2_carries_tls_facts_and_the_verified_identity() {
 #[tokio::test(flavor = "multi_thread")]
 async fn one_port_speaks_tls_and_rejects_relays_or_redirects_plaintext() {
     let env = env();
-    let http = env.http_backend("one-port");
+    let http = http_backend(&env, "one-port");
     let mut fronts = Vec::new();
     let mut services = Vec::new();
     for policy in ["reject", "relay", "redirect"] {
         // `[::]`: one dual-stack socket serves both families.
         let front = at("::", free_port());
-        let inb = inbound("tls", &env.pki) + &format!("plaintext = \"{policy}\"\n");
-        services.push(service(
-            policy,
-            front,
-            http.addr,
-            &inb,
-            &outbound("plain", &env.pki),
-        ));
+        let plaintext = format!("plaintext = \"{policy}\"\n");
+        services.push(env.service(policy, front, http.addr, ("tls", "plain"), (&plaintext, "")));
         fronts.push((policy, front.port()));
     }
     let relay = env.start_relay("", &services);
@@ -556,9 +523,9 @@ async fn one_port_speaks_tls_and_rejects_relays_or_redirects_plaintext() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sni_picks_the_certificate_and_the_backend() {
     let env = env();
-    let default = env.http_backend("default");
-    let api = env.http_backend("api");
-    let shop = env.http_backend("shop");
+    let default = http_backend(&env, "default");
+    let api = http_backend(&env, "api");
+    let shop = http_backend(&env, "shop");
     let api_cert = env.pki.server_for("api", &["api.example.org"]).unwrap();
     let shop_cert = env.pki.server_for("shop", &["*.shop.example.org"]).unwrap();
     let front = at("::", free_port());
@@ -569,18 +536,11 @@ async fn sni_picks_the_certificate_and_the_backend() {
             c.key.display()
         )
     };
-    let inb = inbound("tls", &env.pki)
-        + &sni("api.example.org", &api_cert, api.addr)
+    let entries = sni("api.example.org", &api_cert, api.addr)
         + &sni("*.shop.example.org", &shop_cert, shop.addr);
     let _relay = env.start_relay(
         "",
-        &[service(
-            "sni",
-            front,
-            default.addr,
-            &inb,
-            &outbound("plain", &env.pki),
-        )],
+        &[env.service("sni", front, default.addr, ("tls", "plain"), (&entries, ""))],
     );
     for ip in FAMILIES {
         for (name, page) in [

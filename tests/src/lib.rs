@@ -10,6 +10,7 @@
 pub mod backend;
 pub mod client;
 pub mod config;
+pub mod env;
 pub mod haproxy;
 pub mod http;
 pub mod metrics;
