@@ -581,3 +581,87 @@ async fn sni_picks_the_certificate_and_the_backend() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn services_added_at_runtime_take_allow_rules_and_proxy_protocol() {
+    let env = env();
+    let consumer = ProxyConsumer::start(env.path(), at("::1", free_port())).unwrap();
+    let config = env.write_config("", &[]);
+    let _relay = relay_tests::relay::Relay::start(&config).unwrap();
+    let add = |name: &str, front: SocketAddr, allow: &str| {
+        let c = env.pki.server();
+        let port = front.port().to_string();
+        let backend_port = consumer.addr.port().to_string();
+        let (listen, backend) = (front.to_string(), consumer.addr.to_string());
+        let args = [
+            "service",
+            "add",
+            "--name",
+            name,
+            "--server",
+            "::1",
+            "--port",
+            &port,
+            "--backend-port",
+            &backend_port,
+            "--backend",
+            &backend,
+            "--listen",
+            &listen,
+            "--inbound-level",
+            "mtls",
+            "--cert",
+            c.cert.to_str().unwrap(),
+            "--key",
+            c.key.to_str().unwrap(),
+            "--client-ca",
+            env.pki.client_ca.to_str().unwrap(),
+            "--allow",
+            allow,
+            "--plaintext",
+            "redirect",
+            "--proxy-protocol",
+            "v2",
+        ];
+        Command::new(relay_tests::relay::binary())
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let (open, closed) = (at("::1", free_port()), at("::1", free_port()));
+    let out = add("open", open, "dns:client.test");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = add("closed", closed, "cn:somebody-else");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let bad = add("bad", at("::1", free_port()), "ip:192.0.2.1");
+    assert!(!bad.status.success(), "a bad rule is refused");
+    assert!(
+        text(&bad.stderr).contains("allow[0]"),
+        "{}",
+        text(&bad.stderr)
+    );
+
+    let client = &env.pki.client;
+    let served = https(&env, "localhost", "::1", open.port(), "/", Some(client));
+    assert!(served.status.success(), "{}", text(&served.stderr));
+    let seen = text(&served.stdout);
+    assert!(
+        seen.starts_with("src=::1:") && seen.trim_end().ends_with("authority=localhost"),
+        "HAProxy got the PROXY v2 header: {seen:?}"
+    );
+    let denied = https(&env, "localhost", "::1", closed.port(), "/", Some(client));
+    assert!(
+        !denied.status.success(),
+        "dns:client.test is not cn:somebody-else"
+    );
+    let plain = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("http://[::1]:{}/x", open.port()),
+    ]);
+    assert_eq!(text(&plain.stdout), "301", "--plaintext redirect");
+}
