@@ -145,7 +145,8 @@ impl Rule {
     }
 }
 
-fn dns_matches(pattern: &str, name: &str) -> bool {
+/// A DNS name against a lowercase pattern (`*.` covers exactly one label); case-insensitive.
+pub(crate) fn dns_matches(pattern: &str, name: &str) -> bool {
     let name = name.to_ascii_lowercase();
     match pattern.strip_prefix("*.") {
         Some(suffix) => name

@@ -318,17 +318,24 @@ struct Accepted {
     backend: Option<SocketAddr>,
 }
 
+impl Accepted {
+    /// A client relayed at plain level, to the service's own backend.
+    fn plain(socket: TcpStream) -> Accepted {
+        Accepted {
+            conn: Either::Left(socket),
+            tls: None,
+            backend: None,
+        }
+    }
+}
+
 async fn accept_inbound(
     socket: TcpStream,
     service: &ServiceRuntime,
     limit: Duration,
 ) -> Result<Accepted, Failure> {
     let Some(server) = &service.server_side else {
-        return Ok(Accepted {
-            conn: Either::Left(socket),
-            tls: None,
-            backend: None,
-        });
+        return Ok(Accepted::plain(socket));
     };
     match timeout(limit, establish_tls(socket, service, server)).await {
         Err(_) => Err(Failure::new(
@@ -411,11 +418,7 @@ async fn plaintext(socket: TcpStream, policy: Plaintext) -> Result<Accepted, Fai
             Outcome::PlaintextRejected,
             "plaintext on a TLS port (inbound.plaintext = \"reject\")",
         )),
-        Plaintext::Relay => Ok(Accepted {
-            conn: Either::Left(socket),
-            tls: None,
-            backend: None,
-        }),
+        Plaintext::Relay => Ok(Accepted::plain(socket)),
         Plaintext::Redirect => match recognise::redirect(socket).await {
             Ok(location) => Err(Failure::new(
                 Outcome::Redirected,

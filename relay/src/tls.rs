@@ -34,7 +34,7 @@ use rustls::{
 };
 
 use crate::{
-    access::{Allow, AllowVerifier},
+    access::{Allow, AllowVerifier, dns_matches},
     config::{Inbound, Outbound, Service},
 };
 
@@ -257,27 +257,17 @@ impl ServerSide {
         let wildcard = || {
             self.by_name
                 .iter()
-                .find(|(n, ..)| name_matches(n, &sni) && n.starts_with("*."))
+                .find(|(n, ..)| n.starts_with("*.") && dns_matches(n, &sni))
         };
         match exact.or_else(wildcard) {
             Some((_, config, backend)) => Some((config, *backend)),
             None if self.reject_unknown
-                && !self.default_names.iter().any(|n| name_matches(n, &sni)) =>
+                && !self.default_names.iter().any(|n| dns_matches(n, &sni)) =>
             {
                 None
             }
             None => Some((&self.default, None)),
         }
-    }
-}
-
-/// `pattern` (lowercase; `*.` covers one label) matches `name` (lowercase).
-fn name_matches(pattern: &str, name: &str) -> bool {
-    match pattern.strip_prefix("*.") {
-        Some(parent) => name
-            .split_once('.')
-            .is_some_and(|(label, rest)| !label.is_empty() && rest == parent),
-        None => pattern == name,
     }
 }
 

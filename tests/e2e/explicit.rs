@@ -5,7 +5,7 @@ use std::{
     net::SocketAddr,
     path::Path,
     process::{Command, Output, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use relay_tests::{
@@ -385,19 +385,6 @@ async fn mtls_accepts_the_client_ca_and_rejects_others() {
     assert!(again.status.success(), "{}", text(&again.stderr));
 }
 
-/// Reads until EOF or error; returns how long it took, panicking after `limit`.
-async fn closed_within(mut s: tokio::net::TcpStream, limit: Duration) -> Duration {
-    let t = Instant::now();
-    let mut buf = [0u8; 4096];
-    loop {
-        match tokio::time::timeout(limit, s.read(&mut buf)).await {
-            Err(_) => panic!("connection still open after {limit:?}"),
-            Ok(Ok(0) | Err(_)) => return t.elapsed(),
-            Ok(Ok(_)) => {} // e.g. a TLS alert: keep reading until the close
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn wrong_protocol_on_a_tls_port_is_closed_and_the_relay_keeps_serving() {
     let env = env();
@@ -435,7 +422,9 @@ async fn wrong_protocol_on_a_tls_port_is_closed_and_the_relay_keeps_serving() {
         if half_close {
             s.shutdown().await.unwrap();
         }
-        let took = closed_within(s, Duration::from_secs(5)).await;
+        let took = client::read_until_closed(s, Duration::from_secs(5), "connection")
+            .await
+            .1;
         eprintln!("{what}: closed after {took:?}");
     }
     // Random bytes and HTTP are recognised as plaintext before any TLS parsing.
@@ -498,7 +487,9 @@ async fn backend_down_closes_the_client_promptly() {
     );
     for front in [f_dead, f_tls_dead] {
         let s = tokio::net::TcpStream::connect(front).await.unwrap();
-        let took = closed_within(s, Duration::from_secs(3)).await;
+        let took = client::read_until_closed(s, Duration::from_secs(3), "connection")
+            .await
+            .1;
         assert!(took < Duration::from_secs(3));
     }
     assert!(
@@ -535,7 +526,7 @@ async fn idle_timeout_and_connection_limit() {
     }
     // Third connection: over the service's limit, closed at once.
     let third = tokio::net::TcpStream::connect(front).await.unwrap();
-    closed_within(third, Duration::from_secs(2)).await;
+    client::read_until_closed(third, Duration::from_secs(2), "connection").await;
     assert!(relay.wait_logs(
         &["connection limit reached", "service=small"],
         1,
@@ -543,7 +534,9 @@ async fn idle_timeout_and_connection_limit() {
     ));
     // The two idle ones are closed by the idle timeout.
     for s in held {
-        let took = closed_within(s, Duration::from_secs(5)).await;
+        let took = client::read_until_closed(s, Duration::from_secs(5), "connection")
+            .await
+            .1;
         assert!(took < Duration::from_secs(4), "idle close took {took:?}");
     }
     assert!(relay.wait_logs(&["outcome=\"idle_timeout\""], 2, Duration::from_secs(3)));

@@ -97,24 +97,6 @@ fn listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
-/// Reads until EOF or error; panics if that takes longer than `limit`. Returns bytes read.
-async fn ends_within(
-    mut s: impl tokio::io::AsyncRead + Unpin,
-    limit: Duration,
-    what: &str,
-) -> usize {
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut total = 0;
-    let started = Instant::now();
-    loop {
-        match tokio::time::timeout_at((started + limit).into(), s.read(&mut buf)).await {
-            Err(_) => panic!("{what}: still open after {limit:?}"),
-            Ok(Ok(0) | Err(_)) => return total,
-            Ok(Ok(n)) => total += n,
-        }
-    }
-}
-
 /// A real ClientHello, as rustls sends it for `name`.
 fn client_hello(ca: &Path, name: &str) -> Vec<u8> {
     let config = client::tls_config(ca, None);
@@ -202,12 +184,13 @@ async fn bad_input_is_closed_promptly_counted_and_others_are_served() {
                 let mut s = TcpStream::connect(tls_front).await.unwrap();
                 s.write_all(&prefix).await.unwrap();
                 s.shutdown().await.unwrap();
-                ends_within(
+                client::read_until_closed(
                     s,
                     Duration::from_secs(2),
                     &format!("ClientHello cut at {n}"),
                 )
                 .await
+                .0
             });
         }
         while let Some(r) = set.join_next().await {
@@ -231,7 +214,7 @@ async fn bad_input_is_closed_promptly_counted_and_others_are_served() {
     let mut s = TcpStream::connect(tls_front).await.unwrap();
     s.write_all(&[0x16, 3, 3, 0xff, 0xff]).await.unwrap();
     s.write_all(&[0u8; 100]).await.unwrap();
-    ends_within(s, Duration::from_secs(2), "oversized record").await;
+    client::read_until_closed(s, Duration::from_secs(2), "oversized record").await;
     env.wait_closed(
         "shop",
         "handshake_failed",
@@ -261,7 +244,7 @@ async fn bad_input_is_closed_promptly_counted_and_others_are_served() {
     for (what, bytes) in &not_tls {
         let mut s = TcpStream::connect(tls_front).await.unwrap();
         s.write_all(bytes).await.unwrap();
-        ends_within(s, Duration::from_secs(2), what).await;
+        client::read_until_closed(s, Duration::from_secs(2), what).await;
     }
     env.wait_closed("shop", "plaintext_rejected", 4.0, Duration::from_secs(5));
 
@@ -269,7 +252,7 @@ async fn bad_input_is_closed_promptly_counted_and_others_are_served() {
     let mut s = TcpStream::connect(tls_front).await.unwrap();
     s.write_all(&hello[..hello.len() / 2]).await.unwrap();
     let t = Instant::now();
-    ends_within(s, Duration::from_secs(5), "stalled handshake").await;
+    client::read_until_closed(s, Duration::from_secs(5), "stalled handshake").await;
     assert!(
         t.elapsed() >= Duration::from_millis(1500),
         "closed before the timeout"
@@ -403,7 +386,9 @@ async fn total_and_per_service_limits_close_the_excess_cleanly() {
         let mut s = TcpStream::connect(front).await.unwrap();
         let _ = s.write_all(b"ECHO\nping").await;
         assert_eq!(
-            ends_within(s, Duration::from_secs(2), "over the total limit").await,
+            client::read_until_closed(s, Duration::from_secs(2), "over the total limit")
+                .await
+                .0,
             0
         );
     }
@@ -608,7 +593,9 @@ async fn backend_faults_end_promptly_and_leak_nothing() {
                 .await
                 .unwrap();
             let _ = s.write_all(b"hello").await;
-            let got = ends_within(s, Duration::from_secs(3), "backend reset").await;
+            let got = client::read_until_closed(s, Duration::from_secs(3), "backend reset")
+                .await
+                .0;
             assert!(got <= 1 << 20, "{l}: more than the backend sent");
 
             // Early close: EOF reaches the client while its own direction stays open.
@@ -633,7 +620,12 @@ async fn backend_faults_end_promptly_and_leak_nothing() {
                 let r = client::connect(front_of(name, l), &level(l)).await;
                 if let Ok(mut s) = r {
                     let _ = s.write_all(b"x").await;
-                    assert_eq!(ends_within(s, Duration::from_secs(limit), name).await, 0);
+                    assert_eq!(
+                        client::read_until_closed(s, Duration::from_secs(limit), name)
+                            .await
+                            .0,
+                        0
+                    );
                 }
                 assert!(started.elapsed() < Duration::from_secs(limit), "{name} {l}");
             }

@@ -81,14 +81,6 @@ fn https(
     curl(&args)
 }
 
-/// The value of one Prometheus sample, e.g. `relay_access_decisions_total{service="a",...}`.
-fn metric(addr: SocketAddr, series: &str) -> Option<f64> {
-    let out = curl(&[&format!("http://{addr}/metrics")]);
-    text(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn allow_rules_admit_by_uri_dns_or_cn_and_the_crl_revokes() {
     let env = env();
@@ -184,7 +176,7 @@ async fn allow_rules_admit_by_uri_dns_or_cn_and_the_crl_revokes() {
 
         let svc = format!("acl{i}");
         let sample = |decision: &str| {
-            metric(
+            relay_tests::metrics::sample(
                 metrics,
                 &format!(
                     "relay_access_decisions_total{{service=\"{svc}\",decision=\"{decision}\"}}"
@@ -192,13 +184,13 @@ async fn allow_rules_admit_by_uri_dns_or_cn_and_the_crl_revokes() {
             )
         };
         assert!(
-            relay_tests::wait_until(Duration::from_secs(5), || sample("allowed") == Some(3.0)),
+            relay_tests::wait_until(Duration::from_secs(5), || sample("allowed") == 3.0),
             "allowed decisions for {svc}: {:?}",
             sample("allowed")
         );
         assert_eq!(
             sample("denied"),
-            Some(1.0),
+            1.0,
             "only the intruder is denied by a rule"
         );
     }

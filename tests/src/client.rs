@@ -156,3 +156,23 @@ pub async fn source_stream(mut s: Box<dyn Stream>, len: u64, seed: u64) -> anyho
     anyhow::ensure!(got == len, "received {got} of {len} bytes");
     Ok(())
 }
+
+/// Reads until the peer closes (EOF or an error such as a reset), discarding what arrives;
+/// panics if the close takes longer than `limit`. Returns the bytes read and the time taken.
+pub async fn read_until_closed(
+    mut s: impl AsyncRead + Unpin,
+    limit: std::time::Duration,
+    what: &str,
+) -> (usize, std::time::Duration) {
+    let started = std::time::Instant::now();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0;
+    loop {
+        match tokio::time::timeout_at((started + limit).into(), s.read(&mut buf)).await {
+            Err(_) => panic!("{what}: still open after {limit:?}"),
+            Ok(Ok(0) | Err(_)) => return (total, started.elapsed()),
+            // e.g. a TLS alert before the close: keep reading.
+            Ok(Ok(n)) => total += n,
+        }
+    }
+}
