@@ -20,15 +20,36 @@ pub mod relay;
 
 use std::{net::TcpListener, time::Duration};
 
-/// A TCP port free on 127.0.0.1 and ::1 right now.
+/// Where [`free_port`] hands out ports: below the kernel's ephemeral range (32768–60999 by
+/// default), so no `bind(0)` listener and no outgoing connection of a test, a peer or the relay
+/// can be given the same port between the check here and the moment a relay binds it.
+const TEST_PORTS: std::ops::Range<u16> = 20000..32000;
+
+/// A TCP port free on 127.0.0.1 and ::1 right now, never handed out twice by this process.
+///
+/// Asking the kernel for an ephemeral port and releasing it (the usual trick) raced in CI: two
+/// calls in one test got the same released port for a metrics listener and a service. Each
+/// test binary starts at its own offset (its pid), and cargo runs test binaries one at a time.
 pub fn free_port() -> u16 {
-    loop {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let port = l.local_addr().unwrap().port();
-        if TcpListener::bind(("::1", port)).is_ok() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % span,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..span {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        let port = TEST_PORTS.start + offset as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("::1", port)).is_ok()
+        {
             return port;
         }
     }
+    panic!("no free TCP port in {TEST_PORTS:?} on 127.0.0.1 and ::1");
 }
 
 /// Deterministic test content: byte `i` of stream `seed`.
