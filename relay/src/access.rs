@@ -292,9 +292,8 @@ impl ClientCertVerifier for AllowVerifier {
 }
 
 /// The denial inside a failed handshake's error, if that is why it failed.
-pub fn denied_in(e: &std::io::Error) -> Option<&Denied> {
-    let rustls_error = e.get_ref()?.downcast_ref::<Error>()?;
-    match rustls_error {
+pub fn denied_in(e: &Error) -> Option<&Denied> {
+    match e {
         Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => {
             inner.downcast_ref::<Denied>()
         }

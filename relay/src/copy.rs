@@ -6,52 +6,78 @@
 //! Bytes are neither lost, duplicated nor reordered: each direction is one ordered pump.
 //! A connection on which no byte moves in either direction for `idle` is closed.
 //!
-//! Two pumps, chosen per connection:
-//! - **plain ↔ plain** ([`relay_tcp`]): `splice(2)` from the source socket into a pipe and from
+//! Each direction is one of three pumps, chosen by the levels of its two sides:
+//! - **plain → plain** ([`relay_tcp`]): `splice(2)` from the source socket into a pipe and from
 //!   the pipe into the destination socket: the payload never enters user space. Pipes come from
 //!   a per-thread pool and are held only while data is in flight. Where no pipe can be had
 //!   (out of file descriptors) the chunk goes through a pooled buffer instead.
-//! - **anything with TLS** ([`relay`]): read into a pooled buffer, write it out. The buffer is
-//!   taken from the per-thread [`pool`] only when the source has data and handed back as soon
-//!   as it is written, so an idle connection holds no data buffer. Its size adapts to the flow:
-//!   4 KiB to start (interactive traffic), doubling up to `max_buffer` while reads fill it
-//!   (bulk), shrinking again when they don't — the ztunnel approach.
+//! - **plain → TLS** (`seal_pump`): one `readv(2)` puts the plaintext straight where the
+//!   records' payloads go in a pooled buffer, laid out record after record with room for
+//!   each header and tag; the records are sealed there, in place, and written out with one
+//!   `write(2)`.
+//! - **TLS → anything** (`open_pump`): records are read into a pooled buffer and opened in
+//!   place; toward plain, the plaintexts are written from there with one `writev(2)`; toward
+//!   TLS, each is copied once into the other side's record, which is sealed in place.
 //!
-//! Userspace copies per byte, per direction (kernel socket copies not counted; "rustls" is the
-//! copy between rustls' record buffer and ours, decryption and encryption themselves run in
-//! place in rustls' buffers):
+//! Buffers come from a per-thread [`pool`], are taken only when the source has data and
+//! handed back as soon as it is written (or, for TLS input, as soon as no partial record is
+//! left), so an idle connection holds no data buffer. Their size adapts to the flow: 4 KiB to
+//! start (interactive traffic), doubling up to `max_buffer` while reads fill them (bulk),
+//! shrinking again when they don't — the ztunnel approach. A TLS input buffer grows to hold
+//! at least one whole record (up to 18 KiB) whatever `max_buffer` says.
+//!
+//! Userspace copies of each payload byte, per direction, after the handshake (the kernel's
+//! copies between socket buffers and these buffers are not counted; decryption and
+//! encryption run in place and are not copies):
 //!
 //! | inbound → outbound | client → backend | backend → client |
 //! |---|---|---|
 //! | plain → plain | 0 (splice) | 0 (splice) |
-//! | plain → tls, plain → mtls | 1 (rustls: plaintext into a record) | 1 (rustls: plaintext out of a record) |
-//! | tls → plain, mtls → plain | 1 (rustls: plaintext out of a record) | 1 (rustls: plaintext into a record) |
-//! | tls/mtls → tls/mtls (4 pairs) | 2 (out of one record, into the other) | 2 |
+//! | plain → tls, plain → mtls | 0 (read into the record, sealed in place) | 0 (opened in place, written from there) |
+//! | tls → plain, mtls → plain | 0 (opened in place, written from there) | 0 (read into the record, sealed in place) |
+//! | tls/mtls → tls/mtls (4 pairs) | 1 (out of one record into the other) | 1 |
 //!
-//! The remaining copy on TLS sides is rustls' buffered `Connection` API; its unbuffered API
-//! would let records be decrypted in place and written from there (not done yet).
+//! Two rarer copies exist and are counted in [`copied_bytes`] with the one above, so the
+//! benchmark can report measured copies per byte: a partial record moved to the front of its
+//! buffer when the buffer's end is reached, and application data that arrived together with
+//! the end of a handshake (rustls hands it over in a buffer of its own).
 
 use std::{
     cell::RefCell,
-    future::poll_fn,
-    io,
+    io::{self, IoSlice, IoSliceMut},
+    mem,
+    ops::Range,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
-    pin::Pin,
     sync::atomic::{AtomicU64, Ordering},
-    task::Poll,
     time::Duration,
 };
 
-use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, Interest, ReadBuf},
-    net::TcpStream,
-    time::Instant,
+use rustls::ContentType;
+use tokio::{io::Interest, net::TcpStream, time::Instant};
+
+use crate::tls::{
+    handshake::Established,
+    record::{Content, HEADER, MAX_PLAINTEXT, Opener, Sealer, Session, record_len},
 };
 
 /// Largest data buffer a connection may hold per direction unless configured otherwise.
 pub const DEFAULT_MAX_BUFFER: usize = 64 << 10;
 /// Size a direction starts with (and shrinks back to): interactive traffic fits.
 const MIN_BUFFER: usize = 4 << 10;
+/// Records opened before their plaintexts are passed on.
+const BATCH: usize = 16;
+
+/// Payload bytes copied in user space by this process (see the module doc), for the
+/// `relay_copied_bytes_total` metric.
+static COPIED: AtomicU64 = AtomicU64::new(0);
+
+pub fn copied_bytes() -> u64 {
+    COPIED.load(Ordering::Relaxed)
+}
+
+fn copied(n: usize) {
+    COPIED.fetch_add(n as u64, Ordering::Relaxed);
+}
 
 /// Bytes moved in each direction.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -85,6 +111,12 @@ impl Limits {
             max_buffer: DEFAULT_MAX_BUFFER,
         }
     }
+}
+
+/// One side of a connection, established at its level.
+pub enum Side {
+    Plain(TcpStream),
+    Tls(TcpStream, Box<Established>),
 }
 
 /// Byte counts and the time data last moved, shared by both directions and the watchdog.
@@ -148,96 +180,492 @@ async fn both_ways(
     }
 }
 
-/// Copies both ways between any two streams (TLS on either side) through pooled buffers.
-/// Returns the bytes moved either way, also when it fails.
-pub async fn relay<C, B>(client: C, backend: B, limits: Limits) -> (Transfer, Result<(), CopyError>)
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
+/// The receiving half of a TLS side, with what its handshake left over.
+struct Opening {
+    opener: Opener,
+    early: Vec<u8>,
+    incoming: Vec<u8>,
+    peer_closed: bool,
+}
+
+/// A side taken apart: its socket, rustls' session, the receiving and the sending half.
+fn take_apart(side: Side) -> (TcpStream, Option<(Session, Opening, Sealer)>) {
+    match side {
+        Side::Plain(socket) => (socket, None),
+        Side::Tls(socket, established) => {
+            let Established {
+                keys,
+                early,
+                incoming,
+                peer_closed,
+            } = *established;
+            let opening = Opening {
+                opener: keys.opener,
+                early,
+                incoming,
+                peer_closed,
+            };
+            (socket, Some((keys.session, opening, keys.sealer)))
+        }
+    }
+}
+
+/// Copies both ways between the client and the backend, each at its level. Returns the bytes
+/// moved either way, also when it fails.
+pub async fn relay(
+    client: Side,
+    backend: Side,
+    limits: Limits,
+) -> (Transfer, Result<(), CopyError>) {
+    let (client, client_tls) = take_apart(client);
+    let (backend, backend_tls) = take_apart(backend);
+    if client_tls.is_none() && backend_tls.is_none() {
+        return relay_tcp(client, backend, limits).await;
+    }
     let meter = Meter::new();
-    let (client_r, client_w) = tokio::io::split(client);
-    let (backend_r, backend_w) = tokio::io::split(backend);
     let max = limits.max_buffer.max(MIN_BUFFER);
-    let up = pump(client_r, backend_w, &meter, &meter.up, max);
-    let down = pump(backend_r, client_w, &meter, &meter.down, max);
+    let (client_session, client_in, client_out) = split(client_tls);
+    let (backend_session, backend_in, backend_out) = split(backend_tls);
+    let up = pump(
+        (&client, client_in, client_session.as_ref()),
+        (&backend, backend_out, backend_session.as_ref()),
+        (&meter, &meter.up),
+        max,
+    );
+    let down = pump(
+        (&backend, backend_in, backend_session.as_ref()),
+        (&client, client_out, client_session.as_ref()),
+        (&meter, &meter.down),
+        max,
+    );
     let result = both_ways(&meter, limits.idle, up, down).await;
     (meter.transfer(), result)
 }
 
-/// One direction through pooled, adaptively sized buffers.
-async fn pump<R, W>(
-    mut from: R,
-    mut to: W,
-    meter: &Meter,
-    counter: &AtomicU64,
-    max: usize,
-) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut size = MIN_BUFFER;
-    loop {
-        // The buffer goes back to the pool whenever the source has nothing to give, so a
-        // quiet direction holds none.
-        let read = poll_fn(|cx| {
-            let mut buf = pool::take(size);
-            let mut rb = ReadBuf::new(&mut buf);
-            match Pin::new(&mut from).poll_read(cx, &mut rb) {
-                Poll::Pending => {
-                    pool::give(buf);
-                    Poll::Pending
-                }
-                Poll::Ready(Ok(())) => {
-                    let n = rb.filled().len();
-                    Poll::Ready(Ok((buf, n)))
-                }
-                // A TLS peer that closes TCP without close_notify: every byte before was
-                // authenticated record by record, and many clients end this way, so treat it
-                // as the end of this direction rather than failing the other one.
-                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                    let n = 0;
-                    Poll::Ready(Ok((buf, n)))
-                }
-                Poll::Ready(Err(e)) => {
-                    pool::give(buf);
-                    Poll::Ready(Err(e))
-                }
-            }
-        })
-        .await;
-        let (buf, n) = read?;
-        if n == 0 {
-            pool::give(buf);
-            return half_close(&mut to).await;
-        }
-        meter.moved(counter, n);
-        let written = async {
-            to.write_all(&buf[..n]).await?;
-            to.flush().await
-        }
-        .await;
-        let filled = n == buf.len();
-        pool::give(buf);
-        written?;
-        meter.touch();
-        size = if filled {
-            (size * 2).min(max)
-        } else if n < size / 4 {
-            (size / 2).max(MIN_BUFFER)
-        } else {
-            size
-        };
+fn split(
+    tls: Option<(Session, Opening, Sealer)>,
+) -> (Option<Session>, Option<Opening>, Option<Sealer>) {
+    match tls {
+        Some((session, opening, sealer)) => (Some(session), Some(opening), Some(sealer)),
+        None => (None, None, None),
     }
 }
 
-async fn half_close<W: AsyncWrite + Unpin>(to: &mut W) -> io::Result<()> {
-    match to.shutdown().await {
-        // The peer may already be gone after its own half-close; our FIN is moot then.
-        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
-        other => other,
+/// One direction: from a socket (with its receiving TLS half) to a socket (with its sending
+/// TLS half).
+async fn pump(
+    (from, opening, from_session): (&TcpStream, Option<Opening>, Option<&Session>),
+    (to, sealer, to_session): (&TcpStream, Option<Sealer>, Option<&Session>),
+    (meter, counter): (&Meter, &AtomicU64),
+    max: usize,
+) -> io::Result<()> {
+    let sealing = sealer.zip(to_session);
+    match (opening.zip(from_session), sealing) {
+        (Some((opening, session)), sealing) => {
+            open_pump(from, opening, session, to, sealing, meter, counter, max).await
+        }
+        (None, Some((sealer, session))) => {
+            seal_pump(from, to, sealer, session, meter, counter, max).await
+        }
+        (None, None) => splice_pump(from, to, meter, counter, max).await,
     }
+}
+
+/// plain → TLS: plaintext read straight into record payloads, sealed in place.
+async fn seal_pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    mut sealer: Sealer,
+    session: &Session,
+    meter: &Meter,
+    counter: &AtomicU64,
+    max: usize,
+) -> io::Result<()> {
+    let mut size = MIN_BUFFER;
+    loop {
+        from.readable().await?;
+        let mut buf = pool::take(size);
+        let slots = Slots::new(&sealer, buf.len());
+        let read = from.try_read_vectored(&mut slots.payloads(&mut buf));
+        let n = match read {
+            Ok(n) => n,
+            Err(e) => {
+                drop(buf);
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => continue,
+                    _ => return Err(e),
+                }
+            }
+        };
+        if n == 0 {
+            drop(buf);
+            return finish(to, Some((&mut sealer, session))).await;
+        }
+        meter.moved(counter, n);
+        let written = async {
+            let control = sealer.before_data(session)?;
+            let len = slots.seal(&mut sealer, &mut buf, n)?;
+            write_all(
+                to,
+                &mut [control.as_deref().unwrap_or_default(), &buf[..len]],
+            )
+            .await
+        }
+        .await;
+        drop(buf);
+        written?;
+        meter.touch();
+        size = adapt(size, n == slots.capacity, n, max);
+    }
+}
+
+/// TLS → plain or TLS: records opened in place, their plaintexts passed on from there.
+#[allow(clippy::too_many_arguments)]
+async fn open_pump(
+    from: &TcpStream,
+    mut opening: Opening,
+    session: &Session,
+    to: &TcpStream,
+    mut sealing: Option<(Sealer, &Session)>,
+    meter: &Meter,
+    counter: &AtomicU64,
+    max: usize,
+) -> io::Result<()> {
+    // Data that came with the end of the handshake goes first.
+    let early = mem::take(&mut opening.early);
+    if !early.is_empty() {
+        copied(early.len());
+        meter.moved(counter, early.len());
+        let whole = 0..early.len();
+        deliver(to, &mut sealing, &early, std::slice::from_ref(&whole)).await?;
+        meter.touch();
+    }
+    drop(early);
+    if opening.peer_closed {
+        return finish(to, sealing.as_mut().map(|(s, session)| (s, *session))).await;
+    }
+    let mut received = Received::new(mem::take(&mut opening.incoming));
+    let mut size = MIN_BUFFER;
+    loop {
+        let mut ranges = Vec::new();
+        let (opened_to, closed) = received.open(&mut opening.opener, session, &mut ranges)?;
+        if !ranges.is_empty() {
+            let n = ranges.iter().map(|r| r.len()).sum();
+            meter.moved(counter, n);
+            deliver(to, &mut sealing, &received.buf, &ranges).await?;
+            meter.touch();
+        }
+        let opened_any = opened_to > received.start;
+        received.consume_to(opened_to);
+        if closed {
+            return finish(to, sealing.as_mut().map(|(s, session)| (s, *session))).await;
+        }
+        if opened_any {
+            continue;
+        }
+        from.readable().await?;
+        match received.fill(from, size)? {
+            None => {}
+            Some((0, _)) if received.is_empty() => {
+                // No close_notify: every byte before was authenticated record by record, and
+                // many clients end this way, so this is the end of this direction.
+                return finish(to, sealing.as_mut().map(|(s, session)| (s, *session))).await;
+            }
+            Some((0, _)) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed in the middle of a TLS record",
+                ));
+            }
+            Some((n, filled)) => size = adapt(size, filled, n, max),
+        }
+    }
+}
+
+/// Passes plaintexts on: written as they are toward plain, sealed into records toward TLS.
+async fn deliver(
+    to: &TcpStream,
+    sealing: &mut Option<(Sealer, &Session)>,
+    buf: &[u8],
+    ranges: &[Range<usize>],
+) -> io::Result<()> {
+    let Some((sealer, session)) = sealing else {
+        let mut slices: Vec<IoSlice<'_>> = ranges
+            .iter()
+            .map(|r| IoSlice::new(&buf[r.clone()]))
+            .collect();
+        return write_all_slices(to, &mut slices).await;
+    };
+    let control = sealer.before_data(session)?;
+    if let Some(control) = control {
+        write_all(to, &mut [&control]).await?;
+    }
+    let chunks = ranges
+        .iter()
+        .flat_map(|r| buf[r.clone()].chunks(MAX_PLAINTEXT))
+        .collect::<Vec<_>>();
+    // As many records per write as fit a buffer of the largest pooled size.
+    for group in chunks.chunks(pool::LARGEST / (MAX_PLAINTEXT + sealer.overhead())) {
+        let bytes: usize = group.iter().map(|c| c.len()).sum();
+        let mut out = pool::take(bytes + group.len() * sealer.overhead());
+        let mut len = 0;
+        let start = sealer.payload_offset();
+        let sealed = group.iter().try_for_each(|chunk| {
+            out[len + start..len + start + chunk.len()].copy_from_slice(chunk);
+            len += sealer.seal(ContentType::ApplicationData, &mut out[len..], chunk.len())?;
+            Ok::<_, io::Error>(())
+        });
+        copied(bytes);
+        let written = match sealed {
+            Ok(()) => write_all(to, &mut [&out[..len]]).await,
+            Err(e) => Err(e),
+        };
+        drop(out);
+        written?;
+    }
+    Ok(())
+}
+
+/// The end of a direction: close_notify toward TLS, then a FIN.
+async fn finish(to: &TcpStream, sealing: Option<(&mut Sealer, &Session)>) -> io::Result<()> {
+    if let Some((sealer, _)) = sealing {
+        let alert = sealer.close_notify()?;
+        match write_all(to, &mut [&alert]).await {
+            // The peer stopped reading after its own close: our goodbye is moot.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::NotConnected
+                ) =>
+            {
+                return Ok(());
+            }
+            other => other?,
+        }
+    }
+    shutdown_write(to)
+}
+
+fn adapt(size: usize, filled: bool, n: usize, max: usize) -> usize {
+    if filled {
+        (size * 2).min(max)
+    } else if n < size / 4 {
+        (size / 2).max(MIN_BUFFER)
+    } else {
+        size
+    }
+}
+
+/// Where records go in a send buffer: back to back, each with room for its header (and
+/// explicit nonce) before and its type byte and tag after up to 2^14 plaintext bytes. Records
+/// filled in order are contiguous, so the sealed ones leave in one write.
+struct Slots {
+    offset: usize,
+    overhead: usize,
+    stride: usize,
+    /// Plaintext bytes the buffer holds in all.
+    capacity: usize,
+}
+
+impl Slots {
+    fn new(sealer: &Sealer, len: usize) -> Slots {
+        let overhead = sealer.overhead();
+        let stride = overhead + MAX_PLAINTEXT;
+        let full = len / stride;
+        let rest = (len % stride).saturating_sub(overhead);
+        Slots {
+            offset: sealer.payload_offset(),
+            overhead,
+            stride,
+            capacity: full * MAX_PLAINTEXT + rest,
+        }
+    }
+
+    /// The payload area of every record slot, for one `readv`.
+    fn payloads<'b>(&self, buf: &'b mut [u8]) -> Vec<IoSliceMut<'b>> {
+        let trailer = self.overhead - self.offset;
+        buf.chunks_mut(self.stride)
+            .filter(|slot| slot.len() > self.overhead)
+            .map(|slot| {
+                let end = slot.len() - trailer;
+                IoSliceMut::new(&mut slot[self.offset..end])
+            })
+            .collect()
+    }
+
+    /// Seals the `n` bytes read into the slots; returns the length of the records.
+    fn seal(&self, sealer: &mut Sealer, buf: &mut [u8], mut n: usize) -> io::Result<usize> {
+        let mut len = 0;
+        for slot in buf.chunks_mut(self.stride) {
+            if n == 0 {
+                break;
+            }
+            let take = n.min(slot.len() - self.overhead);
+            // Every slot but the last is full, so each record starts where the last ended.
+            len += sealer.seal(ContentType::ApplicationData, slot, take)?;
+            n -= take;
+        }
+        Ok(len)
+    }
+}
+
+/// Received TLS bytes in a pooled buffer: whole records are opened in place; a partial one
+/// waits at `start..end` for the rest. No buffer is held while nothing is pending.
+struct Received {
+    buf: pool::Buf,
+    start: usize,
+    end: usize,
+    /// The length of the last record opened: bulk senders send records of one length.
+    last_record: usize,
+}
+
+impl Received {
+    /// Starts with the bytes that followed a handshake.
+    fn new(leftover: Vec<u8>) -> Received {
+        let mut received = Received {
+            buf: pool::Buf::none(),
+            start: 0,
+            end: 0,
+            last_record: 0,
+        };
+        if !leftover.is_empty() {
+            received.buf = pool::take(leftover.len().max(MIN_BUFFER));
+            received.buf[..leftover.len()].copy_from_slice(&leftover);
+            received.end = leftover.len();
+            copied(leftover.len());
+        }
+        received
+    }
+
+    fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    /// Opens the whole records from `start`, at most [`BATCH`]; the plaintexts' places go to
+    /// `ranges`. Returns where the opened records end and whether close_notify was among them.
+    fn open(
+        &mut self,
+        opener: &mut Opener,
+        session: &Session,
+        ranges: &mut Vec<Range<usize>>,
+    ) -> io::Result<(usize, bool)> {
+        let mut pos = self.start;
+        while ranges.len() < BATCH {
+            let Some(len) = record_len(&self.buf[pos..self.end])? else {
+                break;
+            };
+            if pos + len > self.end {
+                break;
+            }
+            let content = opener.open(session, &mut self.buf[pos..pos + len])?;
+            self.last_record = len;
+            let record = pos;
+            pos += len;
+            match content {
+                Content::Data(r) if !r.is_empty() => ranges.push(record + r.start..record + r.end),
+                Content::Data(_) | Content::Control => {}
+                Content::CloseNotify => return Ok((pos, true)),
+            }
+        }
+        Ok((pos, false))
+    }
+
+    /// Everything before `pos` was passed on; with nothing left, the buffer goes back.
+    fn consume_to(&mut self, pos: usize) {
+        self.start = pos;
+        if self.is_empty() {
+            self.buf = pool::Buf::none();
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Reads what `from` has now: `None` if nothing, 0 bytes at its end; and whether the read
+    /// took all it could.
+    fn fill(&mut self, from: &TcpStream, size: usize) -> io::Result<Option<(usize, bool)>> {
+        self.make_room(size)?;
+        let limit = self.read_limit();
+        match from.try_read(&mut self.buf[self.end..limit]) {
+            Ok(n) => {
+                self.end += n;
+                Ok(Some((n, self.end == limit)))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if self.is_empty() {
+                    self.consume_to(0);
+                }
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Where this read should stop: where a record is expected to end, so that no partial
+    /// record is left at the buffer's end to be moved to its front before the next read. The
+    /// pending record's header tells where it ends; the records after it are expected to be as
+    /// long as the last one (a bulk sender fills every record). A wrong guess costs nothing
+    /// but the move it tried to avoid.
+    fn read_limit(&self) -> usize {
+        let len = self.buf.len();
+        let mut boundary = match record_len(&self.buf[self.start..self.end]) {
+            Ok(Some(record)) => self.start + record,
+            Ok(None) if self.is_empty() => self.start,
+            _ => return len,
+        };
+        if self.last_record == 0 || boundary > len {
+            return len;
+        }
+        while boundary + self.last_record <= len {
+            boundary += self.last_record;
+        }
+        if boundary > self.end { boundary } else { len }
+    }
+
+    /// Makes sure the partial record at `start` can arrive whole, and that there is room to
+    /// read into: a buffer if none is held, the partial record moved to the front when the
+    /// end is reached, or a larger buffer when the record is longer than this one.
+    fn make_room(&mut self, size: usize) -> io::Result<()> {
+        if self.buf.is_empty() {
+            self.buf = pool::take(size);
+            return Ok(());
+        }
+        let pending = self.end - self.start;
+        let record = record_len(&self.buf[self.start..self.end])?.unwrap_or(HEADER);
+        let needed = record.max(pending + 1);
+        if self.start + needed <= self.buf.len() {
+            return Ok(());
+        }
+        if needed <= self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+        } else {
+            let mut bigger = pool::take(needed.max(size));
+            bigger[..pending].copy_from_slice(&self.buf[self.start..self.end]);
+            self.buf = bigger;
+        }
+        copied(pending);
+        self.start = 0;
+        self.end = pending;
+        Ok(())
+    }
+}
+
+async fn write_all(to: &TcpStream, parts: &mut [&[u8]]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+    write_all_slices(to, &mut slices).await
+}
+
+async fn write_all_slices(to: &TcpStream, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+    IoSlice::advance_slices(&mut slices, 0);
+    while !slices.is_empty() {
+        to.writable().await?;
+        match to.try_write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Copies both ways between two plain TCP sockets with `splice(2)`.
@@ -331,7 +759,7 @@ async fn buffered_chunk(
         Ok(n)
     }
     .await;
-    pool::give(std::mem::take(&mut buf));
+    drop(buf);
     result
 }
 
@@ -363,8 +791,8 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 }
 
 /// Per-thread pool of data buffers in a few size classes. A connection takes one while it has
-/// bytes in flight and gives it back right after; the pool keeps a bounded number per class so
-/// a burst does not stay resident.
+/// bytes in flight and drops it right after, which gives it back; the pool keeps a bounded
+/// number per class so a burst does not stay resident.
 pub mod pool {
     use super::*;
 
@@ -389,15 +817,52 @@ pub mod pool {
         c
     }
 
-    /// A buffer of at least `size` bytes (rounded up to its class, at most 128 KiB).
-    pub fn take(size: usize) -> Box<[u8]> {
-        let c = class(size);
-        IN_USE.with(|n| n.set(n.get() + 1));
-        FREE.with(|f| f.borrow_mut()[c].pop())
-            .unwrap_or_else(|| vec![0u8; MIN_BUFFER << c].into_boxed_slice())
+    /// The largest pooled buffer.
+    pub const LARGEST: usize = MIN_BUFFER << (CLASSES - 1);
+
+    /// A data buffer that goes back to the pool when dropped.
+    pub struct Buf(Box<[u8]>);
+
+    impl Buf {
+        /// No buffer at all (holds no memory).
+        pub fn none() -> Buf {
+            Buf(Box::default())
+        }
     }
 
-    pub fn give(buf: Box<[u8]>) {
+    impl std::ops::Deref for Buf {
+        type Target = [u8];
+        fn deref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+
+    impl std::ops::DerefMut for Buf {
+        fn deref_mut(&mut self) -> &mut [u8] {
+            &mut self.0
+        }
+    }
+
+    impl Drop for Buf {
+        fn drop(&mut self) {
+            give(std::mem::take(&mut self.0));
+        }
+    }
+
+    /// A buffer of at least `size` bytes: rounded up to its class, or of exactly `size` (and not
+    /// pooled) above [`LARGEST`].
+    pub fn take(size: usize) -> Buf {
+        IN_USE.with(|n| n.set(n.get() + 1));
+        if size > LARGEST {
+            return Buf(vec![0u8; size].into_boxed_slice());
+        }
+        let c = class(size);
+        Buf(FREE
+            .with(|f| f.borrow_mut()[c].pop())
+            .unwrap_or_else(|| vec![0u8; MIN_BUFFER << c].into_boxed_slice()))
+    }
+
+    fn give(buf: Box<[u8]>) {
         if buf.is_empty() {
             return;
         }
@@ -474,59 +939,309 @@ mod pipes {
 
 #[cfg(test)]
 mod tests {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, duplex};
+    use std::sync::Arc;
+
+    use rustls::{SupportedCipherSuite, crypto::aws_lc_rs::cipher_suite as suites};
+    use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+    use tokio_rustls::{TlsAcceptor, TlsConnector};
 
     use super::*;
+    use crate::tls::{
+        ServerSide, handshake,
+        testing::{Tls, name, tcp_pair},
+    };
 
-    #[tokio::test]
-    async fn half_close_both_ways_keeps_every_byte() {
-        let (mut client, client_side) = duplex(1024);
-        let (backend_side, mut backend) = duplex(1024);
-        let task = tokio::spawn(relay(
-            client_side,
-            backend_side,
-            Limits::idle(Duration::from_secs(5)),
-        ));
-        let request: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+    /// A TLS client (tokio-rustls) connected to the relay's TLS server side.
+    async fn inbound(tls: &Tls) -> (tokio_rustls::client::TlsStream<TcpStream>, Side) {
+        let (peer, ours) = tcp_pair().await;
+        let server = ServerSide::with_config(tls.server(true));
+        let (peer, accepted) = tokio::join!(
+            TlsConnector::from(tls.client(false)).connect(name(), peer),
+            handshake::accept(&ours, &server)
+        );
+        let accepted = accepted.unwrap();
+        (
+            peer.unwrap(),
+            Side::Tls(ours, Box::new(accepted.established)),
+        )
+    }
+
+    /// The relay's TLS client side connected to a TLS server (tokio-rustls).
+    async fn outbound(
+        tls: &Tls,
+        config: Arc<rustls::ClientConfig>,
+    ) -> (tokio_rustls::server::TlsStream<TcpStream>, Side) {
+        let (ours, peer) = tcp_pair().await;
+        let (established, peer) = tokio::join!(
+            handshake::connect(&ours, config, name()),
+            TlsAcceptor::from(tls.server(false)).accept(peer)
+        );
+        (
+            peer.unwrap(),
+            Side::Tls(ours, Box::new(established.unwrap())),
+        )
+    }
+
+    const SUITES: [SupportedCipherSuite; 6] = [
+        suites::TLS13_AES_128_GCM_SHA256,
+        suites::TLS13_AES_256_GCM_SHA384,
+        suites::TLS13_CHACHA20_POLY1305_SHA256,
+        suites::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        suites::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        suites::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+    ];
+
+    /// Sends `up` from the client, half-closes, checks the backend got exactly that, then sends
+    /// `down` from the backend after the half-close and checks the client got exactly that.
+    async fn exchange(
+        mut client: impl AsyncRead + AsyncWrite + Unpin,
+        mut backend: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        relay: tokio::task::JoinHandle<(Transfer, Result<(), CopyError>)>,
+        up: usize,
+        down: usize,
+    ) {
+        let request: Vec<u8> = (0..up).map(|i| (i * 7 + i / 251) as u8).collect();
+        let answer: Vec<u8> = (0..down).map(|i| (i * 13 + i / 241) as u8).collect();
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
-            backend.read_to_end(&mut got).await.unwrap();
-            (backend, got)
+            backend.read_to_end(&mut got).await.map(|_| (backend, got))
         });
-        if let Err(e) = client.write_all(&request).await {
-            panic!("write: {e}; relay ended with {:?}", task.await.unwrap());
-        }
+        client.write_all(&request).await.unwrap();
         client.shutdown().await.unwrap();
-        let (mut backend, got) = reader.await.unwrap();
-        assert_eq!(
-            got, request,
-            "client->backend bytes after client half-close"
+        let (mut backend, got) = reader.await.unwrap().unwrap();
+        assert!(
+            got == request,
+            "client → backend: {} of {up} bytes, or different",
+            got.len()
         );
-        // The backend answers after the client has half-closed.
-        backend.write_all(b"response").await.unwrap();
+        backend.write_all(&answer).await.unwrap();
         backend.shutdown().await.unwrap();
-        let mut answer = Vec::new();
-        client.read_to_end(&mut answer).await.unwrap();
-        assert_eq!(answer, b"response");
-        let (transfer, result) = task.await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert!(
+            got == answer,
+            "backend → client: {} of {down} bytes, or different",
+            got.len()
+        );
+        let (transfer, result) = relay.await.unwrap();
         result.unwrap();
         assert_eq!(
             transfer,
             Transfer {
-                up: 100_000,
-                down: 8
+                up: up as u64,
+                down: down as u64
             }
         );
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn idle_connection_is_closed() {
-        let (_client, client_side) = duplex(64);
-        let (backend_side, _backend) = duplex(64);
+    fn spawn_relay(
+        client: Side,
+        backend: Side,
+    ) -> tokio::task::JoinHandle<(Transfer, Result<(), CopyError>)> {
+        tokio::spawn(relay(
+            client,
+            backend,
+            Limits::idle(Duration::from_secs(10)),
+        ))
+    }
+
+    #[tokio::test]
+    async fn tls_to_plain_keeps_every_byte_with_every_suite() {
+        for suite in SUITES {
+            let tls = Tls::new(suite);
+            let (client, client_side) = inbound(&tls).await;
+            let (backend_side, backend) = tcp_pair().await;
+            let relay = spawn_relay(client_side, Side::Plain(backend_side));
+            exchange(client, backend, relay, 3_000_000, 1_000_000).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn plain_to_tls_keeps_every_byte_with_every_suite() {
+        for suite in SUITES {
+            let tls = Tls::new(suite);
+            let (client, client_side) = tcp_pair().await;
+            let (backend, backend_side) = outbound(&tls, tls.client(true)).await;
+            let relay = spawn_relay(Side::Plain(client_side), backend_side);
+            exchange(client, backend, relay, 1_000_000, 3_000_000).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn tls_to_tls_keeps_every_byte_across_versions() {
+        // TLS 1.3 toward the client, TLS 1.2 toward the backend, and the other way round.
+        for (front, back) in [(SUITES[1], SUITES[3]), (SUITES[5], SUITES[2])] {
+            let (front, back) = (Tls::new(front), Tls::new(back));
+            let (client, client_side) = inbound(&front).await;
+            let (backend, backend_side) = outbound(&back, back.client(true)).await;
+            let relay = spawn_relay(client_side, backend_side);
+            exchange(client, backend, relay, 2_000_000, 2_000_000).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_half_closes_right_after_resuming_gets_its_answer() {
+        let tls = Tls::new(SUITES[0]);
+        let client_config = tls.client(false);
+        let server = Arc::new(ServerSide::with_config(tls.server(true)));
+        for round in 0..3 {
+            let (peer, ours) = tcp_pair().await;
+            let server = Arc::clone(&server);
+            let accept = tokio::spawn(async move {
+                let accepted = handshake::accept(&ours, &server).await;
+                (ours, accepted)
+            });
+            let mut client = TlsConnector::from(Arc::clone(&client_config))
+                .connect(name(), peer)
+                .await
+                .unwrap();
+            // close_notify right behind the Finished, often in the same read of the relay's.
+            client.shutdown().await.unwrap();
+            let (ours, accepted) = accept.await.unwrap();
+            let accepted = accepted.unwrap();
+            assert_eq!(accepted.facts.resumed, round > 0, "connection {round}");
+            let (backend_side, backend) = tcp_pair().await;
+            let relay = spawn_relay(
+                Side::Tls(ours, Box::new(accepted.established)),
+                Side::Plain(backend_side),
+            );
+            exchange(client, backend, relay, 0, 70_000).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn small_messages_cross_one_by_one() {
+        // Interactive traffic: each message must arrive before the next is sent.
+        let tls = Tls::new(SUITES[0]);
+        let (mut client, client_side) = inbound(&tls).await;
+        let (backend_side, mut backend) = tcp_pair().await;
+        let relay = spawn_relay(client_side, Side::Plain(backend_side));
+        for i in 0..50u8 {
+            let message = vec![i; 1 + usize::from(i) * 37];
+            client.write_all(&message).await.unwrap();
+            client.flush().await.unwrap();
+            let mut got = vec![0; message.len()];
+            backend.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, message);
+            backend.write_all(&message).await.unwrap();
+            client.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, message);
+        }
+        drop((client, backend));
+        let _ = relay.await;
+    }
+
+    #[tokio::test]
+    async fn key_updates_are_followed_both_ways() {
+        let tls = Tls::new(SUITES[0]);
+        let (mut client, client_side) = inbound(&tls).await;
+        let (mut backend, backend_side) = outbound(&tls, tls.client(true)).await;
+        let relay = spawn_relay(client_side, backend_side);
+        for round in 0..4u8 {
+            // Each peer asks for a KeyUpdate: the relay must renew its receiving key, and its
+            // sending key before its next record, or the peer fails to decrypt.
+            if round % 2 == 0 {
+                client.get_mut().1.refresh_traffic_keys().unwrap();
+            } else {
+                backend.get_mut().1.refresh_traffic_keys().unwrap();
+            }
+            let message = vec![round; 100_000];
+            client.write_all(&message).await.unwrap();
+            let mut got = vec![0; message.len()];
+            backend.read_exact(&mut got).await.unwrap();
+            assert!(got == message, "round {round}: client → backend");
+            backend.write_all(&message).await.unwrap();
+            client.read_exact(&mut got).await.unwrap();
+            assert!(got == message, "round {round}: backend → client");
+        }
+        client.shutdown().await.unwrap();
+        backend.shutdown().await.unwrap();
+        let (_, result) = relay.await.unwrap();
+        result.unwrap();
+    }
+
+    #[tokio::test]
+    async fn tickets_from_the_backend_resume_the_next_connection() {
+        let tls = Tls::new(SUITES[0]);
+        let config = tls.client(true);
+        let server = tls.server(false);
+        for round in 0..2 {
+            let (ours, peer) = tcp_pair().await;
+            let (established, peer) = tokio::join!(
+                handshake::connect(&ours, Arc::clone(&config), name()),
+                TlsAcceptor::from(Arc::clone(&server)).accept(peer)
+            );
+            let mut backend = peer.unwrap();
+            let kind = backend.get_ref().1.handshake_kind();
+            let expected = [rustls::HandshakeKind::Full, rustls::HandshakeKind::Resumed][round];
+            assert_eq!(kind, Some(expected), "connection {round}");
+            let (mut client, client_side) = tcp_pair().await;
+            let relay = spawn_relay(
+                Side::Plain(client_side),
+                Side::Tls(ours, Box::new(established.unwrap())),
+            );
+            // The tickets travel ahead of this answer: the relay hands them to rustls.
+            backend.write_all(b"hello").await.unwrap();
+            backend.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            client.shutdown().await.unwrap();
+            client.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"hello");
+            relay.await.unwrap().1.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_forged_record_ends_the_connection() {
+        let tls = Tls::new(SUITES[0]);
+        let (mut client, client_side) = inbound(&tls).await;
+        let (backend_side, mut backend) = tcp_pair().await;
+        let relay = spawn_relay(client_side, Side::Plain(backend_side));
+        client.write_all(b"genuine").await.unwrap();
+        client.flush().await.unwrap();
+        let mut got = [0; 7];
+        backend.read_exact(&mut got).await.unwrap();
+        // A well-formed record whose tag cannot verify.
+        let mut forged = vec![23, 3, 3, 0, 40];
+        forged.extend([0x5a; 40]);
+        client.get_mut().0.write_all(&forged).await.unwrap();
+        let (_, result) = relay.await.unwrap();
+        let error = result.unwrap_err().to_string();
+        assert!(error.contains("bad_record_mac"), "{error}");
+        // Nothing of the forged record reached the backend.
+        let mut rest = Vec::new();
+        backend.read_to_end(&mut rest).await.unwrap_or_default();
+        assert!(rest.is_empty(), "{rest:?}");
+    }
+
+    #[tokio::test]
+    async fn a_quiet_tls_connection_holds_no_buffer() {
+        let tls = Tls::new(SUITES[0]);
+        let (mut client, client_side) = inbound(&tls).await;
+        let (mut backend, backend_side) = outbound(&tls, tls.client(true)).await;
+        let relay = spawn_relay(client_side, backend_side);
+        let chunk = vec![7u8; 300_000];
+        client.write_all(&chunk).await.unwrap();
+        let mut got = vec![0u8; chunk.len()];
+        backend.read_exact(&mut got).await.unwrap();
+        backend.write_all(&chunk).await.unwrap();
+        client.read_exact(&mut got).await.unwrap();
+        // Both directions now wait for data: neither may keep a buffer meanwhile.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(pool::in_use(), 0, "buffers held by an idle connection");
+        drop((client, backend));
+        let _ = relay.await.unwrap();
+        assert_eq!(pool::in_use(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_closed() {
+        let (_client, client_side) = tcp_pair().await;
+        let (backend_side, _backend) = tcp_pair().await;
         let (transfer, result) = relay(
-            client_side,
-            backend_side,
-            Limits::idle(Duration::from_secs(30)),
+            Side::Plain(client_side),
+            Side::Plain(backend_side),
+            Limits::idle(Duration::from_millis(200)),
         )
         .await;
         assert!(matches!(result, Err(CopyError::Idle(_))), "{result:?}");
@@ -534,79 +1249,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_quiet_connection_holds_no_buffer() {
-        let (mut client, client_side) = duplex(1 << 20);
-        let (backend_side, mut backend) = duplex(1 << 20);
-        let task = tokio::spawn(relay(
-            client_side,
-            backend_side,
-            Limits::idle(Duration::from_secs(30)),
-        ));
-        let chunk = vec![7u8; 300_000];
-        client.write_all(&chunk).await.unwrap();
-        let mut got = vec![0u8; chunk.len()];
-        backend.read_exact(&mut got).await.unwrap();
-        assert_eq!(got, chunk);
-        // Both directions are now waiting for data: neither may keep a buffer meanwhile.
-        tokio::task::yield_now().await;
-        assert_eq!(pool::in_use(), 0, "buffers held by an idle connection");
-        drop((client, backend));
-        let (transfer, _) = task.await.unwrap();
-        assert_eq!(transfer.up, 300_000);
-        assert_eq!(pool::in_use(), 0);
-    }
-
-    async fn tcp_pair() -> (TcpStream, TcpStream) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (b, _) = l.accept().await.unwrap();
-        (a, b)
-    }
-
-    #[tokio::test]
     async fn splice_keeps_every_byte_and_half_closes_both_ways() {
-        let (mut client, client_side) = tcp_pair().await;
-        let (backend_side, mut backend) = tcp_pair().await;
-        let task = tokio::spawn(relay_tcp(
-            client_side,
-            backend_side,
-            Limits::idle(Duration::from_secs(10)),
-        ));
-        let request: Vec<u8> = (0..5_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
-        let reader = tokio::spawn(async move {
-            let mut got = Vec::new();
-            backend.read_to_end(&mut got).await.unwrap();
-            (backend, got)
-        });
-        client.write_all(&request).await.unwrap();
-        client.shutdown().await.unwrap();
-        let (mut backend, got) = reader.await.unwrap();
-        assert!(got == request, "client->backend bytes differ after splice");
-        backend.write_all(b"late answer").await.unwrap();
-        backend.shutdown().await.unwrap();
-        let mut answer = Vec::new();
-        client.read_to_end(&mut answer).await.unwrap();
-        assert_eq!(answer, b"late answer");
-        let (transfer, result) = task.await.unwrap();
-        result.unwrap();
-        assert_eq!(
-            transfer,
-            Transfer {
-                up: 5_000_000,
-                down: 11
-            }
-        );
+        let (client, client_side) = tcp_pair().await;
+        let (backend_side, backend) = tcp_pair().await;
+        let relay = spawn_relay(Side::Plain(client_side), Side::Plain(backend_side));
+        exchange(client, backend, relay, 5_000_000, 11).await;
     }
 
     #[tokio::test]
     async fn splice_reports_a_reset() {
         let (client, client_side) = tcp_pair().await;
         let (backend_side, backend) = tcp_pair().await;
-        let task = tokio::spawn(relay_tcp(
-            client_side,
-            backend_side,
-            Limits::idle(Duration::from_secs(10)),
-        ));
+        let task = spawn_relay(Side::Plain(client_side), Side::Plain(backend_side));
         // SO_LINGER 0: close sends a reset instead of a FIN.
         socket2::SockRef::from(&backend)
             .set_linger(Some(Duration::ZERO))

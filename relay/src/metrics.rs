@@ -156,6 +156,7 @@ pub struct WorkerMetrics {
     handshake_seconds: HistogramFamily,
     resumed: Family<ServiceLabel, Counter>,
     access: Family<DecisionLabels, Counter>,
+    copied: Counter,
 }
 
 impl Default for WorkerMetrics {
@@ -170,6 +171,7 @@ impl Default for WorkerMetrics {
             handshake_seconds: Family::new_with_constructor(handshake_histogram),
             resumed: Family::default(),
             access: Family::default(),
+            copied: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -207,6 +209,12 @@ impl Default for WorkerMetrics {
             "access_decisions",
             "mtls clients checked against the service's allow rules, by decision",
             m.access.clone(),
+        );
+        registry.register(
+            "copied_bytes",
+            "Payload bytes copied in user space after handshakes (relay_copied_bytes_total / \
+             relay_bytes_total: copies per byte)",
+            m.copied.clone(),
         );
         WorkerMetrics { registry, ..m }
     }
@@ -297,6 +305,9 @@ impl WorkerMetrics {
 
     /// OpenMetrics text, ending with `# EOF`.
     pub fn encode(&self) -> String {
+        // The copy module counts in a plain atomic; the counter catches up when scraped.
+        let copied = crate::copy::copied_bytes();
+        self.copied.inc_by(copied.saturating_sub(self.copied.get()));
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &self.registry);

@@ -17,29 +17,28 @@ use std::{
 };
 
 use anyhow::Context as _;
-use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, pki_types::ServerName};
 use tokio::{
     io::AsyncWriteExt as _,
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
     time::timeout,
 };
-use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
-use tokio_util::{either::Either, sync::CancellationToken, task::TaskTracker};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
     access::{self, Identity},
     config::{Level, Plaintext, ProxyProtocol, RelaySection, Service},
-    copy::{self, CopyError},
+    copy::{self, CopyError, Side},
     metrics::{Outcome, ServiceMetrics},
     proxy_protocol::{self, TlsFacts},
     recognise::{self, Protocol},
-    tls,
+    tls::{
+        self,
+        handshake::{self, HandshakeError},
+    },
 };
-
-/// A client or backend connection at its security level.
-type Conn = Either<TcpStream, tokio_rustls::TlsStream<TcpStream>>;
 
 /// What every listener of a worker shares: the total limit and the connection tasks.
 pub struct Shared {
@@ -83,7 +82,7 @@ impl From<&RelaySection> for Timeouts {
 pub struct ServiceRuntime {
     pub config: Service,
     server_side: Option<tls::ServerSide>,
-    connector: Option<(TlsConnector, ServerName<'static>)>,
+    connector: Option<(Arc<ClientConfig>, ServerName<'static>)>,
     limit: Option<Arc<Semaphore>>,
     /// Kept across reloads of the same service, so counters do not restart.
     pub metrics: Arc<ServiceMetrics>,
@@ -107,10 +106,8 @@ impl ServiceRuntime {
         let connector = match config.outbound.level {
             Level::Plain => None,
             _ => Some((
-                TlsConnector::from(
-                    tls::client_config(&config.outbound, material)
-                        .with_context(|| format!("service {name}: outbound TLS"))?,
-                ),
+                tls::client_config(&config.outbound, material)
+                    .with_context(|| format!("service {name}: outbound TLS"))?,
                 tls::server_name(&config).map_err(anyhow::Error::msg)?,
             )),
         };
@@ -271,12 +268,7 @@ async fn handle(socket: TcpStream, peer: SocketAddr, service: &ServiceRuntime, t
             idle: t.idle,
             max_buffer: t.max_buffer,
         };
-        let (moved, result) = match (inbound, outbound) {
-            (Either::Left(client), Either::Left(backend)) => {
-                copy::relay_tcp(client, backend, limits).await
-            }
-            (client, backend) => copy::relay(client, backend, limits).await,
-        };
+        let (moved, result) = copy::relay(inbound, outbound, limits).await;
         transfer = moved;
         result.map_err(|e| match e {
             CopyError::Idle(_) => Failure::new(Outcome::IdleTimeout, e),
@@ -313,7 +305,7 @@ async fn handle(socket: TcpStream, peer: SocketAddr, service: &ServiceRuntime, t
 /// The client side, established: the connection at its level, what TLS negotiated, and the
 /// backend its SNI entry names (if any).
 struct Accepted {
-    conn: Conn,
+    conn: Side,
     tls: Option<TlsFacts>,
     backend: Option<SocketAddr>,
 }
@@ -322,7 +314,7 @@ impl Accepted {
     /// A client relayed at plain level, to the service's own backend.
     fn plain(socket: TcpStream) -> Accepted {
         Accepted {
-            conn: Either::Left(socket),
+            conn: Side::Plain(socket),
             tls: None,
             backend: None,
         }
@@ -368,28 +360,24 @@ async fn establish_tls(
             return plaintext(socket, service.config.inbound.plaintext()).await;
         }
     }
-    let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), socket)
+    // Boxed: the handshake's state is large and short-lived, the connection's task is not.
+    let accepted = Box::pin(handshake::accept(&socket, server))
         .await
-        .map_err(|e| Failure::new(Outcome::HandshakeFailed, format!("TLS ClientHello: {e}")))?;
-    let sni = start.client_hello().server_name().map(str::to_owned);
-    let Some((config, backend)) = server.select(sni.as_deref()) else {
-        return Err(Failure::new(
-            Outcome::UnknownSni,
-            format!("no certificate for server name {sni:?} (unknown_sni = \"reject\")"),
-        ));
-    };
-    let stream =
-        start
-            .into_stream(Arc::clone(config))
-            .await
-            .map_err(|e| match access::denied_in(&e) {
+        .map_err(|e| match &e {
+            HandshakeError::UnknownSni(_) => Failure::new(
+                Outcome::UnknownSni,
+                format!("{e} (unknown_sni = \"reject\")"),
+            ),
+            HandshakeError::Hello(_) => Failure::new(Outcome::HandshakeFailed, format!("TLS {e}")),
+            _ => match e.rustls().and_then(access::denied_in) {
                 Some(denied) => {
                     service.metrics.access(false);
                     Failure::new(Outcome::Denied, denied)
                 }
                 None => Failure::new(Outcome::HandshakeFailed, format!("TLS handshake: {e}")),
-            })?;
-    let facts = TlsFacts::of(stream.get_ref().1);
+            },
+        })?;
+    let facts = accepted.facts;
     service
         .metrics
         .handshake(started.elapsed().as_secs_f64(), facts.resumed);
@@ -405,9 +393,9 @@ async fn establish_tls(
         );
     }
     Ok(Accepted {
-        conn: Either::Right(tokio_rustls::TlsStream::Server(stream)),
+        conn: Side::Tls(socket, Box::new(accepted.established)),
         tls: Some(facts),
-        backend,
+        backend: accepted.backend,
     })
 }
 
@@ -437,7 +425,7 @@ async fn connect_outbound(
     backend: Option<SocketAddr>,
     proxy_header: &[u8],
     t: Timeouts,
-) -> Result<Conn, Failure> {
+) -> Result<Side, Failure> {
     let addr = backend.unwrap_or_else(|| service.config.backend_addr());
     let mut socket = match timeout(t.connect, TcpStream::connect(addr)).await {
         Err(_) => {
@@ -476,10 +464,15 @@ async fn connect_outbound(
             }
         }
     }
-    let Some((connector, name)) = &service.connector else {
-        return Ok(Either::Left(socket));
+    let Some((config, name)) = &service.connector else {
+        return Ok(Side::Plain(socket));
     };
-    match timeout(t.handshake, connector.connect(name.clone(), socket)).await {
+    let handshake = Box::pin(handshake::connect(
+        &socket,
+        Arc::clone(config),
+        name.clone(),
+    ));
+    match timeout(t.handshake, handshake).await {
         Err(_) => Err(Failure::new(
             Outcome::BackendHandshakeFailed,
             format!("backend {addr}: no TLS handshake within {:?}", t.handshake),
@@ -488,6 +481,6 @@ async fn connect_outbound(
             Outcome::BackendHandshakeFailed,
             format!("backend {addr}: TLS handshake: {e}"),
         )),
-        Ok(Ok(tls)) => Ok(Either::Right(tls.into())),
+        Ok(Ok(established)) => Ok(Side::Tls(socket, Box::new(established))),
     }
 }

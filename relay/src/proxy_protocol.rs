@@ -44,8 +44,8 @@ pub struct TlsFacts {
 }
 
 impl TlsFacts {
-    /// From an established rustls server connection.
-    pub fn of(conn: &rustls::ServerConnection) -> TlsFacts {
+    /// From a rustls server connection whose handshake is done, and the ClientHello's SNI.
+    pub fn of(conn: &rustls::CommonState, sni: Option<String>) -> TlsFacts {
         let version = match conn.protocol_version() {
             Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
             _ => "TLSv1.3",
@@ -62,7 +62,7 @@ impl TlsFacts {
         TlsFacts {
             version,
             cipher,
-            sni: conn.server_name().map(str::to_owned),
+            sni,
             resumed: conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
             client: conn
                 .peer_certificates()

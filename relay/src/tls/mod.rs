@@ -8,6 +8,8 @@
 //! Errors say which config key they belong to (`field`), so the config module can point at the
 //! right line.
 //!
+//! The handshakes themselves run in [`handshake`]; the records after them in [`record`].
+//!
 //! Certificate, key and CA files are read through [`Material`]: from disk where the relay may
 //! read them (config check, supervisor), from the bytes the supervisor sent where it may not
 //! (a worker after dropping privileges).
@@ -32,6 +34,11 @@ use rustls::{
         danger::ClientCertVerifier,
     },
 };
+
+pub mod handshake;
+pub mod record;
+#[cfg(test)]
+pub mod testing;
 
 use crate::{
     access::{Allow, AllowVerifier, dns_matches},
@@ -246,6 +253,18 @@ pub struct ServerSide {
 }
 
 impl ServerSide {
+    /// One configuration for every server name (tests).
+    #[cfg(test)]
+    pub fn with_config(config: Arc<ServerConfig>) -> ServerSide {
+        ServerSide {
+            default: config,
+            by_name: Vec::new(),
+            default_names: Vec::new(),
+            reject_unknown: false,
+            allow: Allow::default(),
+        }
+    }
+
     /// The configuration for a ClientHello's server name, and that name's own backend if set.
     /// Exact names win over `*.` patterns; no match gets the default, or `None` with
     /// `unknown_sni = "reject"`; no SNI always gets the default.
@@ -315,6 +334,8 @@ pub fn server_side(
         let mut config = builder
             .with_single_cert(chain, key)
             .map_err(|e| TlsError::new("key", format!("key does not fit the certificate: {e}")))?;
+        // The relay's record layer takes over the keys after each handshake (see `record`).
+        config.enable_secret_extraction = true;
         match &ticketer {
             Some(t) => {
                 config.session_storage = ServerSessionMemoryCache::new(SERVER_SESSION_CACHE);
@@ -405,6 +426,7 @@ pub fn client_config(out: &Outbound, m: &dyn Material) -> Result<Arc<ClientConfi
             .map_err(|e| TlsError::new("key", format!("key does not fit the certificate: {e}")))?,
         _ => builder.with_no_client_auth(),
     };
+    config.enable_secret_extraction = true;
     config.resumption = if out.resumption {
         ClientResumption::in_memory_sessions(CLIENT_SESSION_CACHE)
     } else {

@@ -1,0 +1,415 @@
+//! TLS handshakes on the relay's sockets, with rustls' unbuffered API.
+//!
+//! The unbuffered API leaves every byte buffer to the caller, so a connection keeps none once
+//! its handshake is over: the keys move to the relay's record layer ([`super::record`]) and
+//! the handshake's buffers are freed. On the server side the ClientHello is first read whole
+//! and shown to rustls' `Acceptor`, so its server name can choose the configuration (the
+//! certificate of an `inbound.sni` entry, or a refusal for an unknown name); the connection
+//! then starts from those same bytes.
+
+use std::{io, net::SocketAddr, ops::DerefMut, sync::Arc};
+
+use rustls::{
+    ClientConfig,
+    client::{ClientConnectionData, UnbufferedClientConnection},
+    pki_types::ServerName,
+    server::{Acceptor, ServerConnectionData, UnbufferedServerConnection},
+    unbuffered::{
+        ConnectionState, EncodeError, EncodeTlsData, UnbufferedConnectionCommon, UnbufferedStatus,
+    },
+};
+use tokio::net::TcpStream;
+
+use super::{
+    ServerSide,
+    record::{Keys, RecordError},
+};
+use crate::proxy_protocol::TlsFacts;
+
+/// The most handshake bytes held at once: rustls accepts handshake messages up to 64 KiB, and a
+/// record more may be in flight behind them.
+const MAX_HANDSHAKE_BUFFER: usize = (64 << 10) + super::record::MAX_RECORD;
+/// Bytes read per receive during a handshake.
+const READ_CHUNK: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("closed before its ClientHello was complete")]
+    ClosedBeforeHello,
+    #[error("closed during the handshake")]
+    Closed,
+    #[error("ClientHello: {0}")]
+    Hello(rustls::Error),
+    #[error("no certificate for server name {0:?}")]
+    UnknownSni(Option<String>),
+    #[error("{0}")]
+    Tls(#[from] rustls::Error),
+    #[error("handshake larger than {} KiB", MAX_HANDSHAKE_BUFFER >> 10)]
+    TooLarge,
+    #[error("{0}")]
+    Record(#[from] RecordError),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+impl HandshakeError {
+    /// The rustls error behind the failure, if rustls refused something.
+    pub fn rustls(&self) -> Option<&rustls::Error> {
+        match self {
+            HandshakeError::Hello(e) | HandshakeError::Tls(e) => Some(e),
+            HandshakeError::Record(RecordError::Rustls(e)) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// A TLS side whose handshake is done: its keys, and what arrived with the handshake's end.
+pub struct Established {
+    pub keys: Keys,
+    /// Application data that came in the same reads as the handshake's end, already decrypted.
+    pub early: Vec<u8>,
+    /// Bytes received after the handshake and not processed yet (the start of a record).
+    pub incoming: Vec<u8>,
+    /// The peer's close_notify came with the end of the handshake: it sends nothing more.
+    pub peer_closed: bool,
+}
+
+impl Established {
+    fn new(keys: Keys, end: End, mut incoming: Vec<u8>) -> Established {
+        // The handshake buffer's capacity is not kept for the connection's lifetime.
+        incoming.shrink_to_fit();
+        Established {
+            keys,
+            early: end.early,
+            incoming,
+            peer_closed: end.peer_closed,
+        }
+    }
+}
+
+/// What came with the end of a handshake.
+struct End {
+    /// Application data, decrypted.
+    early: Vec<u8>,
+    /// The peer's close_notify.
+    peer_closed: bool,
+}
+
+/// An inbound TLS connection, accepted.
+pub struct Accepted {
+    pub established: Established,
+    pub facts: TlsFacts,
+    /// The backend of the `inbound.sni` entry the server name chose, if it has its own.
+    pub backend: Option<SocketAddr>,
+}
+
+/// The server side: reads the ClientHello, lets its server name choose the configuration, and
+/// completes the handshake (client certificate verification included).
+pub async fn accept(socket: &TcpStream, server: &ServerSide) -> Result<Accepted, HandshakeError> {
+    let mut incoming = Vec::with_capacity(READ_CHUNK);
+    let mut acceptor = Acceptor::default();
+    let hello = loop {
+        let fed = incoming.len();
+        if !receive(socket, &mut incoming).await? {
+            return Err(HandshakeError::ClosedBeforeHello);
+        }
+        // The acceptor reads copies: `incoming` keeps the ClientHello for the connection.
+        let mut new = &incoming[fed..];
+        while !new.is_empty() {
+            if acceptor.read_tls(&mut new)? == 0 {
+                break;
+            }
+        }
+        match acceptor.accept() {
+            Ok(Some(hello)) => break hello,
+            Ok(None) => {}
+            Err((e, mut alert)) => {
+                let mut bytes = Vec::new();
+                let _ = alert.write_all(&mut bytes);
+                let _ = write_all(socket, &bytes).await;
+                return Err(HandshakeError::Hello(e));
+            }
+        }
+    };
+    let sni = hello.client_hello().server_name().map(str::to_owned);
+    drop(hello);
+    let Some((config, backend)) = server.select(sni.as_deref()) else {
+        return Err(HandshakeError::UnknownSni(sni));
+    };
+    let mut conn = UnbufferedServerConnection::new(Arc::clone(config))?;
+    let end = drive(&mut conn, socket, &mut incoming).await?;
+    let facts = TlsFacts::of(&conn, sni);
+    Ok(Accepted {
+        established: Established::new(Keys::server(conn)?, end, incoming),
+        facts,
+        backend,
+    })
+}
+
+/// The client side, toward a backend.
+pub async fn connect(
+    socket: &TcpStream,
+    config: Arc<ClientConfig>,
+    name: ServerName<'static>,
+) -> Result<Established, HandshakeError> {
+    let mut conn = UnbufferedClientConnection::new(config, name)?;
+    let mut incoming = Vec::new();
+    let end = drive(&mut conn, socket, &mut incoming).await?;
+    Ok(Established::new(Keys::client(conn)?, end, incoming))
+}
+
+/// What the server and the client connection share for [`drive`].
+trait Unbuffered: DerefMut<Target = UnbufferedConnectionCommon<Self::Data>> {
+    type Data;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data>;
+}
+
+impl Unbuffered for UnbufferedServerConnection {
+    type Data = ServerConnectionData;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, ServerConnectionData> {
+        self.process_tls_records(incoming)
+    }
+}
+
+impl Unbuffered for UnbufferedClientConnection {
+    type Data = ClientConnectionData;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, ClientConnectionData> {
+        self.process_tls_records(incoming)
+    }
+}
+
+enum Step {
+    Next,
+    PeerClosed,
+    Send,
+    Receive,
+    Done,
+    Failed(HandshakeError),
+}
+
+/// Runs `conn`'s handshake over `socket`, starting with the bytes already in `incoming`.
+/// Returns what came with its end; `incoming` keeps what is left.
+async fn drive<C: Unbuffered>(
+    conn: &mut C,
+    socket: &TcpStream,
+    incoming: &mut Vec<u8>,
+) -> Result<End, HandshakeError> {
+    let mut outgoing = Vec::new();
+    let mut early = Vec::new();
+    let mut peer_closed = false;
+    loop {
+        let UnbufferedStatus { discard, state } = conn.process(incoming);
+        let step = match state {
+            Ok(ConnectionState::EncodeTlsData(mut data)) => {
+                match encode(&mut data, &mut outgoing) {
+                    Ok(()) => Step::Next,
+                    Err(e) => Step::Failed(e),
+                }
+            }
+            Ok(ConnectionState::TransmitTlsData(data)) => {
+                // Marked sent now; the bytes go out below, before rustls is asked again.
+                data.done();
+                Step::Send
+            }
+            Ok(ConnectionState::BlockedHandshake) => Step::Receive,
+            Ok(ConnectionState::ReadTraffic(mut data)) => {
+                let mut step = Step::Next;
+                while let Some(record) = data.next_record() {
+                    match record {
+                        Ok(record) => early.extend_from_slice(record.payload),
+                        Err(e) => {
+                            step = Step::Failed(e.into());
+                            break;
+                        }
+                    }
+                }
+                step
+            }
+            Ok(ConnectionState::WriteTraffic(_)) => Step::Done,
+            Ok(ConnectionState::PeerClosed) => Step::PeerClosed,
+            Ok(ConnectionState::Closed) => Step::Failed(HandshakeError::Closed),
+            Ok(other) => Step::Failed(HandshakeError::Tls(rustls::Error::General(format!(
+                "unexpected state during the handshake: {other:?}"
+            )))),
+            Err(e) => Step::Failed(e.into()),
+        };
+        incoming.drain(..discard);
+        match step {
+            Step::Next => {}
+            // A client that sends nothing may half-close right after its Finished.
+            Step::PeerClosed if !conn.is_handshaking() => peer_closed = true,
+            Step::PeerClosed => return Err(HandshakeError::Closed),
+            Step::Send => {
+                write_all(socket, &outgoing).await?;
+                outgoing.clear();
+            }
+            Step::Receive => {
+                if !receive(socket, incoming).await? {
+                    return Err(HandshakeError::Closed);
+                }
+            }
+            Step::Done => {
+                write_all(socket, &outgoing).await?;
+                return Ok(End { early, peer_closed });
+            }
+            Step::Failed(e) => {
+                send_alert(conn, socket, incoming).await;
+                return Err(e);
+            }
+        }
+    }
+}
+
+fn encode<D>(
+    data: &mut EncodeTlsData<'_, D>,
+    outgoing: &mut Vec<u8>,
+) -> Result<(), HandshakeError> {
+    let start = outgoing.len();
+    outgoing.resize(start + READ_CHUNK, 0);
+    loop {
+        match data.encode(&mut outgoing[start..]) {
+            Ok(n) => {
+                outgoing.truncate(start + n);
+                return Ok(());
+            }
+            Err(EncodeError::InsufficientSize(e)) => outgoing.resize(start + e.required_size, 0),
+            Err(e) => {
+                return Err(HandshakeError::Tls(rustls::Error::General(e.to_string())));
+            }
+        }
+    }
+}
+
+/// After a failure rustls has queued an alert for the peer: send it, as a courtesy.
+async fn send_alert<C: Unbuffered>(conn: &mut C, socket: &TcpStream, incoming: &mut [u8]) {
+    let mut outgoing = Vec::new();
+    // rustls emits what it has queued before it looks at the input again; the input must still
+    // be the one it saw (it may hold places in it), though nothing more is read.
+    for _ in 0..4 {
+        match conn.process(incoming).state {
+            Ok(ConnectionState::EncodeTlsData(mut data)) => {
+                if encode(&mut data, &mut outgoing).is_err() {
+                    break;
+                }
+            }
+            _ => break,
+        }
+    }
+    let _ = write_all(socket, &outgoing).await;
+}
+
+/// Appends what the peer sent next to `incoming`; `false` when it closed.
+async fn receive(socket: &TcpStream, incoming: &mut Vec<u8>) -> Result<bool, HandshakeError> {
+    if incoming.len() >= MAX_HANDSHAKE_BUFFER {
+        return Err(HandshakeError::TooLarge);
+    }
+    incoming.reserve(READ_CHUNK);
+    loop {
+        socket.readable().await?;
+        match socket.try_read_buf(incoming) {
+            Ok(n) => return Ok(n > 0),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+async fn write_all(socket: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        socket.writable().await?;
+        match socket.try_write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio_rustls::TlsConnector;
+
+    use super::*;
+    use crate::tls::testing::{Tls, name, tcp_pair};
+
+    #[tokio::test]
+    async fn a_client_certificate_from_an_untrusted_issuer_is_refused() {
+        let tls = Tls::new(TLS13_AES_128_GCM_SHA256);
+        let (trusted, stranger) = (
+            Tls::new(TLS13_AES_128_GCM_SHA256),
+            Tls::new(TLS13_AES_128_GCM_SHA256),
+        );
+        let server = ServerSide::with_config(tls.mtls_server(&trusted));
+        let (peer, ours) = tcp_pair().await;
+        let client = async {
+            let mut s = TlsConnector::from(tls.client_presenting(&stranger))
+                .connect(name(), peer)
+                .await?;
+            s.write_all(b"let me in").await?;
+            s.flush().await?;
+            s.read(&mut [0; 16]).await
+        };
+        let (client, accepted) = tokio::join!(client, accept(&ours, &server));
+        let Err(e) = accepted else {
+            panic!("accepted a certificate from an untrusted issuer");
+        };
+        assert!(
+            matches!(e.rustls(), Some(rustls::Error::InvalidCertificate(_))),
+            "{e}"
+        );
+        // rustls' alert reached the client.
+        let error = client.expect_err("the client was not told").to_string();
+        assert!(error.contains("alert"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_client_hello_split_over_two_records_is_accepted() {
+        let tls = Tls::new(TLS13_AES_128_GCM_SHA256);
+        let server = ServerSide::with_config(tls.server(true));
+        let (mut peer, ours) = tcp_pair().await;
+        let accept = tokio::spawn(async move { accept(&ours, &server).await.map(|_| ()) });
+        let mut conn = rustls::ClientConnection::new(tls.client(false), name()).unwrap();
+        let mut hello = Vec::new();
+        conn.write_tls(&mut hello).unwrap();
+        // The one handshake message, cut in two records, each sent on its own.
+        let (a, b) = hello[5..].split_at((hello.len() - 5) / 2);
+        for part in [a, b] {
+            let [hi, lo] = (part.len() as u16).to_be_bytes();
+            peer.write_all(&[22, 3, 1, hi, lo]).await.unwrap();
+            peer.write_all(part).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        // The rest of the handshake, the plain way.
+        let mut buf = vec![0; 16384];
+        while conn.is_handshaking() {
+            if conn.wants_write() {
+                let mut out = Vec::new();
+                conn.write_tls(&mut out).unwrap();
+                peer.write_all(&out).await.unwrap();
+                continue;
+            }
+            let n = peer.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the relay closed during the handshake");
+            conn.read_tls(&mut &buf[..n]).unwrap();
+            conn.process_new_packets().unwrap();
+        }
+        let mut out = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut out).unwrap();
+        }
+        peer.write_all(&out).await.unwrap();
+        accept.await.unwrap().unwrap();
+    }
+}

@@ -1,0 +1,470 @@
+//! The TLS record layer of an established connection, working in the relay's own buffers.
+//!
+//! rustls runs every handshake (see [`super::handshake`]) and then hands over the traffic keys
+//! together with a [`KernelConnection`], the interface rustls offers for kTLS. This machine's
+//! kernel has no kTLS, so the relay protects records itself, as the kernel would:
+//!
+//! - **opening** happens in place, in the buffer the record was received into, with rustls' own
+//!   `MessageDecrypter` for the negotiated suite (nonces, additional data and TLS 1.3 padding
+//!   stay rustls' code); the plaintext is written to the other side from where it lies;
+//! - **sealing** happens in place, in the buffer the plaintext was received into, with
+//!   aws-lc-rs (the AEAD rustls itself uses); the record goes to the socket from there.
+//!
+//! What follows the handshake stays rustls' job through the [`KernelConnection`]: new traffic
+//! secrets for a TLS 1.3 KeyUpdate, and session tickets a backend sends (outbound resumption).
+//! The relay answers a peer's KeyUpdate request before its next record, renews its own key
+//! before the suite's confidentiality limit, and turns close_notify into a half-close.
+//! Anything else after the handshake (renegotiation, post-handshake authentication, a
+//! handshake message split over records) ends the connection.
+
+use std::{
+    ops::Range,
+    sync::{
+        Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
+use rustls::{
+    AlertDescription, ConnectionTrafficSecrets, ContentType, ExtractedSecrets, HandshakeType,
+    ProtocolVersion, SupportedCipherSuite,
+    client::{ClientConnectionData, UnbufferedClientConnection},
+    crypto::cipher::{InboundOpaqueMessage, MessageDecrypter},
+    kernel::KernelConnection,
+    server::{ServerConnectionData, UnbufferedServerConnection},
+};
+
+/// Bytes of a record header: content type, legacy version, length.
+pub const HEADER: usize = 5;
+/// The most plaintext one record carries (2^14).
+pub const MAX_PLAINTEXT: usize = 16384;
+/// The longest record body accepted from a peer: rustls' own bound (2^14 + 2048).
+const MAX_BODY: usize = MAX_PLAINTEXT + 2048;
+/// The longest whole record accepted from a peer.
+pub const MAX_RECORD: usize = HEADER + MAX_BODY;
+/// Every suite rustls negotiates (AES-GCM, ChaCha20-Poly1305) has a 16-byte tag.
+const TAG: usize = 16;
+/// TLS 1.2 AES-GCM records carry the per-record part of their nonce in clear.
+const EXPLICIT_NONCE: usize = 8;
+/// Records sealed per batch are far fewer: renewing the key this many records before the
+/// suite's confidentiality limit keeps every batch under it.
+const LIMIT_MARGIN: u64 = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("malformed record header: {0}")]
+    Header(&'static str),
+    #[error("record failed to decrypt (bad_record_mac)")]
+    Decrypt,
+    #[error("record plaintext longer than 2^14 bytes")]
+    Oversized,
+    #[error("peer sent the alert {0:?}")]
+    Alert(AlertDescription),
+    #[error("unexpected {0} after the handshake")]
+    Unexpected(String),
+    #[error("the key is used up and TLS 1.2 cannot renew it")]
+    Exhausted,
+    #[error("unsupported cipher suite {0:?}")]
+    Unsupported(String),
+    #[error("sealing a record failed")]
+    Seal,
+    #[error(transparent)]
+    Rustls(#[from] rustls::Error),
+}
+
+impl From<RecordError> for std::io::Error {
+    fn from(e: RecordError) -> Self {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, e)
+    }
+}
+
+/// The length of the whole record at the start of `buf`, once its header has arrived.
+pub fn record_len(buf: &[u8]) -> Result<Option<usize>, RecordError> {
+    let Some(h) = buf.get(..HEADER) else {
+        return Ok(None);
+    };
+    if !(20..=23).contains(&h[0]) {
+        return Err(RecordError::Header("unknown content type"));
+    }
+    if h[1] != 3 {
+        return Err(RecordError::Header("not a TLS record version"));
+    }
+    let len = usize::from(u16::from_be_bytes([h[3], h[4]]));
+    if len > MAX_BODY {
+        return Err(RecordError::Header("longer than 2^14 + 2048 bytes"));
+    }
+    Ok(Some(HEADER + len))
+}
+
+/// What rustls keeps of one TLS side after its handshake, shared by the two directions of a
+/// connection: the receiving one renews the peer's key and stores tickets, the sending one
+/// renews the relay's key.
+pub struct Session {
+    kernel: Mutex<Kernel>,
+    /// The peer asked for a KeyUpdate: the relay sends its own before its next record.
+    key_update_requested: AtomicBool,
+    suite: SupportedCipherSuite,
+    tls13: bool,
+}
+
+enum Kernel {
+    Server(KernelConnection<ServerConnectionData>),
+    Client(KernelConnection<ClientConnectionData>),
+}
+
+impl Session {
+    fn kernel(&self) -> MutexGuard<'_, Kernel> {
+        // Nothing panics while holding it; a poisoned lock still holds a consistent value.
+        self.kernel.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn new_secrets(&self, receive: bool) -> Result<(u64, ConnectionTrafficSecrets), RecordError> {
+        let mut kernel = self.kernel();
+        Ok(match (&mut *kernel, receive) {
+            (Kernel::Server(k), true) => k.update_rx_secret()?,
+            (Kernel::Server(k), false) => k.update_tx_secret()?,
+            (Kernel::Client(k), true) => k.update_rx_secret()?,
+            (Kernel::Client(k), false) => k.update_tx_secret()?,
+        })
+    }
+}
+
+/// Both directions of one TLS side, ready to relay.
+pub struct Keys {
+    pub session: Session,
+    pub opener: Opener,
+    pub sealer: Sealer,
+}
+
+impl Keys {
+    /// Takes over a server connection whose handshake is complete and whose output is sent.
+    pub fn server(conn: UnbufferedServerConnection) -> Result<Keys, RecordError> {
+        let (secrets, kernel) = conn.dangerous_into_kernel_connection()?;
+        let suite = kernel.negotiated_cipher_suite();
+        let tls13 = kernel.protocol_version() == ProtocolVersion::TLSv1_3;
+        Keys::new(Kernel::Server(kernel), suite, tls13, secrets)
+    }
+
+    /// Takes over a client connection whose handshake is complete and whose output is sent.
+    pub fn client(conn: UnbufferedClientConnection) -> Result<Keys, RecordError> {
+        let (secrets, kernel) = conn.dangerous_into_kernel_connection()?;
+        let suite = kernel.negotiated_cipher_suite();
+        let tls13 = kernel.protocol_version() == ProtocolVersion::TLSv1_3;
+        Keys::new(Kernel::Client(kernel), suite, tls13, secrets)
+    }
+
+    fn new(
+        kernel: Kernel,
+        suite: SupportedCipherSuite,
+        tls13: bool,
+        secrets: ExtractedSecrets,
+    ) -> Result<Keys, RecordError> {
+        let (rx_seq, rx) = secrets.rx;
+        let (tx_seq, tx) = secrets.tx;
+        let session = Session {
+            kernel: Mutex::new(kernel),
+            key_update_requested: AtomicBool::new(false),
+            suite,
+            tls13,
+        };
+        Ok(Keys {
+            opener: Opener::new(&session, rx_seq, rx)?,
+            sealer: Sealer::new(&session, tx_seq, tx)?,
+            session,
+        })
+    }
+}
+
+/// What an opened record carried.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Content {
+    /// Application data: where its plaintext lies in the record.
+    Data(Range<usize>),
+    /// A message for the record layer itself (a KeyUpdate, a ticket), handled.
+    Control,
+    /// The peer's close_notify: it sends nothing more.
+    CloseNotify,
+}
+
+/// The receiving direction of a TLS side: the peer's key and the next sequence number.
+pub struct Opener {
+    decrypter: Box<dyn MessageDecrypter>,
+    seq: u64,
+}
+
+impl Opener {
+    fn new(
+        session: &Session,
+        seq: u64,
+        secrets: ConnectionTrafficSecrets,
+    ) -> Result<Opener, RecordError> {
+        let (key, iv, gcm) = match secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv }
+            | ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (key, iv, true),
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (key, iv, false),
+            _ => return Err(RecordError::Unsupported(format!("{:?}", session.suite))),
+        };
+        let decrypter = match session.suite {
+            SupportedCipherSuite::Tls13(s) => s.aead_alg.decrypter(key, iv),
+            // TLS 1.2 AES-GCM keys take the 4-byte implicit part of the nonce (the rest comes
+            // with each record); ChaCha20-Poly1305 takes the whole 12-byte IV.
+            SupportedCipherSuite::Tls12(s) => {
+                let iv = iv.as_ref();
+                s.aead_alg.decrypter(key, if gcm { &iv[..4] } else { iv })
+            }
+        };
+        Ok(Opener { decrypter, seq })
+    }
+
+    /// Opens `record` (one whole record, header included, as [`record_len`] measured it) in
+    /// place, and handles what is not application data.
+    pub fn open(&mut self, session: &Session, record: &mut [u8]) -> Result<Content, RecordError> {
+        let typ = ContentType::from(record[0]);
+        if session.tls13 && typ != ContentType::ApplicationData {
+            return Err(RecordError::Unexpected(format!("{typ:?} record")));
+        }
+        let version = ProtocolVersion::from(u16::from_be_bytes([record[1], record[2]]));
+        let base = record.as_ptr() as usize;
+        let seq = self.seq;
+        self.seq = seq.checked_add(1).ok_or(RecordError::Exhausted)?;
+        let message = InboundOpaqueMessage::new(typ, version, &mut record[HEADER..]);
+        let plain = self.decrypter.decrypt(message, seq).map_err(|e| match e {
+            rustls::Error::DecryptError => RecordError::Decrypt,
+            other => RecordError::Rustls(other),
+        })?;
+        if plain.payload.len() > MAX_PLAINTEXT {
+            return Err(RecordError::Oversized);
+        }
+        match plain.typ {
+            ContentType::ApplicationData => {
+                let start = plain.payload.as_ptr() as usize - base;
+                Ok(Content::Data(start..start + plain.payload.len()))
+            }
+            ContentType::Alert => alert(session, plain.payload),
+            ContentType::Handshake => {
+                self.handshake(session, plain.payload)?;
+                Ok(Content::Control)
+            }
+            other => Err(RecordError::Unexpected(format!("{other:?} record"))),
+        }
+    }
+
+    /// Post-handshake messages: all of them whole within this record.
+    fn handshake(&mut self, session: &Session, mut messages: &[u8]) -> Result<(), RecordError> {
+        if messages.is_empty() {
+            return Err(RecordError::Unexpected("empty handshake record".into()));
+        }
+        while !messages.is_empty() {
+            let [typ, a, b, c, rest @ ..] = messages else {
+                return Err(RecordError::Unexpected("handshake message split".into()));
+            };
+            let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
+            let Some((body, rest)) = rest.split_at_checked(len) else {
+                return Err(RecordError::Unexpected(
+                    "handshake message split over records".into(),
+                ));
+            };
+            messages = rest;
+            let typ = HandshakeType::from(*typ);
+            match typ {
+                HandshakeType::KeyUpdate if session.tls13 => {
+                    // Later records use the new key: nothing may follow in this one.
+                    if !messages.is_empty() {
+                        return Err(RecordError::Unexpected(
+                            "data after a KeyUpdate in its record".into(),
+                        ));
+                    }
+                    let requested = match body {
+                        [0] => false,
+                        [1] => true,
+                        _ => return Err(RecordError::Unexpected("malformed KeyUpdate".into())),
+                    };
+                    let (seq, secrets) = session.new_secrets(true)?;
+                    *self = Opener::new(session, seq, secrets)?;
+                    if requested {
+                        session.key_update_requested.store(true, Ordering::Release);
+                    }
+                }
+                HandshakeType::NewSessionTicket if session.tls13 => match &mut *session.kernel() {
+                    Kernel::Client(k) => k.handle_new_session_ticket(body)?,
+                    Kernel::Server(_) => {
+                        return Err(RecordError::Unexpected(
+                            "NewSessionTicket from a client".into(),
+                        ));
+                    }
+                },
+                // A TLS 1.2 server asking to renegotiate: RFC 5246 lets the client ignore it,
+                // and the relay does not renegotiate.
+                HandshakeType::HelloRequest
+                    if !session.tls13 && matches!(*session.kernel(), Kernel::Client(_)) => {}
+                other => return Err(RecordError::Unexpected(format!("{other:?} message"))),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn alert(session: &Session, payload: &[u8]) -> Result<Content, RecordError> {
+    let [level, description] = payload else {
+        return Err(RecordError::Unexpected("malformed alert".into()));
+    };
+    match AlertDescription::from(*description) {
+        AlertDescription::CloseNotify => Ok(Content::CloseNotify),
+        // user_canceled precedes a close_notify; TLS 1.2 warnings are informational.
+        AlertDescription::UserCanceled => Ok(Content::Control),
+        _ if *level == 1 && !session.tls13 => Ok(Content::Control),
+        other => Err(RecordError::Alert(other)),
+    }
+}
+
+/// The sending direction of a TLS side: the relay's key and the next sequence number.
+pub struct Sealer {
+    key: LessSafeKey,
+    iv: [u8; 12],
+    seq: u64,
+    tls13: bool,
+    /// TLS 1.2 AES-GCM: the nonce's per-record part travels in the record.
+    explicit_nonce: bool,
+    /// Renew the key (TLS 1.3) or end (TLS 1.2) before this many records.
+    limit: u64,
+}
+
+impl Sealer {
+    fn new(
+        session: &Session,
+        seq: u64,
+        secrets: ConnectionTrafficSecrets,
+    ) -> Result<Sealer, RecordError> {
+        let (algorithm, key, iv, gcm) = match secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv, true),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv, true),
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+                (&aead::CHACHA20_POLY1305, key, iv, false)
+            }
+            _ => return Err(RecordError::Unsupported(format!("{:?}", session.suite))),
+        };
+        let key = UnboundKey::new(algorithm, key.as_ref()).map_err(|_| RecordError::Seal)?;
+        let limit = match session.suite {
+            SupportedCipherSuite::Tls13(s) => s.common.confidentiality_limit,
+            SupportedCipherSuite::Tls12(s) => s.common.confidentiality_limit,
+        };
+        Ok(Sealer {
+            key: LessSafeKey::new(key),
+            iv: iv.as_ref().try_into().map_err(|_| RecordError::Seal)?,
+            seq,
+            tls13: session.tls13,
+            explicit_nonce: gcm && !session.tls13,
+            limit: limit.saturating_sub(LIMIT_MARGIN),
+        })
+    }
+
+    /// Where a record's plaintext starts, from the start of the record.
+    pub fn payload_offset(&self) -> usize {
+        HEADER
+            + if self.explicit_nonce {
+                EXPLICIT_NONCE
+            } else {
+                0
+            }
+    }
+
+    /// Bytes a record adds to its plaintext.
+    pub fn overhead(&self) -> usize {
+        self.payload_offset() + usize::from(self.tls13) + TAG
+    }
+
+    /// Seals the `len` plaintext bytes at `record[payload_offset()..]` as one record of type
+    /// `typ`, in place; `record` has room for [`Sealer::overhead`] more. Returns the record's
+    /// length.
+    pub fn seal(
+        &mut self,
+        typ: ContentType,
+        record: &mut [u8],
+        len: usize,
+    ) -> Result<usize, RecordError> {
+        debug_assert!(len <= MAX_PLAINTEXT && record.len() >= len + self.overhead());
+        if self.seq >= self.limit + LIMIT_MARGIN {
+            return Err(RecordError::Exhausted);
+        }
+        let seq = self.seq;
+        self.seq += 1;
+        // The nonce is the IV with the sequence number XORed into its last 8 bytes (TLS 1.3,
+        // ChaCha20-Poly1305, and rustls' choice for TLS 1.2 AES-GCM's explicit part).
+        let mut nonce = self.iv;
+        for (n, s) in nonce[4..].iter_mut().zip(seq.to_be_bytes()) {
+            *n ^= s;
+        }
+        let start = self.payload_offset();
+        let (outer, sealed_len) = if self.tls13 {
+            record[start + len] = u8::from(typ);
+            (ContentType::ApplicationData, len + 1)
+        } else {
+            (typ, len)
+        };
+        let body_len = start - HEADER + sealed_len + TAG;
+        let [hi, lo] = (body_len as u16).to_be_bytes();
+        record[..HEADER].copy_from_slice(&[u8::from(outer), 3, 3, hi, lo]);
+        if self.explicit_nonce {
+            record[HEADER..start].copy_from_slice(&nonce[4..]);
+        }
+        let mut aad = [0u8; 13];
+        let aad: &[u8] = if self.tls13 {
+            aad[..HEADER].copy_from_slice(&record[..HEADER]);
+            &aad[..HEADER]
+        } else {
+            // TLS 1.2: sequence number, type, version and plaintext length.
+            let [lh, ll] = (len as u16).to_be_bytes();
+            aad[..8].copy_from_slice(&seq.to_be_bytes());
+            aad[8..].copy_from_slice(&[u8::from(typ), 3, 3, lh, ll]);
+            &aad
+        };
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                &mut record[start..start + sealed_len],
+            )
+            .map_err(|_| RecordError::Seal)?;
+        record[start + sealed_len..start + sealed_len + TAG].copy_from_slice(tag.as_ref());
+        Ok(HEADER + body_len)
+    }
+
+    /// Records due before the next application data: the relay's KeyUpdate when the peer asked
+    /// for one, or when the key nears its confidentiality limit (TLS 1.3). TLS 1.2 cannot renew
+    /// its key: the connection ends before the limit instead.
+    pub fn before_data(&mut self, session: &Session) -> Result<Option<Vec<u8>>, RecordError> {
+        let worn = self.seq >= self.limit;
+        let requested = session.tls13 && session.key_update_requested.swap(false, Ordering::AcqRel);
+        if !(worn || requested) {
+            return Ok(None);
+        }
+        if !session.tls13 {
+            return Err(RecordError::Exhausted);
+        }
+        // KeyUpdate(update_not_requested), under the old key; then the new one from rustls.
+        let key_update = [u8::from(HandshakeType::KeyUpdate), 0, 0, 1, 0];
+        let record = self.message(ContentType::Handshake, &key_update)?;
+        let (seq, secrets) = session.new_secrets(false)?;
+        *self = Sealer::new(session, seq, secrets)?;
+        Ok(Some(record))
+    }
+
+    /// A close_notify alert, sealed: the relay sends nothing more on this side.
+    pub fn close_notify(&mut self) -> Result<Vec<u8>, RecordError> {
+        self.message(
+            ContentType::Alert,
+            &[1, u8::from(AlertDescription::CloseNotify)],
+        )
+    }
+
+    fn message(&mut self, typ: ContentType, body: &[u8]) -> Result<Vec<u8>, RecordError> {
+        let start = self.payload_offset();
+        let mut record = vec![0; body.len() + self.overhead()];
+        record[start..start + body.len()].copy_from_slice(body);
+        let len = self.seal(typ, &mut record, body.len())?;
+        record.truncate(len);
+        Ok(record)
+    }
+}
