@@ -41,6 +41,13 @@
 //! benchmark can report measured copies per byte: a partial record moved to the front of its
 //! buffer when the buffer's end is reached, and application data that arrived together with
 //! the end of a handshake (rustls hands it over in a buffer of its own).
+//!
+//! A connection's task lives as long as the connection, so its size is memory per connection.
+//! The long-lived futures here are `fn … -> impl Future { async move { … } }` rather than
+//! `async fn`: an `async fn` keeps its arguments twice (as given, and moved into its body), an
+//! `async move` block once. Futures are pinned where they are declared for the same reason,
+//! and what runs only while bytes are in flight (writes, sealing) is boxed.
+#![allow(clippy::manual_async_fn)]
 
 use std::{
     cell::RefCell,
@@ -48,12 +55,14 @@ use std::{
     mem,
     ops::Range,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    pin::Pin,
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
 use rustls::ContentType;
 use tokio::{io::Interest, net::TcpStream, time::Instant};
+use tokio_util::either::Either;
 
 use crate::tls::{
     handshake::Established,
@@ -119,6 +128,15 @@ pub enum Side {
     Tls(TcpStream, Box<Established>),
 }
 
+impl Side {
+    fn into_parts(self) -> (TcpStream, Option<Box<Established>>) {
+        match self {
+            Side::Plain(socket) => (socket, None),
+            Side::Tls(socket, established) => (socket, Some(established)),
+        }
+    }
+}
+
 /// Byte counts and the time data last moved, shared by both directions and the watchdog.
 struct Meter {
     epoch: Instant,
@@ -168,216 +186,250 @@ impl Meter {
 }
 
 /// Runs both directions until both have finished, one fails, or the connection idles.
-async fn both_ways(
+///
+/// The directions are borrowed, pinned where their caller created them: moving them in would
+/// store them twice in the connection's task, which lives as long as the connection.
+fn both_ways<U, D>(
     meter: &Meter,
     idle: Duration,
-    up: impl Future<Output = io::Result<()>>,
-    down: impl Future<Output = io::Result<()>>,
-) -> Result<(), CopyError> {
-    tokio::select! {
-        r = async { tokio::try_join!(up, down) } => r.map(|_| ()).map_err(CopyError::Io),
-        () = meter.idle(idle) => Err(CopyError::Idle(idle)),
+    mut up: Pin<&mut U>,
+    mut down: Pin<&mut D>,
+) -> impl Future<Output = Result<(), CopyError>>
+where
+    U: Future<Output = io::Result<()>>,
+    D: Future<Output = io::Result<()>>,
+{
+    async move {
+        let (mut up_done, mut down_done) = (false, false);
+        let quiet = meter.idle(idle);
+        tokio::pin!(quiet);
+        while !(up_done && down_done) {
+            tokio::select! {
+                r = up.as_mut(), if !up_done => {
+                    r?;
+                    up_done = true;
+                }
+                r = down.as_mut(), if !down_done => {
+                    r?;
+                    down_done = true;
+                }
+                () = &mut quiet => return Err(CopyError::Idle(idle)),
+            }
+        }
+        Ok(())
     }
 }
 
 /// The receiving half of a TLS side, with what its handshake left over.
-struct Opening {
-    opener: Opener,
+struct Opening<'a> {
+    opener: &'a mut Opener,
     early: Vec<u8>,
     incoming: Vec<u8>,
     peer_closed: bool,
 }
 
-/// A side taken apart: its socket, rustls' session, the receiving and the sending half.
-fn take_apart(side: Side) -> (TcpStream, Option<(Session, Opening, Sealer)>) {
-    match side {
-        Side::Plain(socket) => (socket, None),
-        Side::Tls(socket, established) => {
-            let Established {
-                keys,
-                early,
-                incoming,
-                peer_closed,
-            } = *established;
-            let opening = Opening {
-                opener: keys.opener,
-                early,
-                incoming,
-                peer_closed,
-            };
-            (socket, Some((keys.session, opening, keys.sealer)))
-        }
-    }
+/// A TLS side's halves, borrowed from where the handshake left them: rustls' session (shared
+/// by both directions), the receiving half (for the direction from this side) and the sending
+/// half (for the direction toward it).
+fn halves(
+    tls: Option<&mut Established>,
+) -> (Option<&Session>, Option<Opening<'_>>, Option<&mut Sealer>) {
+    let Some(Established {
+        keys,
+        early,
+        incoming,
+        peer_closed,
+    }) = tls
+    else {
+        return (None, None, None);
+    };
+    let opening = Opening {
+        opener: &mut keys.opener,
+        early: mem::take(early),
+        incoming: mem::take(incoming),
+        peer_closed: *peer_closed,
+    };
+    (Some(&keys.session), Some(opening), Some(&mut keys.sealer))
 }
 
 /// Copies both ways between the client and the backend, each at its level. Returns the bytes
 /// moved either way, also when it fails.
-pub async fn relay(
+pub fn relay(
     client: Side,
     backend: Side,
     limits: Limits,
-) -> (Transfer, Result<(), CopyError>) {
-    let (client, client_tls) = take_apart(client);
-    let (backend, backend_tls) = take_apart(backend);
-    if client_tls.is_none() && backend_tls.is_none() {
-        return relay_tcp(client, backend, limits).await;
+) -> impl Future<Output = (Transfer, Result<(), CopyError>)> {
+    async move {
+        let (client, mut client_tls) = client.into_parts();
+        let (backend, mut backend_tls) = backend.into_parts();
+        if client_tls.is_none() && backend_tls.is_none() {
+            return relay_tcp(client, backend, limits).await;
+        }
+        let meter = Meter::new();
+        let max = limits.max_buffer.max(MIN_BUFFER);
+        let (client_session, client_in, client_out) = halves(client_tls.as_deref_mut());
+        let (backend_session, backend_in, backend_out) = halves(backend_tls.as_deref_mut());
+        // Declared pinned: a future moved after creation would be stored twice in the task.
+        tokio::pin! {
+            let up = pump(
+                (&client, client_in, client_session),
+                (&backend, backend_out.zip(backend_session)),
+                (&meter, &meter.up),
+                max,
+            );
+            let down = pump(
+                (&backend, backend_in, backend_session),
+                (&client, client_out.zip(client_session)),
+                (&meter, &meter.down),
+                max,
+            );
+        }
+        let result = both_ways(&meter, limits.idle, up, down).await;
+        (meter.transfer(), result)
     }
-    let meter = Meter::new();
-    let max = limits.max_buffer.max(MIN_BUFFER);
-    let (client_session, client_in, client_out) = split(client_tls);
-    let (backend_session, backend_in, backend_out) = split(backend_tls);
-    let up = pump(
-        (&client, client_in, client_session.as_ref()),
-        (&backend, backend_out, backend_session.as_ref()),
-        (&meter, &meter.up),
-        max,
-    );
-    let down = pump(
-        (&backend, backend_in, backend_session.as_ref()),
-        (&client, client_out, client_session.as_ref()),
-        (&meter, &meter.down),
-        max,
-    );
-    let result = both_ways(&meter, limits.idle, up, down).await;
-    (meter.transfer(), result)
 }
 
-fn split(
-    tls: Option<(Session, Opening, Sealer)>,
-) -> (Option<Session>, Option<Opening>, Option<Sealer>) {
-    match tls {
-        Some((session, opening, sealer)) => (Some(session), Some(opening), Some(sealer)),
-        None => (None, None, None),
-    }
-}
+/// Where a direction delivers: a socket, with the sending half of its TLS side.
+type Sink<'a> = (&'a TcpStream, Option<(&'a mut Sealer, &'a Session)>);
 
 /// One direction: from a socket (with its receiving TLS half) to a socket (with its sending
-/// TLS half).
-async fn pump(
-    (from, opening, from_session): (&TcpStream, Option<Opening>, Option<&Session>),
-    (to, sealer, to_session): (&TcpStream, Option<Sealer>, Option<&Session>),
-    (meter, counter): (&Meter, &AtomicU64),
+/// TLS half). Not an `async fn`: that would hold its arguments beside the pump it awaits.
+fn pump<'a>(
+    (from, opening, from_session): (&'a TcpStream, Option<Opening<'a>>, Option<&'a Session>),
+    (to, sealing): Sink<'a>,
+    (meter, counter): (&'a Meter, &'a AtomicU64),
     max: usize,
-) -> io::Result<()> {
-    let sealing = sealer.zip(to_session);
+) -> impl Future<Output = io::Result<()>> + 'a {
     match (opening.zip(from_session), sealing) {
-        (Some((opening, session)), sealing) => {
-            open_pump(from, opening, session, to, sealing, meter, counter, max).await
-        }
-        (None, Some((sealer, session))) => {
-            seal_pump(from, to, sealer, session, meter, counter, max).await
-        }
-        (None, None) => splice_pump(from, to, meter, counter, max).await,
+        (Some((opening, session)), sealing) => Either::Left(Either::Left(open_pump(
+            from,
+            opening,
+            session,
+            (to, sealing),
+            meter,
+            counter,
+            max,
+        ))),
+        (None, Some((sealer, session))) => Either::Left(Either::Right(seal_pump(
+            from, to, sealer, session, meter, counter, max,
+        ))),
+        (None, None) => Either::Right(splice_pump(from, to, meter, counter, max)),
     }
 }
 
+/// Waits until `s` may have bytes to read (a small future, unlike `TcpStream::readable`'s:
+/// this wait is where an idle connection spends its life).
+async fn readable(s: &TcpStream) -> io::Result<()> {
+    std::future::poll_fn(|cx| s.poll_read_ready(cx)).await
+}
+
+// The pumps keep little across their wait for input: what they await while bytes are in
+// flight (writes, sealing) is boxed, so an idle connection's task stays small.
+
 /// plain → TLS: plaintext read straight into record payloads, sealed in place.
-async fn seal_pump(
+fn seal_pump(
     from: &TcpStream,
     to: &TcpStream,
-    mut sealer: Sealer,
+    sealer: &mut Sealer,
     session: &Session,
     meter: &Meter,
     counter: &AtomicU64,
     max: usize,
-) -> io::Result<()> {
-    let mut size = MIN_BUFFER;
-    loop {
-        from.readable().await?;
-        let mut buf = pool::take(size);
-        let slots = Slots::new(&sealer, buf.len());
-        let read = from.try_read_vectored(&mut slots.payloads(&mut buf));
-        let n = match read {
-            Ok(n) => n,
-            Err(e) => {
+) -> impl Future<Output = io::Result<()>> {
+    async move {
+        let mut size = MIN_BUFFER;
+        loop {
+            readable(from).await?;
+            let mut buf = pool::take(size);
+            let slots = Slots::new(sealer, buf.len());
+            let n = match from.try_read_vectored(&mut slots.payloads(&mut buf)) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            };
+            if n == 0 {
                 drop(buf);
-                match e.kind() {
-                    io::ErrorKind::WouldBlock => continue,
-                    _ => return Err(e),
-                }
+                return Box::pin(finish(to, Some((sealer, session)), true)).await;
             }
-        };
-        if n == 0 {
-            drop(buf);
-            return finish(to, Some((&mut sealer, session))).await;
-        }
-        meter.moved(counter, n);
-        let written = async {
+            meter.moved(counter, n);
             let control = sealer.before_data(session)?;
-            let len = slots.seal(&mut sealer, &mut buf, n)?;
-            write_all(
-                to,
-                &mut [control.as_deref().unwrap_or_default(), &buf[..len]],
-            )
-            .await
+            let len = slots.seal(sealer, &mut buf, n)?;
+            let records = [control.as_deref().unwrap_or_default(), &buf[..len]];
+            Box::pin(write_all(to, &records)).await?;
+            drop(buf);
+            meter.touch();
+            size = adapt(size, n == slots.capacity, n, max);
         }
-        .await;
-        drop(buf);
-        written?;
-        meter.touch();
-        size = adapt(size, n == slots.capacity, n, max);
     }
 }
 
 /// TLS → plain or TLS: records opened in place, their plaintexts passed on from there.
-#[allow(clippy::too_many_arguments)]
-async fn open_pump(
+fn open_pump(
     from: &TcpStream,
-    mut opening: Opening,
+    mut opening: Opening<'_>,
     session: &Session,
-    to: &TcpStream,
-    mut sealing: Option<(Sealer, &Session)>,
+    (to, mut sealing): Sink<'_>,
     meter: &Meter,
     counter: &AtomicU64,
     max: usize,
-) -> io::Result<()> {
-    // Data that came with the end of the handshake goes first.
-    let early = mem::take(&mut opening.early);
-    if !early.is_empty() {
-        copied(early.len());
-        meter.moved(counter, early.len());
-        let whole = 0..early.len();
-        deliver(to, &mut sealing, &early, std::slice::from_ref(&whole)).await?;
-        meter.touch();
-    }
-    drop(early);
-    if opening.peer_closed {
-        return finish(to, sealing.as_mut().map(|(s, session)| (s, *session))).await;
-    }
-    let mut received = Received::new(mem::take(&mut opening.incoming));
-    let mut size = MIN_BUFFER;
-    loop {
-        let mut ranges = Vec::new();
-        let (opened_to, closed) = received.open(&mut opening.opener, session, &mut ranges)?;
-        if !ranges.is_empty() {
-            let n = ranges.iter().map(|r| r.len()).sum();
-            meter.moved(counter, n);
-            deliver(to, &mut sealing, &received.buf, &ranges).await?;
+) -> impl Future<Output = io::Result<()>> {
+    async move {
+        // Data that came with the end of the handshake goes first.
+        let early = mem::take(&mut opening.early);
+        if !early.is_empty() {
+            copied(early.len());
+            meter.moved(counter, early.len());
+            let whole = 0..early.len();
+            Box::pin(deliver(
+                to,
+                &mut sealing,
+                &early,
+                std::slice::from_ref(&whole),
+            ))
+            .await?;
             meter.touch();
         }
-        let opened_any = opened_to > received.start;
-        received.consume_to(opened_to);
-        if closed {
-            return finish(to, sealing.as_mut().map(|(s, session)| (s, *session))).await;
+        drop(early);
+        if opening.peer_closed {
+            return Box::pin(finish(to, sealing, true)).await;
         }
-        if opened_any {
-            continue;
-        }
-        from.readable().await?;
-        match received.fill(from, size)? {
-            None => {}
-            Some((0, _)) if received.is_empty() => {
-                // No close_notify: every byte before was authenticated record by record, and
-                // many clients end this way, so this is the end of this direction.
-                return finish(to, sealing.as_mut().map(|(s, session)| (s, *session))).await;
+        let mut received = Received::new(mem::take(&mut opening.incoming));
+        let mut size = MIN_BUFFER;
+        loop {
+            let mut ranges = Vec::new();
+            let (opened_to, closed) = received.open(opening.opener, session, &mut ranges)?;
+            if !ranges.is_empty() {
+                let n = ranges.iter().map(|r| r.len()).sum();
+                meter.moved(counter, n);
+                Box::pin(deliver(to, &mut sealing, &received.buf, &ranges)).await?;
+                meter.touch();
             }
-            Some((0, _)) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "closed in the middle of a TLS record",
-                ));
+            drop(ranges);
+            let opened_any = opened_to > received.start;
+            received.consume_to(opened_to);
+            if closed {
+                return Box::pin(finish(to, sealing, true)).await;
             }
-            Some((n, filled)) => size = adapt(size, filled, n, max),
+            if opened_any {
+                continue;
+            }
+            readable(from).await?;
+            match received.fill(from, size)? {
+                None => {}
+                Some((0, _)) if received.is_empty() => {
+                    // No close_notify: every byte before was authenticated record by record, and
+                    // many clients end this way, so this ends this direction; but a TLS peer
+                    // beyond is not told it was a clean end (that would be a truncation attack).
+                    return Box::pin(finish(to, sealing, false)).await;
+                }
+                Some((0, _)) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "closed in the middle of a TLS record",
+                    ));
+                }
+                Some((n, filled)) => size = adapt(size, filled, n, max),
+            }
         }
     }
 }
@@ -385,7 +437,7 @@ async fn open_pump(
 /// Passes plaintexts on: written as they are toward plain, sealed into records toward TLS.
 async fn deliver(
     to: &TcpStream,
-    sealing: &mut Option<(Sealer, &Session)>,
+    sealing: &mut Option<(&mut Sealer, &Session)>,
     buf: &[u8],
     ranges: &[Range<usize>],
 ) -> io::Result<()> {
@@ -396,9 +448,8 @@ async fn deliver(
             .collect();
         return write_all_slices(to, &mut slices).await;
     };
-    let control = sealer.before_data(session)?;
-    if let Some(control) = control {
-        write_all(to, &mut [&control]).await?;
+    if let Some(control) = sealer.before_data(session)? {
+        write_all(to, &[&control]).await?;
     }
     let chunks = ranges
         .iter()
@@ -417,7 +468,7 @@ async fn deliver(
         });
         copied(bytes);
         let written = match sealed {
-            Ok(()) => write_all(to, &mut [&out[..len]]).await,
+            Ok(()) => write_all(to, &[&out[..len]]).await,
             Err(e) => Err(e),
         };
         drop(out);
@@ -426,11 +477,16 @@ async fn deliver(
     Ok(())
 }
 
-/// The end of a direction: close_notify toward TLS, then a FIN.
-async fn finish(to: &TcpStream, sealing: Option<(&mut Sealer, &Session)>) -> io::Result<()> {
-    if let Some((sealer, _)) = sealing {
+/// The end of a direction: a FIN, after a close_notify toward TLS when the source ended
+/// cleanly (`clean`).
+async fn finish(
+    to: &TcpStream,
+    sealing: Option<(&mut Sealer, &Session)>,
+    clean: bool,
+) -> io::Result<()> {
+    if let (Some((sealer, _)), true) = (sealing, clean) {
         let alert = sealer.close_notify()?;
-        match write_all(to, &mut [&alert]).await {
+        match write_all(to, &[&alert]).await {
             // The peer stopped reading after its own close: our goodbye is moot.
             Err(e)
                 if matches!(
@@ -649,13 +705,16 @@ impl Received {
     }
 }
 
-async fn write_all(to: &TcpStream, parts: &mut [&[u8]]) -> io::Result<()> {
-    let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+async fn write_all(to: &TcpStream, parts: &[&[u8]]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = parts
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| IoSlice::new(p))
+        .collect();
     write_all_slices(to, &mut slices).await
 }
 
 async fn write_all_slices(to: &TcpStream, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
-    IoSlice::advance_slices(&mut slices, 0);
     while !slices.is_empty() {
         to.writable().await?;
         match to.try_write_vectored(slices) {
@@ -669,65 +728,71 @@ async fn write_all_slices(to: &TcpStream, mut slices: &mut [IoSlice<'_>]) -> io:
 }
 
 /// Copies both ways between two plain TCP sockets with `splice(2)`.
-pub async fn relay_tcp(
+pub fn relay_tcp(
     client: TcpStream,
     backend: TcpStream,
     limits: Limits,
-) -> (Transfer, Result<(), CopyError>) {
-    let meter = Meter::new();
-    let max = limits.max_buffer.max(MIN_BUFFER);
-    let up = splice_pump(&client, &backend, &meter, &meter.up, max);
-    let down = splice_pump(&backend, &client, &meter, &meter.down, max);
-    let result = both_ways(&meter, limits.idle, up, down).await;
-    (meter.transfer(), result)
+) -> impl Future<Output = (Transfer, Result<(), CopyError>)> {
+    async move {
+        let meter = Meter::new();
+        let max = limits.max_buffer.max(MIN_BUFFER);
+        tokio::pin! {
+            let up = splice_pump(&client, &backend, &meter, &meter.up, max);
+            let down = splice_pump(&backend, &client, &meter, &meter.down, max);
+        }
+        let result = both_ways(&meter, limits.idle, up, down).await;
+        (meter.transfer(), result)
+    }
 }
 
 /// One direction, socket → pipe → socket.
-async fn splice_pump(
+fn splice_pump(
     from: &TcpStream,
     to: &TcpStream,
     meter: &Meter,
     counter: &AtomicU64,
     max: usize,
-) -> io::Result<()> {
-    loop {
-        from.readable().await?;
-        let Some(pipe) = pipes::take() else {
-            // No pipe to be had: move this chunk through a pooled buffer instead.
-            match buffered_chunk(from, to, meter, counter, max).await? {
-                0 => return shutdown_write(to),
-                _ => continue,
-            }
-        };
-        let n = match from.try_io(Interest::READABLE, || {
-            splice(from.as_raw_fd(), pipe.w(), pipes::PIPE_SIZE)
-        }) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                pipes::give(pipe);
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        if n == 0 {
-            pipes::give(pipe);
-            return shutdown_write(to);
-        }
-        meter.moved(counter, n);
-        let mut left = n;
-        while left > 0 {
-            to.writable().await?;
-            match to.try_io(Interest::WRITABLE, || {
-                splice(pipe.r(), to.as_raw_fd(), left)
+) -> impl Future<Output = io::Result<()>> {
+    async move {
+        loop {
+            readable(from).await?;
+            let Some(pipe) = pipes::take() else {
+                // No pipe to be had: move this chunk through a pooled buffer instead.
+                match Box::pin(buffered_chunk(from, to, meter, counter, max)).await? {
+                    0 => return shutdown_write(to),
+                    _ => continue,
+                }
+            };
+            let n = match from.try_io(Interest::READABLE, || {
+                splice(from.as_raw_fd(), pipe.w(), pipes::PIPE_SIZE)
             }) {
-                Ok(m) => left -= m,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                // The pipe still holds data: it is dropped (closed), not pooled.
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    pipes::give(pipe);
+                    continue;
+                }
                 Err(e) => return Err(e),
+            };
+            if n == 0 {
+                pipes::give(pipe);
+                return shutdown_write(to);
             }
+            meter.moved(counter, n);
+            let mut left = n;
+            while left > 0 {
+                to.writable().await?;
+                match to.try_io(Interest::WRITABLE, || {
+                    splice(pipe.r(), to.as_raw_fd(), left)
+                }) {
+                    Ok(m) => left -= m,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    // The pipe still holds data: it is dropped (closed), not pooled.
+                    Err(e) => return Err(e),
+                }
+            }
+            meter.touch();
+            pipes::give(pipe);
         }
-        meter.touch();
-        pipes::give(pipe);
     }
 }
 

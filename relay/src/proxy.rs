@@ -199,10 +199,9 @@ pub async fn serve(
             continue;
         };
         let timeouts = services.timeouts;
-        shared.tracker.spawn(async move {
-            handle(socket, peer, &service, timeouts).await;
-            drop(permits);
-        });
+        shared
+            .tracker
+            .spawn(handle(socket, peer, service, timeouts, permits));
     }
 }
 
@@ -214,10 +213,10 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
 }
 
 /// Takes a permit from the total limit and from the service's own, or none at all.
-fn admit(
-    service: &ServiceRuntime,
-    shared: &Shared,
-) -> Option<(OwnedSemaphorePermit, Option<OwnedSemaphorePermit>)> {
+/// A connection's place under the total limit and under its service's own.
+type Permits = (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>);
+
+fn admit(service: &ServiceRuntime, shared: &Shared) -> Option<Permits> {
     let total = Arc::clone(&shared.total).try_acquire_owned().ok()?;
     let own = match &service.limit {
         Some(limit) => Some(Arc::clone(limit).try_acquire_owned().ok()?),
@@ -241,64 +240,84 @@ impl Failure {
     }
 }
 
-async fn handle(socket: TcpStream, peer: SocketAddr, service: &ServiceRuntime, t: Timeouts) {
-    let started = Instant::now();
-    service.metrics.opened();
-    let _ = socket.set_nodelay(true);
-    // What the client connected to: the server and front port in transparent mode.
-    let destination = socket.local_addr();
-    let mut transfer = copy::Transfer::default();
-    let mut identity = None;
-    let result = async {
-        let accepted = accept_inbound(socket, service, t.handshake).await?;
-        identity = accepted
-            .tls
-            .as_ref()
-            .and_then(|f| f.client.as_ref())
-            .map(Identity::principal);
-        let header = match service.config.outbound.proxy_protocol {
-            ProxyProtocol::None => Vec::new(),
-            kind => destination
-                .and_then(|d| proxy_protocol::header(kind, peer, d, accepted.tls.as_ref()))
-                .map_err(|e| Failure::new(Outcome::IoError, format!("PROXY header: {e}")))?,
-        };
-        let inbound = accepted.conn;
-        let outbound = connect_outbound(service, accepted.backend, &header, t).await?;
-        let limits = copy::Limits {
-            idle: t.idle,
-            max_buffer: t.max_buffer,
-        };
-        let (moved, result) = copy::relay(inbound, outbound, limits).await;
-        transfer = moved;
-        result.map_err(|e| match e {
-            CopyError::Idle(_) => Failure::new(Outcome::IdleTimeout, e),
-            CopyError::Io(e) => Failure::new(Outcome::IoError, e),
-        })
-    }
-    .await;
-    let outcome = result.as_ref().err().map_or(Outcome::Closed, |f| f.outcome);
-    service
-        .metrics
-        .finished(outcome, transfer.up, transfer.down);
-    let c = &service.config;
-    let duration_ms = started.elapsed().as_millis() as u64;
-    let identity = identity.as_deref().unwrap_or("-");
-    match result {
-        Ok(()) => info!(
-            service = %c.name, %peer, inbound = %c.inbound.level, outbound = %c.outbound.level,
-            %identity, bytes_up = transfer.up, bytes_down = transfer.down, duration_ms,
-            outcome = outcome.label(), "connection closed"
-        ),
-        Err(f) if outcome.is_normal() => info!(
-            service = %c.name, %peer, inbound = %c.inbound.level, outbound = %c.outbound.level,
-            %identity, bytes_up = transfer.up, bytes_down = transfer.down, duration_ms,
-            outcome = outcome.label(), detail = %f.detail, "connection closed"
-        ),
-        Err(f) => warn!(
-            service = %c.name, %peer, inbound = %c.inbound.level, outbound = %c.outbound.level,
-            %identity, bytes_up = transfer.up, bytes_down = transfer.down, duration_ms,
-            outcome = outcome.label(), error = %f.detail, "connection closed"
-        ),
+/// The whole life of one connection; what it holds is held for as long as the connection
+/// lives, so it is an `async move` block (arguments stored once) rather than an `async fn`.
+#[allow(clippy::manual_async_fn)]
+fn handle(
+    socket: TcpStream,
+    peer: SocketAddr,
+    service: Arc<ServiceRuntime>,
+    t: Timeouts,
+    permits: Permits,
+) -> impl Future<Output = ()> {
+    async move {
+        let service = &*service;
+        let _permits = permits;
+        let started = Instant::now();
+        service.metrics.opened();
+        let _ = socket.set_nodelay(true);
+        // What the client connected to: the server and front port in transparent mode.
+        let destination = socket.local_addr();
+        let mut transfer = copy::Transfer::default();
+        let mut identity = None;
+        let result = async {
+            // The handshakes' state is large and short-lived; only what the copy needs stays in
+            // the connection's task, which lives as long as the connection.
+            let (inbound, outbound) = {
+                let accepted = Box::pin(accept_inbound(socket, service, t.handshake)).await?;
+                identity = accepted
+                    .tls
+                    .as_ref()
+                    .and_then(|f| f.client.as_ref())
+                    .map(Identity::principal);
+                let header = match service.config.outbound.proxy_protocol {
+                    ProxyProtocol::None => Vec::new(),
+                    kind => destination
+                        .and_then(|d| proxy_protocol::header(kind, peer, d, accepted.tls.as_ref()))
+                        .map_err(|e| {
+                            Failure::new(Outcome::IoError, format!("PROXY header: {e}"))
+                        })?,
+                };
+                let outbound =
+                    Box::pin(connect_outbound(service, accepted.backend, &header, t)).await?;
+                (accepted.conn, outbound)
+            };
+            let limits = copy::Limits {
+                idle: t.idle,
+                max_buffer: t.max_buffer,
+            };
+            let (moved, result) = copy::relay(inbound, outbound, limits).await;
+            transfer = moved;
+            result.map_err(|e| match e {
+                CopyError::Idle(_) => Failure::new(Outcome::IdleTimeout, e),
+                CopyError::Io(e) => Failure::new(Outcome::IoError, e),
+            })
+        }
+        .await;
+        let outcome = result.as_ref().err().map_or(Outcome::Closed, |f| f.outcome);
+        service
+            .metrics
+            .finished(outcome, transfer.up, transfer.down);
+        let c = &service.config;
+        let duration_ms = started.elapsed().as_millis() as u64;
+        let identity = identity.as_deref().unwrap_or("-");
+        match result {
+            Ok(()) => info!(
+                service = %c.name, %peer, inbound = %c.inbound.level, outbound = %c.outbound.level,
+                %identity, bytes_up = transfer.up, bytes_down = transfer.down, duration_ms,
+                outcome = outcome.label(), "connection closed"
+            ),
+            Err(f) if outcome.is_normal() => info!(
+                service = %c.name, %peer, inbound = %c.inbound.level, outbound = %c.outbound.level,
+                %identity, bytes_up = transfer.up, bytes_down = transfer.down, duration_ms,
+                outcome = outcome.label(), detail = %f.detail, "connection closed"
+            ),
+            Err(f) => warn!(
+                service = %c.name, %peer, inbound = %c.inbound.level, outbound = %c.outbound.level,
+                %identity, bytes_up = transfer.up, bytes_down = transfer.down, duration_ms,
+                outcome = outcome.label(), error = %f.detail, "connection closed"
+            ),
+        }
     }
 }
 
@@ -360,8 +379,7 @@ async fn establish_tls(
             return plaintext(socket, service.config.inbound.plaintext()).await;
         }
     }
-    // Boxed: the handshake's state is large and short-lived, the connection's task is not.
-    let accepted = Box::pin(handshake::accept(&socket, server))
+    let accepted = handshake::accept(&socket, server)
         .await
         .map_err(|e| match &e {
             HandshakeError::UnknownSni(_) => Failure::new(

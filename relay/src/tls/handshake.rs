@@ -22,7 +22,7 @@ use tokio::net::TcpStream;
 
 use super::{
     ServerSide,
-    record::{Keys, RecordError},
+    record::{Keys, RecordError, record_len},
 };
 use crate::proxy_protocol::TlsFacts;
 
@@ -66,7 +66,8 @@ impl HandshakeError {
 /// A TLS side whose handshake is done: its keys, and what arrived with the handshake's end.
 pub struct Established {
     pub keys: Keys,
-    /// Application data that came in the same reads as the handshake's end, already decrypted.
+    /// Application data rustls decrypted during the handshake (none with the TLS versions and
+    /// settings the relay uses, kept for safety).
     pub early: Vec<u8>,
     /// Bytes received after the handshake and not processed yet (the start of a record).
     pub incoming: Vec<u8>,
@@ -206,8 +207,12 @@ async fn drive<C: Unbuffered>(
     let mut outgoing = Vec::new();
     let mut early = Vec::new();
     let mut peer_closed = false;
+    // rustls is shown whole records, one more each time it needs more, so it never reads past
+    // the end of the handshake: what follows is the record layer's (a KeyUpdate or a ticket
+    // that rustls took in would be lost on the way to it).
+    let mut fed = 0;
     loop {
-        let UnbufferedStatus { discard, state } = conn.process(incoming);
+        let UnbufferedStatus { discard, state } = conn.process(&mut incoming[..fed]);
         let step = match state {
             Ok(ConnectionState::EncodeTlsData(mut data)) => {
                 match encode(&mut data, &mut outgoing) {
@@ -243,6 +248,7 @@ async fn drive<C: Unbuffered>(
             Err(e) => Step::Failed(e.into()),
         };
         incoming.drain(..discard);
+        fed -= discard;
         match step {
             Step::Next => {}
             // A client that sends nothing may half-close right after its Finished.
@@ -252,13 +258,20 @@ async fn drive<C: Unbuffered>(
                 write_all(socket, &outgoing).await?;
                 outgoing.clear();
             }
-            Step::Receive => {
+            Step::Receive => loop {
+                if let Some(len) = next_record(&incoming[fed..]) {
+                    fed += len;
+                    break;
+                }
                 if !receive(socket, incoming).await? {
                     return Err(HandshakeError::Closed);
                 }
-            }
+            },
             Step::Done => {
                 write_all(socket, &outgoing).await?;
+                // Bytes rustls saw but kept (part of a message it was still joining) are not
+                // records for the record layer.
+                incoming.drain(..fed);
                 return Ok(End { early, peer_closed });
             }
             Step::Failed(e) => {
@@ -266,6 +279,16 @@ async fn drive<C: Unbuffered>(
                 return Err(e);
             }
         }
+    }
+}
+
+/// The length of the whole record at the start of `buf`, once it has arrived; all of `buf` if
+/// its header is malformed, so that rustls refuses it with the right alert.
+fn next_record(buf: &[u8]) -> Option<usize> {
+    match record_len(buf) {
+        Ok(Some(len)) if len <= buf.len() => Some(len),
+        Ok(_) => None,
+        Err(_) => Some(buf.len()),
     }
 }
 

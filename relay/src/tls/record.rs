@@ -50,6 +50,10 @@ const EXPLICIT_NONCE: usize = 8;
 /// Records sealed per batch are far fewer: renewing the key this many records before the
 /// suite's confidentiality limit keeps every batch under it.
 const LIMIT_MARGIN: u64 = 1024;
+/// Records in a row that carry no application data (empty records, warnings, KeyUpdates,
+/// tickets) a peer may send: each costs work, none moves the connection forward. rustls allows
+/// 32 of each kind.
+const MAX_RECORDS_WITHOUT_DATA: u8 = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
@@ -65,6 +69,8 @@ pub enum RecordError {
     Unexpected(String),
     #[error("the key is used up and TLS 1.2 cannot renew it")]
     Exhausted,
+    #[error("more than {MAX_RECORDS_WITHOUT_DATA} records in a row without application data")]
+    NoData,
     #[error("unsupported cipher suite {0:?}")]
     Unsupported(String),
     #[error("sealing a record failed")]
@@ -191,6 +197,7 @@ pub enum Content {
 pub struct Opener {
     decrypter: Box<dyn MessageDecrypter>,
     seq: u64,
+    without_data: u8,
 }
 
 impl Opener {
@@ -214,7 +221,11 @@ impl Opener {
                 s.aead_alg.decrypter(key, if gcm { &iv[..4] } else { iv })
             }
         };
-        Ok(Opener { decrypter, seq })
+        Ok(Opener {
+            decrypter,
+            seq,
+            without_data: 0,
+        })
     }
 
     /// Opens `record` (one whole record, header included, as [`record_len`] measured it) in
@@ -235,6 +246,14 @@ impl Opener {
         })?;
         if plain.payload.len() > MAX_PLAINTEXT {
             return Err(RecordError::Oversized);
+        }
+        if plain.typ == ContentType::ApplicationData && !plain.payload.is_empty() {
+            self.without_data = 0;
+        } else {
+            self.without_data += 1;
+            if self.without_data > MAX_RECORDS_WITHOUT_DATA {
+                return Err(RecordError::NoData);
+            }
         }
         match plain.typ {
             ContentType::ApplicationData => {
@@ -281,7 +300,9 @@ impl Opener {
                         _ => return Err(RecordError::Unexpected("malformed KeyUpdate".into())),
                     };
                     let (seq, secrets) = session.new_secrets(true)?;
+                    let without_data = self.without_data;
                     *self = Opener::new(session, seq, secrets)?;
+                    self.without_data = without_data;
                     if requested {
                         session.key_update_requested.store(true, Ordering::Release);
                     }
@@ -297,7 +318,9 @@ impl Opener {
                 // A TLS 1.2 server asking to renegotiate: RFC 5246 lets the client ignore it,
                 // and the relay does not renegotiate.
                 HandshakeType::HelloRequest
-                    if !session.tls13 && matches!(*session.kernel(), Kernel::Client(_)) => {}
+                    if body.is_empty()
+                        && !session.tls13
+                        && matches!(*session.kernel(), Kernel::Client(_)) => {}
                 other => return Err(RecordError::Unexpected(format!("{other:?} message"))),
             }
         }
@@ -309,12 +332,15 @@ fn alert(session: &Session, payload: &[u8]) -> Result<Content, RecordError> {
     let [level, description] = payload else {
         return Err(RecordError::Unexpected("malformed alert".into()));
     };
-    match AlertDescription::from(*description) {
-        AlertDescription::CloseNotify => Ok(Content::CloseNotify),
+    const WARNING: u8 = 1;
+    const FATAL: u8 = 2;
+    match (*level, AlertDescription::from(*description)) {
+        (WARNING | FATAL, AlertDescription::CloseNotify) => Ok(Content::CloseNotify),
         // user_canceled precedes a close_notify; TLS 1.2 warnings are informational.
-        AlertDescription::UserCanceled => Ok(Content::Control),
-        _ if *level == 1 && !session.tls13 => Ok(Content::Control),
-        other => Err(RecordError::Alert(other)),
+        (WARNING, AlertDescription::UserCanceled) => Ok(Content::Control),
+        (WARNING, _) if !session.tls13 => Ok(Content::Control),
+        (WARNING | FATAL, other) => Err(RecordError::Alert(other)),
+        _ => Err(RecordError::Unexpected("alert of an unknown level".into())),
     }
 }
 
@@ -326,7 +352,9 @@ pub struct Sealer {
     tls13: bool,
     /// TLS 1.2 AES-GCM: the nonce's per-record part travels in the record.
     explicit_nonce: bool,
-    /// Renew the key (TLS 1.3) or end (TLS 1.2) before this many records.
+    /// Renew the key (TLS 1.3) or end (TLS 1.2) from this many records on.
+    renew_at: u64,
+    /// The suite's confidentiality limit: never this many records under one key.
     limit: u64,
 }
 
@@ -355,7 +383,8 @@ impl Sealer {
             seq,
             tls13: session.tls13,
             explicit_nonce: gcm && !session.tls13,
-            limit: limit.saturating_sub(LIMIT_MARGIN),
+            renew_at: limit - LIMIT_MARGIN.min(limit / 2),
+            limit,
         })
     }
 
@@ -384,7 +413,7 @@ impl Sealer {
         len: usize,
     ) -> Result<usize, RecordError> {
         debug_assert!(len <= MAX_PLAINTEXT && record.len() >= len + self.overhead());
-        if self.seq >= self.limit + LIMIT_MARGIN {
+        if self.seq >= self.limit {
             return Err(RecordError::Exhausted);
         }
         let seq = self.seq;
@@ -435,7 +464,7 @@ impl Sealer {
     /// for one, or when the key nears its confidentiality limit (TLS 1.3). TLS 1.2 cannot renew
     /// its key: the connection ends before the limit instead.
     pub fn before_data(&mut self, session: &Session) -> Result<Option<Vec<u8>>, RecordError> {
-        let worn = self.seq >= self.limit;
+        let worn = self.seq >= self.renew_at;
         let requested = session.tls13 && session.key_update_requested.swap(false, Ordering::AcqRel);
         if !(worn || requested) {
             return Ok(None);
@@ -466,5 +495,190 @@ impl Sealer {
         let len = self.seal(typ, &mut record, body.len())?;
         record.truncate(len);
         Ok(record)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rustls::{SupportedCipherSuite, crypto::aws_lc_rs::cipher_suite as suites};
+
+    use super::*;
+    use crate::tls::{
+        ServerSide,
+        handshake::{accept, connect},
+        testing::{Tls, name, tcp_pair},
+    };
+
+    const SUITES: [SupportedCipherSuite; 6] = [
+        suites::TLS13_AES_128_GCM_SHA256,
+        suites::TLS13_AES_256_GCM_SHA384,
+        suites::TLS13_CHACHA20_POLY1305_SHA256,
+        suites::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        suites::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        suites::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+    ];
+
+    /// The keys of both ends of one real handshake: (server, client).
+    async fn pair(suite: SupportedCipherSuite) -> (Keys, Keys) {
+        let tls = Tls::new(suite);
+        let (a, b) = tcp_pair().await;
+        let server = ServerSide::with_config(tls.server(true));
+        let (server, client) =
+            tokio::join!(accept(&b, &server), connect(&a, tls.client(true), name()));
+        let (server, client) = (server.unwrap().established, client.unwrap());
+        let mut client_keys = client.keys;
+        // A TLS 1.3 server's session tickets follow its handshake: the client takes them in
+        // first, or its sequence numbers lag behind the server's.
+        let mut pending = client.incoming;
+        let quiet = std::time::Duration::from_millis(100);
+        while let Ok(ready) = tokio::time::timeout(quiet, a.readable()).await {
+            ready.unwrap();
+            let mut buf = [0; 4096];
+            match a.try_read(&mut buf) {
+                Ok(n) => pending.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        while let Some(len) = record_len(&pending).unwrap() {
+            let record: Vec<u8> = pending.drain(..len).collect();
+            assert_eq!(open(&mut client_keys, record).unwrap().0, Content::Control);
+        }
+        (server.keys, client_keys)
+    }
+
+    fn open(keys: &mut Keys, mut record: Vec<u8>) -> Result<(Content, Vec<u8>), RecordError> {
+        assert_eq!(record_len(&record).unwrap(), Some(record.len()));
+        let content = keys.opener.open(&keys.session, &mut record)?;
+        let data = match &content {
+            Content::Data(r) => record[r.clone()].to_vec(),
+            _ => Vec::new(),
+        };
+        Ok((content, data))
+    }
+
+    fn data(keys: &mut Keys, body: &[u8]) -> Vec<u8> {
+        keys.sealer
+            .message(ContentType::ApplicationData, body)
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn records_sealed_on_one_end_open_on_the_other_with_every_suite() {
+        for suite in SUITES {
+            let (mut server, mut client) = pair(suite).await;
+            for len in [0, 1, 1000, MAX_PLAINTEXT] {
+                let body: Vec<u8> = (0..len).map(|i| (i * 31 + len) as u8).collect();
+                let record = data(&mut client, &body);
+                let (content, got) = open(&mut server, record).unwrap();
+                assert!(matches!(content, Content::Data(_)), "{suite:?} {len}");
+                assert!(got == body, "{suite:?}: client → server, {len} bytes");
+                let record = data(&mut server, &body);
+                let (_, got) = open(&mut client, record).unwrap();
+                assert!(got == body, "{suite:?}: server → client, {len} bytes");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_record_out_of_sequence_or_altered_fails() {
+        let (mut server, mut client) = pair(SUITES[0]).await;
+        let first = data(&mut client, b"first");
+        let second = data(&mut client, b"second");
+        // Skipping a record changes the nonce.
+        assert!(matches!(
+            open(&mut server, second),
+            Err(RecordError::Decrypt)
+        ));
+        let (mut server, mut client) = pair(SUITES[3]).await;
+        let mut altered = data(&mut client, b"attack at dawn");
+        let last = altered.len() - 1;
+        altered[last] ^= 1;
+        assert!(matches!(
+            open(&mut server, altered),
+            Err(RecordError::Decrypt)
+        ));
+        drop(first);
+    }
+
+    #[tokio::test]
+    async fn alerts_are_judged_by_level_and_version() {
+        for (suite, tls13) in [(SUITES[0], true), (SUITES[3], false)] {
+            let cases: [(&[u8], &str); 6] = [
+                (&[1, 0], "close"),
+                (&[2, 0], "close"),
+                (&[1, 90], "control"),
+                (&[2, 90], "error"),
+                (&[3, 0], "error"),
+                (&[1, 100], if tls13 { "error" } else { "control" }),
+            ];
+            for (alert, expected) in cases {
+                let (mut server, mut client) = pair(suite).await;
+                let record = client.sealer.message(ContentType::Alert, alert).unwrap();
+                let got = match open(&mut server, record) {
+                    Ok((Content::CloseNotify, _)) => "close",
+                    Ok((Content::Control, _)) => "control",
+                    Ok((Content::Data(_), _)) => "data",
+                    Err(_) => "error",
+                };
+                assert_eq!(got, expected, "{suite:?}: alert {alert:?}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn records_without_data_are_limited() {
+        let (mut server, mut client) = pair(SUITES[0]).await;
+        for round in 0..3 {
+            for _ in 0..MAX_RECORDS_WITHOUT_DATA {
+                open(&mut server, data(&mut client, b"")).unwrap();
+            }
+            if round < 2 {
+                // Data in between starts the count again.
+                open(&mut server, data(&mut client, b"x")).unwrap();
+            }
+        }
+        assert!(matches!(
+            open(&mut server, data(&mut client, b"")),
+            Err(RecordError::NoData)
+        ));
+    }
+
+    #[tokio::test]
+    async fn key_updates_renew_both_directions() {
+        let (mut server, mut client) = pair(SUITES[2]).await;
+        // The client asks for an update and renews its own sending key, as a peer would.
+        let request = client
+            .sealer
+            .message(ContentType::Handshake, &[24, 0, 0, 1, 1])
+            .unwrap();
+        let (seq, secrets) = client.session.new_secrets(false).unwrap();
+        client.sealer = Sealer::new(&client.session, seq, secrets).unwrap();
+        assert_eq!(open(&mut server, request).unwrap().0, Content::Control);
+        let (_, got) = open(&mut server, data(&mut client, b"under the new key")).unwrap();
+        assert_eq!(got, b"under the new key");
+        // The server owes its own KeyUpdate before its next record, then uses its new key.
+        let update = server.sealer.before_data(&server.session).unwrap();
+        let update = update.expect("no KeyUpdate after the peer asked for one");
+        assert_eq!(open(&mut client, update).unwrap().0, Content::Control);
+        assert!(
+            server
+                .sealer
+                .before_data(&server.session)
+                .unwrap()
+                .is_none()
+        );
+        let (_, got) = open(&mut client, data(&mut server, b"answer")).unwrap();
+        assert_eq!(got, b"answer");
+    }
+
+    #[test]
+    fn record_headers_are_checked_before_anything_else() {
+        assert!(record_len(&[23, 3, 3, 0]).unwrap().is_none());
+        assert_eq!(record_len(&[23, 3, 3, 0, 40]).unwrap(), Some(45));
+        assert_eq!(record_len(&[22, 3, 1, 0x48, 0]).unwrap(), Some(5 + 0x4800));
+        for bad in [[24, 3, 3, 0, 1], [23, 2, 0, 0, 1], [23, 3, 3, 0x48, 1]] {
+            assert!(record_len(&bad).is_err(), "{bad:?}");
+        }
     }
 }
