@@ -45,9 +45,14 @@ enum Cmd {
         /// A reduced run (shorter loads, smaller transfers) that takes under 3 minutes.
         #[arg(long)]
         quick: bool,
-        /// Run only the scenarios whose title contains this (e.g. "bulk", "idle", "XDP").
+        /// Run only the scenarios whose title contains this (e.g. "bulk", "idle", "XDP",
+        /// "level pairs").
         #[arg(long)]
         only: Option<String>,
+        /// Also measure relay as of this git revision (built in its own worktree), side by
+        /// side in the level-pair scenario: before/after figures from one run.
+        #[arg(long, value_name = "REV")]
+        baseline: Option<String>,
     },
     /// Build a release tarball (binary, man pages, completions, systemd unit, example config).
     Dist,
@@ -96,9 +101,13 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Test { soak, args } => test(soak, &args),
-        Cmd::Bench { quick, only } => {
+        Cmd::Bench {
+            quick,
+            only,
+            baseline,
+        } => {
             let relay = bench::build_release()?;
-            bench::bench(quick, only.as_deref(), &relay)
+            bench::bench(quick, only.as_deref(), baseline.as_deref(), &relay)
         }
         Cmd::Dist => {
             build(true)?;

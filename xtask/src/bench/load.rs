@@ -4,6 +4,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
+    path::PathBuf,
     process::{Child, ChildStdin, Command, Stdio},
     time::Duration,
 };
@@ -72,13 +73,23 @@ fn parse_wrk(out: &str) -> Option<Rate> {
 
 /// Downloads `url` once with curl; returns MB/s (10^6 bytes) after checking the size.
 pub fn bulk(url: &str, expected: u64) -> anyhow::Result<f64> {
-    let out = capture(
-        Command::new("taskset")
-            .args(["-c", LOAD_CPU, "curl", "-sk", "-o", "/dev/null"])
-            .args(["-w", "%{size_download} %{speed_download}"])
-            .args(["--tls13-ciphers", super::peers::CIPHERSUITE])
-            .arg(url),
-    )?;
+    bulk_with(url, expected, &None)
+}
+
+/// [`bulk`], presenting a client certificate (cert, key) if given.
+pub fn bulk_with(
+    url: &str,
+    expected: u64,
+    client: &Option<(PathBuf, PathBuf)>,
+) -> anyhow::Result<f64> {
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", LOAD_CPU, "curl", "-sk", "-o", "/dev/null"])
+        .args(["-w", "%{size_download} %{speed_download}"])
+        .args(["--tls13-ciphers", super::peers::CIPHERSUITE]);
+    if let Some((cert, key)) = client {
+        cmd.arg("--cert").arg(cert).arg("--key").arg(key);
+    }
+    let out = capture(cmd.arg(url))?;
     let mut it = out.split_whitespace();
     let size: u64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
     let speed: f64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
@@ -126,6 +137,8 @@ if use_tls:
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
+    if len(sys.argv) > 5:
+        ctx.load_cert_chain(sys.argv[4], sys.argv[5])
 async def main():
     sem = asyncio.Semaphore(64)
     held = []
@@ -145,11 +158,25 @@ asyncio.run(main())
 impl Idle {
     /// Opens the connections (64 handshakes at a time) and returns once all are up.
     pub fn open(port: u16, count: u32, tls: bool) -> anyhow::Result<Idle> {
-        let mut child = Command::new("taskset")
-            .args(["-c", LOAD_CPU, "python3", "-c", IDLE_CLIENT])
+        Self::open_with(port, count, tls, &None)
+    }
+
+    /// [`Idle::open`], presenting a client certificate (cert, key) if given.
+    pub fn open_with(
+        port: u16,
+        count: u32,
+        tls: bool,
+        client: &Option<(PathBuf, PathBuf)>,
+    ) -> anyhow::Result<Idle> {
+        let mut cmd = Command::new("taskset");
+        cmd.args(["-c", LOAD_CPU, "python3", "-c", IDLE_CLIENT])
             .arg(port.to_string())
             .arg(count.to_string())
-            .arg(if tls { "tls" } else { "plain" })
+            .arg(if tls { "tls" } else { "plain" });
+        if let Some((cert, key)) = client {
+            cmd.arg(cert).arg(key);
+        }
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

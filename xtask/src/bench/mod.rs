@@ -9,6 +9,7 @@
 //! settings) and `target/bench/ratios.svg`; a summary line per scenario is printed at the end.
 
 mod load;
+mod pairs;
 mod peers;
 mod procfs;
 mod report;
@@ -106,10 +107,18 @@ pub struct Results {
     /// Observations worth a line in the report (negotiated parameters, errors, resumption).
     pub notes: Vec<String>,
     pub xdp: Option<xdp::XdpFigures>,
+    /// The level-pair table, and the names of the builds it compares.
+    pub pairs: Vec<pairs::PairRow>,
+    pub builds: Vec<String>,
     pub started: Instant,
 }
 
-pub fn bench(quick: bool, only: Option<&str>, relay_bin: &Path) -> anyhow::Result<()> {
+pub fn bench(
+    quick: bool,
+    only: Option<&str>,
+    baseline: Option<&str>,
+    relay_bin: &Path,
+) -> anyhow::Result<()> {
     ensure!(
         crate::setup::is_root(),
         "the bench installs its peers with apt and measures the XDP data path: run it as root"
@@ -135,6 +144,8 @@ pub fn bench(quick: bool, only: Option<&str>, relay_bin: &Path) -> anyhow::Resul
         rows: Vec::new(),
         notes: Vec::new(),
         xdp: None,
+        pairs: Vec::new(),
+        builds: Vec::new(),
         started: Instant::now(),
     };
     let www = work.join("www");
@@ -184,6 +195,17 @@ pub fn bench(quick: bool, only: Option<&str>, relay_bin: &Path) -> anyhow::Resul
     }
     if wanted("idle connection memory") {
         idle(&mut results, &resumable, backend.port, &work)?;
+    }
+    if wanted("level pairs") {
+        let mut builds = vec![pairs::Build {
+            name: "relay".into(),
+            bin: relay_bin.to_path_buf(),
+        }];
+        if let Some(rev) = baseline {
+            builds.push(pairs::build_baseline(rev)?);
+        }
+        results.builds = builds.iter().map(|b| b.name.clone()).collect();
+        pairs::measure(&mut results, &pki, backend.port, &work, &builds)?;
     }
     drop(backend);
 
