@@ -149,6 +149,7 @@ const FUZZ_TARGETS: &[&str] = &[
     "allow_rules",
     "http_redirect",
     "proxy_header",
+    "tls_records",
 ];
 
 /// Runs every fuzz target for `seconds`, starting from the committed seeds. A crash fails the

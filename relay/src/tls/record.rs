@@ -275,17 +275,8 @@ impl Opener {
             return Err(RecordError::Unexpected("empty handshake record".into()));
         }
         while !messages.is_empty() {
-            let [typ, a, b, c, rest @ ..] = messages else {
-                return Err(RecordError::Unexpected("handshake message split".into()));
-            };
-            let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
-            let Some((body, rest)) = rest.split_at_checked(len) else {
-                return Err(RecordError::Unexpected(
-                    "handshake message split over records".into(),
-                ));
-            };
+            let (typ, body, rest) = split_message(messages)?;
             messages = rest;
-            let typ = HandshakeType::from(*typ);
             match typ {
                 HandshakeType::KeyUpdate if session.tls13 => {
                     // Later records use the new key: nothing may follow in this one.
@@ -326,6 +317,21 @@ impl Opener {
         }
         Ok(())
     }
+}
+
+/// The first handshake message of `messages` (type, body) and what follows it; the message
+/// must be whole: the relay does not join messages split over records.
+pub fn split_message(messages: &[u8]) -> Result<(HandshakeType, &[u8], &[u8]), RecordError> {
+    let [typ, a, b, c, rest @ ..] = messages else {
+        return Err(RecordError::Unexpected("handshake message split".into()));
+    };
+    let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
+    let Some((body, rest)) = rest.split_at_checked(len) else {
+        return Err(RecordError::Unexpected(
+            "handshake message split over records".into(),
+        ));
+    };
+    Ok((HandshakeType::from(*typ), body, rest))
 }
 
 fn alert(session: &Session, payload: &[u8]) -> Result<Content, RecordError> {
