@@ -1006,14 +1006,13 @@ mod pipes {
 mod tests {
     use std::sync::Arc;
 
-    use rustls::{SupportedCipherSuite, crypto::aws_lc_rs::cipher_suite as suites};
     use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
     use tokio_rustls::{TlsAcceptor, TlsConnector};
 
     use super::*;
     use crate::tls::{
         ServerSide, handshake,
-        testing::{Tls, name, tcp_pair},
+        testing::{SUITES, Tls, name, tcp_pair},
     };
 
     /// A TLS client (tokio-rustls) connected to the relay's TLS server side.
@@ -1046,15 +1045,6 @@ mod tests {
             Side::Tls(ours, Box::new(established.unwrap())),
         )
     }
-
-    const SUITES: [SupportedCipherSuite; 6] = [
-        suites::TLS13_AES_128_GCM_SHA256,
-        suites::TLS13_AES_256_GCM_SHA384,
-        suites::TLS13_CHACHA20_POLY1305_SHA256,
-        suites::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
-        suites::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
-        suites::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
-    ];
 
     /// Sends `up` from the client, half-closes, checks the backend got exactly that, then sends
     /// `down` from the backend after the half-close and checks the client got exactly that.

@@ -506,23 +506,14 @@ impl Sealer {
 
 #[cfg(test)]
 mod tests {
-    use rustls::{SupportedCipherSuite, crypto::aws_lc_rs::cipher_suite as suites};
+    use rustls::SupportedCipherSuite;
 
     use super::*;
     use crate::tls::{
         ServerSide,
         handshake::{accept, connect},
-        testing::{Tls, name, tcp_pair},
+        testing::{SUITES, Tls, name, tcp_pair},
     };
-
-    const SUITES: [SupportedCipherSuite; 6] = [
-        suites::TLS13_AES_128_GCM_SHA256,
-        suites::TLS13_AES_256_GCM_SHA384,
-        suites::TLS13_CHACHA20_POLY1305_SHA256,
-        suites::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
-        suites::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
-        suites::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
-    ];
 
     /// The keys of both ends of one real handshake: (server, client).
     async fn pair(suite: SupportedCipherSuite) -> (Keys, Keys) {

@@ -4,9 +4,21 @@ use std::sync::Arc;
 
 use rustls::{
     ClientConfig, ServerConfig, SupportedCipherSuite,
+    crypto::aws_lc_rs::cipher_suite as suites,
     pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName},
 };
 use tokio::net::TcpStream;
+
+/// Every suite rustls negotiates with aws-lc-rs: TLS 1.3's three, and TLS 1.2's three for
+/// ECDSA certificates.
+pub const SUITES: [SupportedCipherSuite; 6] = [
+    suites::TLS13_AES_128_GCM_SHA256,
+    suites::TLS13_AES_256_GCM_SHA384,
+    suites::TLS13_CHACHA20_POLY1305_SHA256,
+    suites::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+    suites::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+    suites::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+];
 
 pub async fn tcp_pair() -> (TcpStream, TcpStream) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
