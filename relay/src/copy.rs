@@ -7,7 +7,7 @@
 //! A connection on which no byte moves in either direction for `idle` is closed.
 //!
 //! Each direction is one of three pumps, chosen by the levels of its two sides:
-//! - **plain → plain** ([`relay_tcp`]): `splice(2)` from the source socket into a pipe and from
+//! - **plain → plain** (`relay_tcp`): `splice(2)` from the source socket into a pipe and from
 //!   the pipe into the destination socket: the payload never enters user space. Pipes come from
 //!   a per-thread pool and are held only while data is in flight. Where no pipe can be had
 //!   (out of file descriptors) the chunk goes through a pooled buffer instead.
@@ -39,8 +39,8 @@
 //!
 //! Two rarer copies exist and are counted in [`copied_bytes`] with the one above, so the
 //! benchmark can report measured copies per byte: a partial record moved to the front of its
-//! buffer when the buffer's end is reached, and application data that arrived together with
-//! the end of a handshake (rustls hands it over in a buffer of its own).
+//! buffer when the buffer's end is reached, and bytes that arrived together with the end of a
+//! handshake, moved from the handshake's buffer into a pooled one.
 //!
 //! A connection's task lives as long as the connection, so its size is memory per connection.
 //! The long-lived futures here are `fn … -> impl Future { async move { … } }` rather than
@@ -220,12 +220,10 @@ where
     }
 }
 
-/// The receiving half of a TLS side, with what its handshake left over.
+/// The receiving half of a TLS side, with the bytes that followed its handshake.
 struct Opening<'a> {
     opener: &'a mut Opener,
-    early: Vec<u8>,
     incoming: Vec<u8>,
-    peer_closed: bool,
 }
 
 /// A TLS side's halves, borrowed from where the handshake left them: rustls' session (shared
@@ -234,20 +232,12 @@ struct Opening<'a> {
 fn halves(
     tls: Option<&mut Established>,
 ) -> (Option<&Session>, Option<Opening<'_>>, Option<&mut Sealer>) {
-    let Some(Established {
-        keys,
-        early,
-        incoming,
-        peer_closed,
-    }) = tls
-    else {
+    let Some(Established { keys, incoming }) = tls else {
         return (None, None, None);
     };
     let opening = Opening {
         opener: &mut keys.opener,
-        early: mem::take(early),
         incoming: mem::take(incoming),
-        peer_closed: *peer_closed,
     };
     (Some(&keys.session), Some(opening), Some(&mut keys.sealer))
 }
@@ -374,25 +364,6 @@ fn open_pump(
     max: usize,
 ) -> impl Future<Output = io::Result<()>> {
     async move {
-        // Data that came with the end of the handshake goes first.
-        let early = mem::take(&mut opening.early);
-        if !early.is_empty() {
-            copied(early.len());
-            meter.moved(counter, early.len());
-            let whole = 0..early.len();
-            Box::pin(deliver(
-                to,
-                &mut sealing,
-                &early,
-                std::slice::from_ref(&whole),
-            ))
-            .await?;
-            meter.touch();
-        }
-        drop(early);
-        if opening.peer_closed {
-            return Box::pin(finish(to, sealing, true)).await;
-        }
         let mut received = Received::new(mem::take(&mut opening.incoming));
         let mut size = MIN_BUFFER;
         loop {
@@ -705,7 +676,8 @@ impl Received {
     }
 }
 
-async fn write_all(to: &TcpStream, parts: &[&[u8]]) -> io::Result<()> {
+/// Writes `parts` in order, whole, with as few system calls as the socket allows.
+pub async fn write_all(to: &TcpStream, parts: &[&[u8]]) -> io::Result<()> {
     let mut slices: Vec<IoSlice<'_>> = parts
         .iter()
         .filter(|p| !p.is_empty())
@@ -728,7 +700,7 @@ async fn write_all_slices(to: &TcpStream, mut slices: &mut [IoSlice<'_>]) -> io:
 }
 
 /// Copies both ways between two plain TCP sockets with `splice(2)`.
-pub fn relay_tcp(
+fn relay_tcp(
     client: TcpStream,
     backend: TcpStream,
     limits: Limits,
@@ -812,15 +784,7 @@ async fn buffered_chunk(
             Err(e) => return Err(e),
         };
         meter.moved(counter, n);
-        let mut done = 0;
-        while done < n {
-            to.writable().await?;
-            match to.try_write(&buf[done..n]) {
-                Ok(m) => done += m,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
+        write_all(to, &[&buf[..n]]).await?;
         Ok(n)
     }
     .await;

@@ -212,10 +212,10 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
     )
 }
 
-/// Takes a permit from the total limit and from the service's own, or none at all.
 /// A connection's place under the total limit and under its service's own.
 type Permits = (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>);
 
+/// Takes a permit from the total limit and from the service's own, or none at all.
 fn admit(service: &ServiceRuntime, shared: &Shared) -> Option<Permits> {
     let total = Arc::clone(&shared.total).try_acquire_owned().ok()?;
     let own = match &service.limit {
@@ -252,7 +252,6 @@ fn handle(
 ) -> impl Future<Output = ()> {
     async move {
         let service = &*service;
-        let _permits = permits;
         let started = Instant::now();
         service.metrics.opened();
         let _ = socket.set_nodelay(true);
@@ -318,6 +317,7 @@ fn handle(
                 outcome = outcome.label(), error = %f.detail, "connection closed"
             ),
         }
+        drop(permits);
     }
 }
 

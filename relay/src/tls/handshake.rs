@@ -24,7 +24,7 @@ use super::{
     ServerSide,
     record::{Keys, RecordError, record_len},
 };
-use crate::proxy_protocol::TlsFacts;
+use crate::{copy::write_all, proxy_protocol::TlsFacts};
 
 /// The most handshake bytes held at once: rustls accepts handshake messages up to 64 KiB, and a
 /// record more may be in flight behind them.
@@ -63,37 +63,19 @@ impl HandshakeError {
     }
 }
 
-/// A TLS side whose handshake is done: its keys, and what arrived with the handshake's end.
+/// A TLS side whose handshake is done: its keys, and the bytes that followed the handshake.
 pub struct Established {
     pub keys: Keys,
-    /// Application data rustls decrypted during the handshake (none with the TLS versions and
-    /// settings the relay uses, kept for safety).
-    pub early: Vec<u8>,
     /// Bytes received after the handshake and not processed yet (the start of a record).
     pub incoming: Vec<u8>,
-    /// The peer's close_notify came with the end of the handshake: it sends nothing more.
-    pub peer_closed: bool,
 }
 
 impl Established {
-    fn new(keys: Keys, end: End, mut incoming: Vec<u8>) -> Established {
+    fn new(keys: Keys, mut incoming: Vec<u8>) -> Established {
         // The handshake buffer's capacity is not kept for the connection's lifetime.
         incoming.shrink_to_fit();
-        Established {
-            keys,
-            early: end.early,
-            incoming,
-            peer_closed: end.peer_closed,
-        }
+        Established { keys, incoming }
     }
-}
-
-/// What came with the end of a handshake.
-struct End {
-    /// Application data, decrypted.
-    early: Vec<u8>,
-    /// The peer's close_notify.
-    peer_closed: bool,
 }
 
 /// An inbound TLS connection, accepted.
@@ -127,7 +109,7 @@ pub async fn accept(socket: &TcpStream, server: &ServerSide) -> Result<Accepted,
             Err((e, mut alert)) => {
                 let mut bytes = Vec::new();
                 let _ = alert.write_all(&mut bytes);
-                let _ = write_all(socket, &bytes).await;
+                let _ = write_all(socket, &[&bytes]).await;
                 return Err(HandshakeError::Hello(e));
             }
         }
@@ -138,10 +120,10 @@ pub async fn accept(socket: &TcpStream, server: &ServerSide) -> Result<Accepted,
         return Err(HandshakeError::UnknownSni(sni));
     };
     let mut conn = UnbufferedServerConnection::new(Arc::clone(config))?;
-    let end = drive(&mut conn, socket, &mut incoming).await?;
+    drive(&mut conn, socket, &mut incoming).await?;
     let facts = TlsFacts::of(&conn, sni);
     Ok(Accepted {
-        established: Established::new(Keys::server(conn)?, end, incoming),
+        established: Established::new(Keys::server(conn)?, incoming),
         facts,
         backend,
     })
@@ -155,8 +137,8 @@ pub async fn connect(
 ) -> Result<Established, HandshakeError> {
     let mut conn = UnbufferedClientConnection::new(config, name)?;
     let mut incoming = Vec::new();
-    let end = drive(&mut conn, socket, &mut incoming).await?;
-    Ok(Established::new(Keys::client(conn)?, end, incoming))
+    drive(&mut conn, socket, &mut incoming).await?;
+    Ok(Established::new(Keys::client(conn)?, incoming))
 }
 
 /// What the server and the client connection share for [`drive`].
@@ -190,26 +172,24 @@ impl Unbuffered for UnbufferedClientConnection {
 
 enum Step {
     Next,
-    PeerClosed,
     Send,
     Receive,
     Done,
     Failed(HandshakeError),
 }
 
-/// Runs `conn`'s handshake over `socket`, starting with the bytes already in `incoming`.
-/// Returns what came with its end; `incoming` keeps what is left.
+/// Runs `conn`'s handshake over `socket`, starting with the bytes already in `incoming`;
+/// `incoming` keeps what follows the handshake.
 async fn drive<C: Unbuffered>(
     conn: &mut C,
     socket: &TcpStream,
     incoming: &mut Vec<u8>,
-) -> Result<End, HandshakeError> {
+) -> Result<(), HandshakeError> {
     let mut outgoing = Vec::new();
-    let mut early = Vec::new();
-    let mut peer_closed = false;
     // rustls is shown whole records, one more each time it needs more, so it never reads past
     // the end of the handshake: what follows is the record layer's (a KeyUpdate or a ticket
-    // that rustls took in would be lost on the way to it).
+    // that rustls took in would be lost on the way to it). Application data or a close_notify
+    // can therefore only reach rustls in the middle of a handshake, where they end it.
     let mut fed = 0;
     loop {
         let UnbufferedStatus { discard, state } = conn.process(&mut incoming[..fed]);
@@ -226,22 +206,10 @@ async fn drive<C: Unbuffered>(
                 Step::Send
             }
             Ok(ConnectionState::BlockedHandshake) => Step::Receive,
-            Ok(ConnectionState::ReadTraffic(mut data)) => {
-                let mut step = Step::Next;
-                while let Some(record) = data.next_record() {
-                    match record {
-                        Ok(record) => early.extend_from_slice(record.payload),
-                        Err(e) => {
-                            step = Step::Failed(e.into());
-                            break;
-                        }
-                    }
-                }
-                step
-            }
             Ok(ConnectionState::WriteTraffic(_)) => Step::Done,
-            Ok(ConnectionState::PeerClosed) => Step::PeerClosed,
-            Ok(ConnectionState::Closed) => Step::Failed(HandshakeError::Closed),
+            Ok(ConnectionState::PeerClosed | ConnectionState::Closed) => {
+                Step::Failed(HandshakeError::Closed)
+            }
             Ok(other) => Step::Failed(HandshakeError::Tls(rustls::Error::General(format!(
                 "unexpected state during the handshake: {other:?}"
             )))),
@@ -251,11 +219,8 @@ async fn drive<C: Unbuffered>(
         fed -= discard;
         match step {
             Step::Next => {}
-            // A client that sends nothing may half-close right after its Finished.
-            Step::PeerClosed if !conn.is_handshaking() => peer_closed = true,
-            Step::PeerClosed => return Err(HandshakeError::Closed),
             Step::Send => {
-                write_all(socket, &outgoing).await?;
+                write_all(socket, &[&outgoing]).await?;
                 outgoing.clear();
             }
             Step::Receive => loop {
@@ -268,14 +233,14 @@ async fn drive<C: Unbuffered>(
                 }
             },
             Step::Done => {
-                write_all(socket, &outgoing).await?;
+                write_all(socket, &[&outgoing]).await?;
                 // Bytes rustls saw but kept (part of a message it was still joining) are not
                 // records for the record layer.
                 incoming.drain(..fed);
-                return Ok(End { early, peer_closed });
+                return Ok(());
             }
             Step::Failed(e) => {
-                send_alert(conn, socket, incoming).await;
+                send_alert(conn, socket, &mut incoming[..fed]).await;
                 return Err(e);
             }
         }
@@ -327,7 +292,7 @@ async fn send_alert<C: Unbuffered>(conn: &mut C, socket: &TcpStream, incoming: &
             _ => break,
         }
     }
-    let _ = write_all(socket, &outgoing).await;
+    let _ = write_all(socket, &[&outgoing]).await;
 }
 
 /// Appends what the peer sent next to `incoming`; `false` when it closed.
@@ -344,18 +309,6 @@ async fn receive(socket: &TcpStream, incoming: &mut Vec<u8>) -> Result<bool, Han
             Err(e) => return Err(e.into()),
         }
     }
-}
-
-async fn write_all(socket: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
-    while !bytes.is_empty() {
-        socket.writable().await?;
-        match socket.try_write(bytes) {
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -147,32 +147,27 @@ impl Keys {
     /// Takes over a server connection whose handshake is complete and whose output is sent.
     pub fn server(conn: UnbufferedServerConnection) -> Result<Keys, RecordError> {
         let (secrets, kernel) = conn.dangerous_into_kernel_connection()?;
-        let suite = kernel.negotiated_cipher_suite();
-        let tls13 = kernel.protocol_version() == ProtocolVersion::TLSv1_3;
-        Keys::new(Kernel::Server(kernel), suite, tls13, secrets)
+        Keys::new(Kernel::Server(kernel), secrets)
     }
 
     /// Takes over a client connection whose handshake is complete and whose output is sent.
     pub fn client(conn: UnbufferedClientConnection) -> Result<Keys, RecordError> {
         let (secrets, kernel) = conn.dangerous_into_kernel_connection()?;
-        let suite = kernel.negotiated_cipher_suite();
-        let tls13 = kernel.protocol_version() == ProtocolVersion::TLSv1_3;
-        Keys::new(Kernel::Client(kernel), suite, tls13, secrets)
+        Keys::new(Kernel::Client(kernel), secrets)
     }
 
-    fn new(
-        kernel: Kernel,
-        suite: SupportedCipherSuite,
-        tls13: bool,
-        secrets: ExtractedSecrets,
-    ) -> Result<Keys, RecordError> {
+    fn new(kernel: Kernel, secrets: ExtractedSecrets) -> Result<Keys, RecordError> {
+        let (suite, version) = match &kernel {
+            Kernel::Server(k) => (k.negotiated_cipher_suite(), k.protocol_version()),
+            Kernel::Client(k) => (k.negotiated_cipher_suite(), k.protocol_version()),
+        };
         let (rx_seq, rx) = secrets.rx;
         let (tx_seq, tx) = secrets.tx;
         let session = Session {
             kernel: Mutex::new(kernel),
             key_update_requested: AtomicBool::new(false),
             suite,
-            tls13,
+            tls13: version == ProtocolVersion::TLSv1_3,
         };
         Ok(Keys {
             opener: Opener::new(&session, rx_seq, rx)?,
