@@ -329,8 +329,7 @@ fn handshakes(
 /// scenario measured what it says (0 for new handshakes, nearly all for resumed ones).
 fn note_resumption(results: &mut Results, title: &str, server: &Server, requests: u64) {
     let Some(addr) = &server.metrics else { return };
-    let Ok(text) = capture(Command::new("curl").args(["-sf", &format!("http://{addr}/metrics")]))
-    else {
+    let Ok(text) = scrape(addr) else {
         return;
     };
     let value = |name: &str| metric_sum(&text, name, "");
@@ -342,6 +341,11 @@ fn note_resumption(results: &mut Results, title: &str, server: &Server, requests
 }
 
 /// Sum of the samples of metric `name` whose labels contain `label`, in Prometheus text.
+/// relay's metrics, in Prometheus text, from its `metrics` address.
+fn scrape(addr: &str) -> anyhow::Result<String> {
+    capture(Command::new("curl").args(["-sf", &format!("http://{addr}/metrics")]))
+}
+
 fn metric_sum(text: &str, name: &str, label: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(name) && l.contains(label))

@@ -23,7 +23,7 @@ use relay_tests::{
 use super::{
     Results, load, metric_sum,
     peers::{LOAD_CPU, SERVER_CPU},
-    procfs, say,
+    procfs, say, scrape,
 };
 use crate::{capture, run};
 
@@ -172,8 +172,7 @@ fn one(
 
 /// (copied bytes, relayed bytes) from relay's metrics; `None` for a build without the counter.
 fn counters(metrics: &str) -> Option<(f64, f64)> {
-    let text =
-        capture(Command::new("curl").args(["-sf", &format!("http://{metrics}/metrics")])).ok()?;
+    let text = scrape(metrics).ok()?;
     text.contains("relay_copied_bytes_total").then(|| {
         (
             metric_sum(&text, "relay_copied_bytes_total", ""),
