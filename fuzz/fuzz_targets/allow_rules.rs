@@ -21,12 +21,22 @@ fuzz_target!(|text: &str| {
         dns: lines.next().into_iter().map(str::to_owned).collect(),
         uris: lines.map(str::to_owned).collect(),
     };
-    if let Ok(rule) = allow.decide(&id) {
+    if let Ok(authorised) = allow.decide(&id) {
         // The rule that matched is one of the configured ones.
         assert!(
             rules
                 .iter()
-                .any(|r| r.to_ascii_lowercase() == rule.to_string().to_ascii_lowercase())
+                .any(|r| r.to_ascii_lowercase() == authorised.rule.to_ascii_lowercase())
         );
+        // What was authorised is one of the client's own names, with its kind.
+        let name = &authorised.name;
+        let (kind, value) = name.split_once(':').expect("kind:name");
+        let own = match kind {
+            "dns" => id.dns.iter().any(|d| d == value),
+            "uri" => id.uris.iter().any(|u| u == value),
+            "cn" => id.cn.as_deref() == Some(value),
+            other => panic!("unknown kind {other}"),
+        };
+        assert!(own, "{name} is not a name of {id:?}");
     }
 });

@@ -9,19 +9,12 @@
 //!   path segment (never across `/`).
 //! - `cn:ops-console` — the subject common name, exactly.
 //!
-//! With `allow` set, a client matching no rule is denied. The check runs inside certificate
-//! verification ([`AllowVerifier`]), so the handshake fails and the client gets a TLS alert
-//! rather than a silent close; the relay recognises the [`Denied`] error afterwards to log the
-//! identity and count the decision.
+//! With `allow` set, a client matching no rule is denied. The decision is the last step of
+//! the service's client policy (`tls::verify`), taken on every connection, resumed ones too;
+//! the name that matched is what the relay logs and hands the backend (PROXY v2).
 
-use std::{fmt, str::FromStr, sync::Arc};
+use std::{fmt, str::FromStr};
 
-use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError, SignatureScheme,
-    client::danger::HandshakeSignatureValid,
-    pki_types::{CertificateDer, UnixTime},
-    server::danger::{ClientCertVerified, ClientCertVerifier},
-};
 use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer as _};
 
 /// The names a verified client certificate carries.
@@ -136,11 +129,20 @@ impl fmt::Display for Rule {
 }
 
 impl Rule {
-    fn matches(&self, id: &Identity) -> bool {
+    /// The name of `id` this rule accepts, with its kind (`dns:…`, `uri:…`, `cn:…`).
+    fn matching(&self, id: &Identity) -> Option<String> {
         match self {
-            Rule::Dns(pattern) => id.dns.iter().any(|d| dns_matches(pattern, d)),
-            Rule::Uri(pattern) => id.uris.iter().any(|u| uri_matches(pattern, u)),
-            Rule::Cn(cn) => id.cn.as_deref() == Some(cn),
+            Rule::Dns(pattern) => id
+                .dns
+                .iter()
+                .find(|d| dns_matches(pattern, d))
+                .map(|d| format!("dns:{d}")),
+            Rule::Uri(pattern) => id
+                .uris
+                .iter()
+                .find(|u| uri_matches(pattern, u))
+                .map(|u| format!("uri:{u}")),
+            Rule::Cn(cn) => (id.cn.as_deref() == Some(cn)).then(|| format!("cn:{cn}")),
         }
     }
 }
@@ -218,87 +220,28 @@ impl Allow {
         self.rules.is_empty()
     }
 
-    /// The first rule that lets `id` pass, or the denial.
-    pub fn decide(&self, id: &Identity) -> Result<&Rule, Denied> {
+    /// The first rule that lets `id` pass, with the name it accepted; or the denial.
+    pub fn decide(&self, id: &Identity) -> Result<Authorised, Denied> {
         self.rules
             .iter()
-            .find(|r| r.matches(id))
+            .find_map(|r| {
+                r.matching(id).map(|name| Authorised {
+                    name,
+                    rule: r.to_string(),
+                })
+            })
             .ok_or_else(|| Denied {
                 identity: id.principal(),
             })
     }
 }
 
-/// Certificate verification first (chain, expiry, revocation), then the `allow` rules.
-#[derive(Debug)]
-pub struct AllowVerifier {
-    pub inner: Arc<dyn ClientCertVerifier>,
-    pub allow: Allow,
-}
-
-impl ClientCertVerifier for AllowVerifier {
-    fn offer_client_auth(&self) -> bool {
-        self.inner.offer_client_auth()
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        self.inner.client_auth_mandatory()
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, Error> {
-        let verified = self
-            .inner
-            .verify_client_cert(end_entity, intermediates, now)?;
-        let id = Identity::from_der(end_entity)
-            .ok_or(Error::InvalidCertificate(CertificateError::BadEncoding))?;
-        match self.allow.decide(&id) {
-            Ok(_) => Ok(verified),
-            Err(denied) => Err(Error::InvalidCertificate(CertificateError::Other(
-                OtherError(Arc::new(denied)),
-            ))),
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
-
-/// The denial inside a failed handshake's error, if that is why it failed.
-pub fn denied_in(e: &Error) -> Option<&Denied> {
-    match e {
-        Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => {
-            inner.downcast_ref::<Denied>()
-        }
-        _ => None,
-    }
+/// What an `allow` decision let in: the client's name that matched, with its kind (`uri:…`,
+/// `dns:…`, `cn:…`), and the rule that matched it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Authorised {
+    pub name: String,
+    pub rule: String,
 }
 
 #[cfg(test)]
@@ -321,9 +264,13 @@ mod tests {
     fn uri_wildcards_stay_inside_one_segment() {
         let a = allow(&["uri:spiffe://example.org/ns/*/sa/web"]);
         let web = id(None, &[], &["spiffe://example.org/ns/prod/sa/web"]);
+        // The name that matched, not the rule, is what was authorised.
         assert_eq!(
-            a.decide(&web).unwrap().to_string(),
-            "uri:spiffe://example.org/ns/*/sa/web"
+            a.decide(&web).unwrap(),
+            Authorised {
+                name: "uri:spiffe://example.org/ns/prod/sa/web".into(),
+                rule: "uri:spiffe://example.org/ns/*/sa/web".into(),
+            }
         );
         for other in [
             "spiffe://example.org/ns/a/b/sa/web",
@@ -365,7 +312,13 @@ mod tests {
     #[test]
     fn dns_and_cn_rules() {
         let a = allow(&["dns:API.example.org", "dns:*.svc.example.org", "cn:ops"]);
-        assert!(a.decide(&id(None, &["api.EXAMPLE.org"], &[])).is_ok());
+        assert_eq!(
+            a.decide(&id(Some("ops"), &["a.other.org", "api.EXAMPLE.org"], &[]))
+                .unwrap()
+                .name,
+            "dns:api.EXAMPLE.org",
+            "the DNS name that matched, not the first one nor the CN"
+        );
         assert!(a.decide(&id(None, &["x.svc.example.org"], &[])).is_ok());
         assert!(a.decide(&id(None, &["svc.example.org"], &[])).is_err());
         assert!(a.decide(&id(None, &["a.b.svc.example.org"], &[])).is_err());

@@ -117,6 +117,9 @@ pub enum ServiceCommand {
         /// Revocation lists for client certificates, PEM (mtls).
         #[arg(long)]
         crl: Option<PathBuf>,
+        /// A CRL past its nextUpdate: reject its clients (default) or accept the stale list.
+        #[arg(long, value_enum)]
+        crl_expired: Option<crate::config::CrlExpired>,
         /// Plaintext on the TLS front port: reject, relay or redirect (default reject).
         #[arg(long, value_enum)]
         plaintext: Option<crate::config::Plaintext>,

@@ -174,8 +174,11 @@ pub struct Inbound {
     /// mtls: only clients whose verified identity matches one of these pass (see `access`).
     #[serde(default)]
     pub allow: Vec<String>,
-    /// mtls: certificate revocation lists (PEM) for client certificates.
+    /// mtls: certificate revocation lists (PEM) for client certificates and their CAs;
+    /// watched: a new file takes effect without a reload.
     pub crl: Option<PathBuf>,
+    /// A CRL past its nextUpdate: refuse clients (`reject`, the default) or use it anyway.
+    pub crl_expired: Option<CrlExpired>,
     /// What to do with a client that speaks plaintext to this TLS front port; default `reject`.
     pub plaintext: Option<Plaintext>,
     /// Further certificates chosen by the SNI of the ClientHello (`cert`/`key` stay the default).
@@ -197,6 +200,18 @@ pub enum UnknownSni {
     /// Close it (counted as `unknown_sni`), unless `cert` itself names it; clients without SNI
     /// still get `cert`/`key`.
     Reject,
+}
+
+/// What a CRL past its nextUpdate means for the clients it covers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CrlExpired {
+    /// Fail closed: a revocation list nobody renewed may miss revocations; clients are refused
+    /// until a fresh one is installed.
+    #[default]
+    Reject,
+    /// Use the stale list.
+    Accept,
 }
 
 impl Inbound {
@@ -524,6 +539,12 @@ impl Config {
                 ));
             }
         }
+        if inb.crl_expired.is_some() && inb.crl.is_none() {
+            return Err((
+                at("crl_expired"),
+                "has no effect without `crl`; remove it".into(),
+            ));
+        }
         if let Err((n, message)) = crate::access::Allow::parse(&inb.allow) {
             let mut path = at("allow");
             path.push(Index(n));
@@ -582,7 +603,9 @@ impl Config {
             }
         }
         if level != Level::Plain {
-            tls::server_side(inb, &tls::Disk, &tls::Resumption::default()).map_err(|e| {
+            let declined: tls::OnDeclined = std::sync::Arc::new(|_| {});
+            let built = tls::server_side("check", inb, &tls::Disk, &Default::default(), declined);
+            built.map_err(|e| {
                 let path = match e.sni() {
                     Some(n) => vec![
                         Key("service"),

@@ -6,6 +6,16 @@
 //! Bytes are neither lost, duplicated nor reordered: each direction is one ordered pump.
 //! A connection on which no byte moves in either direction for `idle` is closed.
 //!
+//! **An abort stays an abort.** A side that ends badly — a TLS peer that closes without
+//! close_notify (a truncation an attacker can forge with one FIN), sends a record that breaks
+//! the protocol, sends a fatal alert, or resets its TCP connection — makes the relay reset the
+//! *other* side, once that side has acknowledged every byte the relay already forwarded to it
+//! (bounded by [`DRAIN`]): the other application sees `ECONNRESET` after the last good byte,
+//! never an end of stream that would make a truncated request look complete. A TLS peer that
+//! broke the protocol is first sent the fatal alert RFC 8446 names for what it did
+//! ([`RecordError::alert`]). Only a clean end — close_notify, or a FIN from a plain peer —
+//! travels on as a clean end.
+//!
 //! Each direction is one of three pumps, chosen by the levels of its two sides:
 //! - **plain → plain** (`relay_tcp`): `splice(2)` from the source socket into a pipe and from
 //!   the pipe into the destination socket: the payload never enters user space. Pipes come from
@@ -18,6 +28,11 @@
 //! - **TLS → anything** (`open_pump`): records are read into a pooled buffer and opened in
 //!   place; toward plain, the plaintexts are written from there with one `writev(2)`; toward
 //!   TLS, each is copied once into the other side's record, which is sealed in place.
+//!
+//! Everything the relay sends toward one TLS peer goes through that side's [`TlsOut`]: the
+//! data of the other direction, and what the side's own reader owes its peer (a KeyUpdate in
+//! answer to one, a `no_renegotiation` warning, a fatal alert). Its lock keeps the records
+//! leaving in the order their sequence numbers were given.
 //!
 //! Buffers come from a per-thread [`pool`], are taken only when the source has data and
 //! handed back as soon as it is written (or, for TLS input, as soon as no partial record is
@@ -51,22 +66,23 @@
 
 use std::{
     cell::RefCell,
+    fmt,
     io::{self, IoSlice, IoSliceMut},
     mem,
     ops::Range,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
     pin::Pin,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::atomic::{AtomicU8, AtomicU64, Ordering},
     time::Duration,
 };
 
-use rustls::ContentType;
-use tokio::{io::Interest, net::TcpStream, time::Instant};
+use rustls::{AlertDescription, ContentType};
+use tokio::{io::Interest, net::TcpStream, sync::Mutex, time::Instant};
 use tokio_util::either::Either;
 
 use crate::tls::{
     handshake::Established,
-    record::{Content, HEADER, MAX_PLAINTEXT, Opener, Sealer, Session, record_len},
+    record::{Content, HEADER, MAX_PLAINTEXT, Opener, RecordError, Sealer, Session, record_len},
 };
 
 /// Largest data buffer a connection may hold per direction unless configured otherwise.
@@ -75,6 +91,11 @@ pub const DEFAULT_MAX_BUFFER: usize = 64 << 10;
 const MIN_BUFFER: usize = 4 << 10;
 /// Records opened before their plaintexts are passed on.
 const BATCH: usize = 16;
+/// The longest wait for the other side to acknowledge what it was sent before it is reset.
+pub const DRAIN: Duration = Duration::from_secs(5);
+/// The longest wait to hand a peer its fatal alert (its socket may be full: it stopped
+/// reading).
+const ALERT_WAIT: Duration = Duration::from_secs(1);
 
 /// Payload bytes copied in user space by this process (see the module doc), for the
 /// `relay_copied_bytes_total` metric.
@@ -97,13 +118,53 @@ pub struct Transfer {
     pub down: u64,
 }
 
+/// One of the two peers of a relayed connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    Client,
+    Backend,
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Peer::Client => "client",
+            Peer::Backend => "backend",
+        })
+    }
+}
+
 /// Why a relayed connection ended, when it did not end with both sides closing cleanly.
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
     #[error("idle for {0:?}")]
     Idle(Duration),
-    #[error("{0}")]
-    Io(#[from] io::Error),
+    /// A socket failed: a reset, most often.
+    #[error("{peer}: {error}")]
+    Io { peer: Peer, error: io::Error },
+    /// A TLS peer broke the record protocol (or the relay's key toward it is used up);
+    /// `answered` is the alert it was sent.
+    #[error("{peer}: {error}{}", answered.map(|a| format!(" (answered {a:?})")).unwrap_or_default())]
+    Tls {
+        peer: Peer,
+        error: RecordError,
+        answered: Option<AlertDescription>,
+    },
+    /// A TLS peer closed its connection without close_notify.
+    #[error("{peer} closed {} without close_notify", if *.mid_record { "in the middle of a record" } else { "its TLS side" })]
+    Truncated { peer: Peer, mid_record: bool },
+}
+
+impl CopyError {
+    /// The peer whose abort ended the connection: the other one is reset.
+    pub fn aborted_by(&self) -> Option<Peer> {
+        match self {
+            CopyError::Idle(_) => None,
+            CopyError::Io { peer, .. }
+            | CopyError::Tls { peer, .. }
+            | CopyError::Truncated { peer, .. } => Some(*peer),
+        }
+    }
 }
 
 /// How a connection copies: idle limit and the largest buffer per direction.
@@ -196,8 +257,8 @@ fn both_ways<U, D>(
     mut down: Pin<&mut D>,
 ) -> impl Future<Output = Result<(), CopyError>>
 where
-    U: Future<Output = io::Result<()>>,
-    D: Future<Output = io::Result<()>>,
+    U: Future<Output = Result<(), CopyError>>,
+    D: Future<Output = Result<(), CopyError>>,
 {
     async move {
         let (mut up_done, mut down_done) = (false, false);
@@ -220,30 +281,180 @@ where
     }
 }
 
+/// Everything the relay sends toward one TLS peer. The data of the other direction and the
+/// answers this side's own reader owes (KeyUpdate, `no_renegotiation`, a fatal alert) are
+/// sealed and written under one lock, so records leave in the order of their sequence numbers
+/// however the two directions interleave.
+///
+/// The reader never waits for the lock to answer a KeyUpdate or a renegotiation: when the
+/// other direction holds it (blocked on a peer that does not read while it writes, maybe), the
+/// answer is owed and goes out first with the next records that direction seals.
+struct TlsOut<'a> {
+    sealer: Mutex<&'a mut Sealer>,
+    session: &'a Session,
+    /// Fixed for the connection's suite: where a record's payload starts, and what a record
+    /// adds to its payload.
+    offset: usize,
+    overhead: usize,
+    /// Answers owed to the peer: KeyUpdates (TLS 1.3) or `no_renegotiation` warnings
+    /// (TLS 1.2); at most as many as the records without data a peer may send in a row.
+    owed: AtomicU8,
+}
+
+impl<'a> TlsOut<'a> {
+    fn new(sealer: &'a mut Sealer, session: &'a Session) -> TlsOut<'a> {
+        TlsOut {
+            offset: sealer.payload_offset(),
+            overhead: sealer.overhead(),
+            sealer: Mutex::new(sealer),
+            session,
+            owed: AtomicU8::new(0),
+        }
+    }
+
+    /// Owes the peer one answer, and sends what is owed now if the writer is free.
+    async fn answer(&self, to: &Sink<'_>) -> Result<(), CopyError> {
+        self.owed.fetch_add(1, Ordering::AcqRel);
+        let Ok(mut sealer) = self.sealer.try_lock() else {
+            return Ok(());
+        };
+        let records = self.due(&mut sealer).map_err(|e| to.tls_error(e, None))?;
+        write_all(to.socket, &[&records])
+            .await
+            .map_err(|e| to.io(e))
+    }
+
+    /// The answers owed, sealed, in order: one KeyUpdate (each renews the key the next is
+    /// sealed under) or one warning per request.
+    fn due(&self, sealer: &mut Sealer) -> Result<Vec<u8>, RecordError> {
+        let mut records = Vec::new();
+        for _ in 0..self.owed.swap(0, Ordering::AcqRel) {
+            records.extend(if self.session.is_tls13() {
+                sealer.key_update(self.session)?
+            } else {
+                sealer.no_renegotiation()?
+            });
+        }
+        Ok(records)
+    }
+
+    /// Seals one record with `make` and writes it to `to`, after what is owed.
+    async fn send(
+        &self,
+        to: &Sink<'_>,
+        make: impl FnOnce(&mut Sealer) -> Result<Vec<u8>, RecordError>,
+    ) -> Result<(), CopyError> {
+        let mut sealer = self.sealer.lock().await;
+        let records = self
+            .due(&mut sealer)
+            .and_then(|mut due| {
+                due.extend(make(&mut sealer)?);
+                Ok(due)
+            })
+            .map_err(|e| to.tls_error(e, None))?;
+        write_all(to.socket, &[&records])
+            .await
+            .map_err(|e| to.io(e))
+    }
+
+    /// Tells the peer why the relay ends the connection, if there is an alert for it; bounded
+    /// by [`ALERT_WAIT`]. Returns the alert that was sent.
+    async fn fatal(&self, to: &Sink<'_>, error: &RecordError) -> Option<AlertDescription> {
+        let alert = error.alert()?;
+        let sent = tokio::time::timeout(ALERT_WAIT, self.send(to, |s| s.fatal(alert))).await;
+        matches!(sent, Ok(Ok(()))).then_some(alert)
+    }
+
+    /// The records due before application data: what is owed, and a KeyUpdate near the key's
+    /// limit. `Err` when the key is used up and cannot be renewed (TLS 1.2): the peer has then
+    /// been sent a close_notify, and the connection ends.
+    async fn before_data(&self, sealer: &mut Sealer, to: &Sink<'_>) -> Result<Vec<u8>, CopyError> {
+        let mut records = self.due(sealer).map_err(|e| to.tls_error(e, None))?;
+        match sealer.before_data(self.session) {
+            Ok(renewal) => {
+                records.extend(renewal.unwrap_or_default());
+                Ok(records)
+            }
+            Err(RecordError::Exhausted) => {
+                let goodbye = sealer.close_notify().map_err(|e| to.tls_error(e, None))?;
+                records.extend(goodbye);
+                let _ = write_all(to.socket, &[&records]).await;
+                let _ = shutdown_write(to.socket);
+                Err(to.tls_error(RecordError::Exhausted, Some(AlertDescription::CloseNotify)))
+            }
+            Err(e) => Err(to.tls_error(e, None)),
+        }
+    }
+}
+
+/// Where a direction reads from: a socket, and for a TLS peer its receiving half and its
+/// [`TlsOut`] (for the answers the reader owes the peer).
+struct Source<'a> {
+    socket: &'a TcpStream,
+    peer: Peer,
+    tls: Option<(Opening<'a>, &'a TlsOut<'a>)>,
+}
+
+/// Where a direction delivers: a socket, with the sending half of its TLS peer.
+struct Sink<'a> {
+    socket: &'a TcpStream,
+    peer: Peer,
+    tls: Option<&'a TlsOut<'a>>,
+}
+
+impl Sink<'_> {
+    fn io(&self, error: io::Error) -> CopyError {
+        CopyError::Io {
+            peer: self.peer,
+            error,
+        }
+    }
+
+    fn tls_error(&self, error: RecordError, answered: Option<AlertDescription>) -> CopyError {
+        CopyError::Tls {
+            peer: self.peer,
+            error,
+            answered,
+        }
+    }
+}
+
+impl Source<'_> {
+    fn io(&self, error: io::Error) -> CopyError {
+        CopyError::Io {
+            peer: self.peer,
+            error,
+        }
+    }
+}
+
 /// The receiving half of a TLS side, with the bytes that followed its handshake.
 struct Opening<'a> {
     opener: &'a mut Opener,
+    session: &'a Session,
     incoming: Vec<u8>,
 }
 
-/// A TLS side's halves, borrowed from where the handshake left them: rustls' session (shared
-/// by both directions), the receiving half (for the direction from this side) and the sending
-/// half (for the direction toward it).
-fn halves(
-    tls: Option<&mut Established>,
-) -> (Option<&Session>, Option<Opening<'_>>, Option<&mut Sealer>) {
+/// A TLS side's halves, borrowed from where the handshake left them: the receiving half (for
+/// the direction from this side) and the sending half (for everything toward it).
+fn halves(tls: Option<&mut Established>) -> (Option<Opening<'_>>, Option<TlsOut<'_>>) {
     let Some(Established { keys, incoming }) = tls else {
-        return (None, None, None);
+        return (None, None);
     };
     let opening = Opening {
         opener: &mut keys.opener,
+        session: &keys.session,
         incoming: mem::take(incoming),
     };
-    (Some(&keys.session), Some(opening), Some(&mut keys.sealer))
+    (
+        Some(opening),
+        Some(TlsOut::new(&mut keys.sealer, &keys.session)),
+    )
 }
 
 /// Copies both ways between the client and the backend, each at its level. Returns the bytes
-/// moved either way, also when it fails.
+/// moved either way, also when it fails; a side whose peer aborted has the other one reset
+/// (see the module doc) before this returns.
 pub fn relay(
     client: Side,
     backend: Side,
@@ -257,53 +468,81 @@ pub fn relay(
         }
         let meter = Meter::new();
         let max = limits.max_buffer.max(MIN_BUFFER);
-        let (client_session, client_in, client_out) = halves(client_tls.as_deref_mut());
-        let (backend_session, backend_in, backend_out) = halves(backend_tls.as_deref_mut());
-        // Declared pinned: a future moved after creation would be stored twice in the task.
-        tokio::pin! {
-            let up = pump(
-                (&client, client_in, client_session),
-                (&backend, backend_out.zip(backend_session)),
-                (&meter, &meter.up),
-                max,
-            );
-            let down = pump(
-                (&backend, backend_in, backend_session),
-                (&client, client_out.zip(client_session)),
-                (&meter, &meter.down),
-                max,
-            );
-        }
-        let result = both_ways(&meter, limits.idle, up, down).await;
+        let (client_in, client_out) = halves(client_tls.as_deref_mut());
+        let (backend_in, backend_out) = halves(backend_tls.as_deref_mut());
+        let result = {
+            // Declared pinned: a future moved after creation would be stored twice in the task.
+            tokio::pin! {
+                let up = pump(
+                    Source {
+                        socket: &client,
+                        peer: Peer::Client,
+                        tls: client_in.zip(client_out.as_ref()),
+                    },
+                    Sink { socket: &backend, peer: Peer::Backend, tls: backend_out.as_ref() },
+                    (&meter, &meter.up),
+                    max,
+                );
+                let down = pump(
+                    Source {
+                        socket: &backend,
+                        peer: Peer::Backend,
+                        tls: backend_in.zip(backend_out.as_ref()),
+                    },
+                    Sink { socket: &client, peer: Peer::Client, tls: client_out.as_ref() },
+                    (&meter, &meter.down),
+                    max,
+                );
+            }
+            both_ways(&meter, limits.idle, up, down).await
+        };
+        abort_other(&result, &client, &backend).await;
         (meter.transfer(), result)
     }
 }
 
-/// Where a direction delivers: a socket, with the sending half of its TLS side.
-type Sink<'a> = (&'a TcpStream, Option<(&'a mut Sealer, &'a Session)>);
+/// After a peer's abort, resets the other peer's connection once it has acknowledged what it
+/// was sent (or [`DRAIN`] has passed): `SO_LINGER` 0 makes the close a reset.
+async fn abort_other(result: &Result<(), CopyError>, client: &TcpStream, backend: &TcpStream) {
+    let Some(aborted) = result.as_ref().err().and_then(CopyError::aborted_by) else {
+        return;
+    };
+    let other = match aborted {
+        Peer::Client => backend,
+        Peer::Backend => client,
+    };
+    let deadline = Instant::now() + DRAIN;
+    let mut pause = Duration::from_millis(1);
+    while unacknowledged(other).is_ok_and(|n| n > 0) && Instant::now() < deadline {
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+    let _ = socket2::SockRef::from(other).set_linger(Some(Duration::ZERO));
+}
 
-/// One direction: from a socket (with its receiving TLS half) to a socket (with its sending
-/// TLS half). Not an `async fn`: that would hold its arguments beside the pump it awaits.
+/// Bytes written to `socket` that its peer has not acknowledged yet (`SIOCOUTQ`).
+fn unacknowledged(socket: &TcpStream) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int through the pointer, which points to `n`;
+    // the descriptor is open for the duration of the call. Neither nix nor socket2 offers it.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::TIOCOUTQ, &mut n) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.max(0) as usize)
+}
+
+/// One direction, chosen by the levels of its two ends. Not an `async fn`: that would hold
+/// its arguments beside the pump it awaits.
 fn pump<'a>(
-    (from, opening, from_session): (&'a TcpStream, Option<Opening<'a>>, Option<&'a Session>),
-    (to, sealing): Sink<'a>,
+    from: Source<'a>,
+    to: Sink<'a>,
     (meter, counter): (&'a Meter, &'a AtomicU64),
     max: usize,
-) -> impl Future<Output = io::Result<()>> + 'a {
-    match (opening.zip(from_session), sealing) {
-        (Some((opening, session)), sealing) => Either::Left(Either::Left(open_pump(
-            from,
-            opening,
-            session,
-            (to, sealing),
-            meter,
-            counter,
-            max,
-        ))),
-        (None, Some((sealer, session))) => Either::Left(Either::Right(seal_pump(
-            from, to, sealer, session, meter, counter, max,
-        ))),
-        (None, None) => Either::Right(splice_pump(from, to, meter, counter, max)),
+) -> impl Future<Output = Result<(), CopyError>> + 'a {
+    match (from.tls.is_some(), to.tls.is_some()) {
+        (true, _) => Either::Left(Either::Left(open_pump(from, to, meter, counter, max))),
+        (false, true) => Either::Left(Either::Right(seal_pump(from, to, meter, counter, max))),
+        (false, false) => Either::Right(splice_pump(from, to, meter, counter, max)),
     }
 }
 
@@ -317,35 +556,33 @@ async fn readable(s: &TcpStream) -> io::Result<()> {
 // flight (writes, sealing) is boxed, so an idle connection's task stays small.
 
 /// plain → TLS: plaintext read straight into record payloads, sealed in place.
-fn seal_pump(
-    from: &TcpStream,
-    to: &TcpStream,
-    sealer: &mut Sealer,
-    session: &Session,
-    meter: &Meter,
-    counter: &AtomicU64,
+fn seal_pump<'a>(
+    from: Source<'a>,
+    to: Sink<'a>,
+    meter: &'a Meter,
+    counter: &'a AtomicU64,
     max: usize,
-) -> impl Future<Output = io::Result<()>> {
+) -> impl Future<Output = Result<(), CopyError>> + 'a {
     async move {
+        let Some(out) = to.tls else {
+            unreachable!("seal_pump is chosen for a TLS destination");
+        };
         let mut size = MIN_BUFFER;
         loop {
-            readable(from).await?;
+            readable(from.socket).await.map_err(|e| from.io(e))?;
             let mut buf = pool::take(size);
-            let slots = Slots::new(sealer, buf.len());
-            let n = match from.try_read_vectored(&mut slots.payloads(&mut buf)) {
+            let slots = Slots::new(out, buf.len());
+            let n = match from.socket.try_read_vectored(&mut slots.payloads(&mut buf)) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+                Err(e) => return Err(from.io(e)),
             };
             if n == 0 {
                 drop(buf);
-                return Box::pin(finish(to, Some((sealer, session)), true)).await;
+                return Box::pin(finish(&to)).await;
             }
             meter.moved(counter, n);
-            let control = sealer.before_data(session)?;
-            let len = slots.seal(sealer, &mut buf, n)?;
-            let records = [control.as_deref().unwrap_or_default(), &buf[..len]];
-            Box::pin(write_all(to, &records)).await?;
+            Box::pin(send_slots(out, &to, &slots, &mut buf, n)).await?;
             drop(buf);
             meter.touch();
             size = adapt(size, n == slots.capacity, n, max);
@@ -353,51 +590,96 @@ fn seal_pump(
     }
 }
 
+/// Seals the `n` bytes read into `slots` and writes the records, after any record due first.
+async fn send_slots(
+    out: &TlsOut<'_>,
+    to: &Sink<'_>,
+    slots: &Slots,
+    buf: &mut [u8],
+    n: usize,
+) -> Result<(), CopyError> {
+    let mut sealer = out.sealer.lock().await;
+    let control = out.before_data(&mut sealer, to).await?;
+    let len = slots
+        .seal(&mut sealer, buf, n)
+        .map_err(|e| to.tls_error(e, None))?;
+    write_all(to.socket, &[&control, &buf[..len]])
+        .await
+        .map_err(|e| to.io(e))
+}
+
 /// TLS → plain or TLS: records opened in place, their plaintexts passed on from there.
-fn open_pump(
-    from: &TcpStream,
-    mut opening: Opening<'_>,
-    session: &Session,
-    (to, mut sealing): Sink<'_>,
-    meter: &Meter,
-    counter: &AtomicU64,
+fn open_pump<'a>(
+    from: Source<'a>,
+    to: Sink<'a>,
+    meter: &'a Meter,
+    counter: &'a AtomicU64,
     max: usize,
-) -> impl Future<Output = io::Result<()>> {
+) -> impl Future<Output = Result<(), CopyError>> + 'a {
     async move {
+        let Source { socket, peer, tls } = from;
+        let Some((mut opening, reply)) = tls else {
+            unreachable!("open_pump is chosen for a TLS source");
+        };
+        let from = Source {
+            socket,
+            peer,
+            tls: None,
+        };
+        // The same socket as `from`, seen as where this side's answers go.
+        let back = Sink {
+            socket: from.socket,
+            peer: from.peer,
+            tls: Some(reply),
+        };
         let mut received = Received::new(mem::take(&mut opening.incoming));
         let mut size = MIN_BUFFER;
         loop {
             let mut ranges = Vec::new();
-            let (opened_to, closed) = received.open(opening.opener, session, &mut ranges)?;
+            let (opened_to, event) = received.open(opening.opener, opening.session, &mut ranges);
+            let closed = matches!(event, Event::Close);
+            // Answers first: a KeyUpdate must precede the relay's next data toward this peer,
+            // and a peer that broke the protocol is told before anything else happens.
+            let failure = match event {
+                Event::None | Event::Close => None,
+                Event::Answer => {
+                    Box::pin(reply.answer(&back)).await?;
+                    None
+                }
+                Event::Failed(error) => {
+                    let answered = Box::pin(reply.fatal(&back, &error)).await;
+                    Some(back.tls_error(error, answered))
+                }
+            };
             if !ranges.is_empty() {
+                // Authenticated before anything went wrong: passed on.
                 let n = ranges.iter().map(|r| r.len()).sum();
                 meter.moved(counter, n);
-                Box::pin(deliver(to, &mut sealing, &received.buf, &ranges)).await?;
+                Box::pin(deliver(&to, &received.buf, &ranges)).await?;
                 meter.touch();
             }
             drop(ranges);
+            if let Some(failure) = failure {
+                return Err(failure);
+            }
             let opened_any = opened_to > received.start;
             received.consume_to(opened_to);
             if closed {
-                return Box::pin(finish(to, sealing, true)).await;
+                return Box::pin(finish(&to)).await;
             }
             if opened_any {
                 continue;
             }
-            readable(from).await?;
-            match received.fill(from, size)? {
+            readable(from.socket).await.map_err(|e| from.io(e))?;
+            match received.fill(from.socket, size).map_err(|e| from.io(e))? {
                 None => {}
-                Some((0, _)) if received.is_empty() => {
-                    // No close_notify: every byte before was authenticated record by record, and
-                    // many clients end this way, so this ends this direction; but a TLS peer
-                    // beyond is not told it was a clean end (that would be a truncation attack).
-                    return Box::pin(finish(to, sealing, false)).await;
-                }
                 Some((0, _)) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "closed in the middle of a TLS record",
-                    ));
+                    // No close_notify: whatever came before was authenticated record by
+                    // record, but the end was not; the other side is reset (module doc).
+                    return Err(CopyError::Truncated {
+                        peer: from.peer,
+                        mid_record: !received.is_empty(),
+                    });
                 }
                 Some((n, filled)) => size = adapt(size, filled, n, max),
             }
@@ -406,62 +688,57 @@ fn open_pump(
 }
 
 /// Passes plaintexts on: written as they are toward plain, sealed into records toward TLS.
-async fn deliver(
-    to: &TcpStream,
-    sealing: &mut Option<(&mut Sealer, &Session)>,
-    buf: &[u8],
-    ranges: &[Range<usize>],
-) -> io::Result<()> {
-    let Some((sealer, session)) = sealing else {
+async fn deliver(to: &Sink<'_>, buf: &[u8], ranges: &[Range<usize>]) -> Result<(), CopyError> {
+    let Some(out) = to.tls else {
         let mut slices: Vec<IoSlice<'_>> = ranges
             .iter()
             .map(|r| IoSlice::new(&buf[r.clone()]))
             .collect();
-        return write_all_slices(to, &mut slices).await;
+        return write_all_slices(to.socket, &mut slices)
+            .await
+            .map_err(|e| to.io(e));
     };
-    if let Some(control) = sealer.before_data(session)? {
-        write_all(to, &[&control]).await?;
-    }
+    let mut sealer = out.sealer.lock().await;
+    let control = out.before_data(&mut sealer, to).await?;
+    write_all(to.socket, &[&control])
+        .await
+        .map_err(|e| to.io(e))?;
     let chunks = ranges
         .iter()
         .flat_map(|r| buf[r.clone()].chunks(MAX_PLAINTEXT))
         .collect::<Vec<_>>();
     // As many records per write as fit a buffer of the largest pooled size.
-    for group in chunks.chunks(pool::LARGEST / (MAX_PLAINTEXT + sealer.overhead())) {
+    for group in chunks.chunks(pool::LARGEST / (MAX_PLAINTEXT + out.overhead)) {
         let bytes: usize = group.iter().map(|c| c.len()).sum();
-        let mut out = pool::take(bytes + group.len() * sealer.overhead());
+        let mut records = pool::take(bytes + group.len() * out.overhead);
         let mut len = 0;
-        let start = sealer.payload_offset();
-        let sealed = group.iter().try_for_each(|chunk| {
-            out[len + start..len + start + chunk.len()].copy_from_slice(chunk);
-            len += sealer.seal(ContentType::ApplicationData, &mut out[len..], chunk.len())?;
-            Ok::<_, io::Error>(())
-        });
+        let start = out.offset;
+        for chunk in group {
+            records[len + start..len + start + chunk.len()].copy_from_slice(chunk);
+            len += sealer
+                .seal(
+                    ContentType::ApplicationData,
+                    &mut records[len..],
+                    chunk.len(),
+                )
+                .map_err(|e| to.tls_error(e, None))?;
+        }
         copied(bytes);
-        let written = match sealed {
-            Ok(()) => write_all(to, &[&out[..len]]).await,
-            Err(e) => Err(e),
-        };
-        drop(out);
-        written?;
+        write_all(to.socket, &[&records[..len]])
+            .await
+            .map_err(|e| to.io(e))?;
     }
     Ok(())
 }
 
-/// The end of a direction: a FIN, after a close_notify toward TLS when the source ended
-/// cleanly (`clean`).
-async fn finish(
-    to: &TcpStream,
-    sealing: Option<(&mut Sealer, &Session)>,
-    clean: bool,
-) -> io::Result<()> {
-    if let (Some((sealer, _)), true) = (sealing, clean) {
-        let alert = sealer.close_notify()?;
-        match write_all(to, &[&alert]).await {
+/// The clean end of a direction: a close_notify toward TLS, then a FIN.
+async fn finish(to: &Sink<'_>) -> Result<(), CopyError> {
+    if let Some(out) = to.tls {
+        match out.send(to, Sealer::close_notify).await {
             // The peer stopped reading after its own close: our goodbye is moot.
-            Err(e)
+            Err(CopyError::Io { error, .. })
                 if matches!(
-                    e.kind(),
+                    error.kind(),
                     io::ErrorKind::BrokenPipe | io::ErrorKind::NotConnected
                 ) =>
             {
@@ -470,7 +747,7 @@ async fn finish(
             other => other?,
         }
     }
-    shutdown_write(to)
+    shutdown_write(to.socket).map_err(|e| to.io(e))
 }
 
 fn adapt(size: usize, filled: bool, n: usize, max: usize) -> usize {
@@ -495,13 +772,13 @@ struct Slots {
 }
 
 impl Slots {
-    fn new(sealer: &Sealer, len: usize) -> Slots {
-        let overhead = sealer.overhead();
+    fn new(out: &TlsOut<'_>, len: usize) -> Slots {
+        let overhead = out.overhead;
         let stride = overhead + MAX_PLAINTEXT;
         let full = len / stride;
         let rest = (len % stride).saturating_sub(overhead);
         Slots {
-            offset: sealer.payload_offset(),
+            offset: out.offset,
             overhead,
             stride,
             capacity: full * MAX_PLAINTEXT + rest,
@@ -521,7 +798,12 @@ impl Slots {
     }
 
     /// Seals the `n` bytes read into the slots; returns the length of the records.
-    fn seal(&self, sealer: &mut Sealer, buf: &mut [u8], mut n: usize) -> io::Result<usize> {
+    fn seal(
+        &self,
+        sealer: &mut Sealer,
+        buf: &mut [u8],
+        mut n: usize,
+    ) -> Result<usize, RecordError> {
         let mut len = 0;
         for slot in buf.chunks_mut(self.stride) {
             if n == 0 {
@@ -534,6 +816,17 @@ impl Slots {
         }
         Ok(len)
     }
+}
+
+/// What stopped [`Received::open`] before the records it holds ran out.
+enum Event {
+    None,
+    /// The peer's close_notify.
+    Close,
+    /// The peer is owed an answer: a KeyUpdate of the relay's, or a `no_renegotiation`.
+    Answer,
+    /// The record at the place returned broke the protocol.
+    Failed(RecordError),
 }
 
 /// Received TLS bytes in a pooled buffer: whole records are opened in place; a partial one
@@ -569,32 +862,38 @@ impl Received {
     }
 
     /// Opens the whole records from `start`, at most [`BATCH`]; the plaintexts' places go to
-    /// `ranges`. Returns where the opened records end and whether close_notify was among them.
+    /// `ranges`. Returns where the opened records end and what stopped the batch early: the
+    /// peer's close_notify, an answer it is owed, or the error in the record at that place.
     fn open(
         &mut self,
         opener: &mut Opener,
         session: &Session,
         ranges: &mut Vec<Range<usize>>,
-    ) -> io::Result<(usize, bool)> {
+    ) -> (usize, Event) {
         let mut pos = self.start;
         while ranges.len() < BATCH {
-            let Some(len) = record_len(&self.buf[pos..self.end])? else {
-                break;
+            let len = match record_len(&self.buf[pos..self.end]) {
+                Ok(Some(len)) if pos + len <= self.end => len,
+                Ok(_) => break,
+                Err(e) => return (pos, Event::Failed(e)),
             };
-            if pos + len > self.end {
-                break;
-            }
-            let content = opener.open(session, &mut self.buf[pos..pos + len])?;
+            let content = match opener.open(session, &mut self.buf[pos..pos + len]) {
+                Ok(content) => content,
+                Err(e) => return (pos, Event::Failed(e)),
+            };
             self.last_record = len;
             let record = pos;
             pos += len;
             match content {
                 Content::Data(r) if !r.is_empty() => ranges.push(record + r.start..record + r.end),
                 Content::Data(_) | Content::Control => {}
-                Content::CloseNotify => return Ok((pos, true)),
+                Content::CloseNotify => return (pos, Event::Close),
+                Content::KeyUpdateRequested | Content::Renegotiation => {
+                    return (pos, Event::Answer);
+                }
             }
         }
-        Ok((pos, false))
+        (pos, Event::None)
     }
 
     /// Everything before `pos` was passed on; with nothing left, the buffer goes back.
@@ -610,7 +909,7 @@ impl Received {
     /// Reads what `from` has now: `None` if nothing, 0 bytes at its end; and whether the read
     /// took all it could.
     fn fill(&mut self, from: &TcpStream, size: usize) -> io::Result<Option<(usize, bool)>> {
-        self.make_room(size)?;
+        self.make_room(size);
         let limit = self.read_limit();
         match from.try_read(&mut self.buf[self.end..limit]) {
             Ok(n) => {
@@ -650,17 +949,21 @@ impl Received {
 
     /// Makes sure the partial record at `start` can arrive whole, and that there is room to
     /// read into: a buffer if none is held, the partial record moved to the front when the
-    /// end is reached, or a larger buffer when the record is longer than this one.
-    fn make_room(&mut self, size: usize) -> io::Result<()> {
+    /// end is reached, or a larger buffer when the record is longer than this one. A header
+    /// that does not parse is left for [`Received::open`] to answer.
+    fn make_room(&mut self, size: usize) {
         if self.buf.is_empty() {
             self.buf = pool::take(size);
-            return Ok(());
+            return;
         }
         let pending = self.end - self.start;
-        let record = record_len(&self.buf[self.start..self.end])?.unwrap_or(HEADER);
+        let record = record_len(&self.buf[self.start..self.end])
+            .ok()
+            .flatten()
+            .unwrap_or(HEADER);
         let needed = record.max(pending + 1);
         if self.start + needed <= self.buf.len() {
-            return Ok(());
+            return;
         }
         if needed <= self.buf.len() {
             self.buf.copy_within(self.start..self.end, 0);
@@ -672,7 +975,6 @@ impl Received {
         copied(pending);
         self.start = 0;
         self.end = pending;
-        Ok(())
     }
 }
 
@@ -708,58 +1010,69 @@ fn relay_tcp(
     async move {
         let meter = Meter::new();
         let max = limits.max_buffer.max(MIN_BUFFER);
-        tokio::pin! {
-            let up = splice_pump(&client, &backend, &meter, &meter.up, max);
-            let down = splice_pump(&backend, &client, &meter, &meter.down, max);
-        }
-        let result = both_ways(&meter, limits.idle, up, down).await;
+        let result = {
+            tokio::pin! {
+                let up = splice_pump(
+                    Source { socket: &client, peer: Peer::Client, tls: None },
+                    Sink { socket: &backend, peer: Peer::Backend, tls: None },
+                    &meter, &meter.up, max,
+                );
+                let down = splice_pump(
+                    Source { socket: &backend, peer: Peer::Backend, tls: None },
+                    Sink { socket: &client, peer: Peer::Client, tls: None },
+                    &meter, &meter.down, max,
+                );
+            }
+            both_ways(&meter, limits.idle, up, down).await
+        };
+        abort_other(&result, &client, &backend).await;
         (meter.transfer(), result)
     }
 }
 
 /// One direction, socket → pipe → socket.
-fn splice_pump(
-    from: &TcpStream,
-    to: &TcpStream,
-    meter: &Meter,
-    counter: &AtomicU64,
+fn splice_pump<'a>(
+    from: Source<'a>,
+    to: Sink<'a>,
+    meter: &'a Meter,
+    counter: &'a AtomicU64,
     max: usize,
-) -> impl Future<Output = io::Result<()>> {
+) -> impl Future<Output = Result<(), CopyError>> + 'a {
     async move {
         loop {
-            readable(from).await?;
+            readable(from.socket).await.map_err(|e| from.io(e))?;
             let Some(pipe) = pipes::take() else {
                 // No pipe to be had: move this chunk through a pooled buffer instead.
-                match Box::pin(buffered_chunk(from, to, meter, counter, max)).await? {
-                    0 => return shutdown_write(to),
+                match Box::pin(buffered_chunk(&from, &to, meter, counter, max)).await? {
+                    0 => return shutdown_write(to.socket).map_err(|e| to.io(e)),
                     _ => continue,
                 }
             };
-            let n = match from.try_io(Interest::READABLE, || {
-                splice(from.as_raw_fd(), pipe.w(), pipes::PIPE_SIZE)
+            let n = match from.socket.try_io(Interest::READABLE, || {
+                splice(from.socket.as_raw_fd(), pipe.w(), pipes::PIPE_SIZE)
             }) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     pipes::give(pipe);
                     continue;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(from.io(e)),
             };
             if n == 0 {
                 pipes::give(pipe);
-                return shutdown_write(to);
+                return shutdown_write(to.socket).map_err(|e| to.io(e));
             }
             meter.moved(counter, n);
             let mut left = n;
             while left > 0 {
-                to.writable().await?;
-                match to.try_io(Interest::WRITABLE, || {
-                    splice(pipe.r(), to.as_raw_fd(), left)
+                to.socket.writable().await.map_err(|e| to.io(e))?;
+                match to.socket.try_io(Interest::WRITABLE, || {
+                    splice(pipe.r(), to.socket.as_raw_fd(), left)
                 }) {
                     Ok(m) => left -= m,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     // The pipe still holds data: it is dropped (closed), not pooled.
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(to.io(e)),
                 }
             }
             meter.touch();
@@ -770,26 +1083,23 @@ fn splice_pump(
 
 /// Moves what `from` has now through a pooled buffer; 0 means end of stream.
 async fn buffered_chunk(
-    from: &TcpStream,
-    to: &TcpStream,
+    from: &Source<'_>,
+    to: &Sink<'_>,
     meter: &Meter,
     counter: &AtomicU64,
     max: usize,
-) -> io::Result<usize> {
+) -> Result<usize, CopyError> {
     let mut buf = pool::take(max);
-    let result = async {
-        let n = match from.try_read(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(usize::MAX),
-            Err(e) => return Err(e),
-        };
-        meter.moved(counter, n);
-        write_all(to, &[&buf[..n]]).await?;
-        Ok(n)
-    }
-    .await;
-    drop(buf);
-    result
+    let n = match from.socket.try_read(&mut buf) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(usize::MAX),
+        Err(e) => return Err(from.io(e)),
+    };
+    meter.moved(counter, n);
+    write_all(to.socket, &[&buf[..n]])
+        .await
+        .map_err(|e| to.io(e))?;
+    Ok(n)
 }
 
 fn shutdown_write(to: &TcpStream) -> io::Result<()> {
@@ -819,9 +1129,6 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-/// Per-thread pool of data buffers in a few size classes. A connection takes one while it has
-/// bytes in flight and drops it right after, which gives it back; the pool keeps a bounded
-/// number per class so a burst does not stay resident.
 pub mod pool {
     use super::*;
 
@@ -1211,7 +1518,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_forged_record_ends_the_connection() {
+    async fn a_forged_record_is_answered_with_bad_record_mac_and_the_backend_is_reset() {
         let tls = Tls::new(SUITES[0]);
         let (mut client, client_side) = inbound(&tls).await;
         let (backend_side, mut backend) = tcp_pair().await;
@@ -1225,12 +1532,123 @@ mod tests {
         forged.extend([0x5a; 40]);
         client.get_mut().0.write_all(&forged).await.unwrap();
         let (_, result) = relay.await.unwrap();
-        let error = result.unwrap_err().to_string();
-        assert!(error.contains("bad_record_mac"), "{error}");
-        // Nothing of the forged record reached the backend.
+        let error = result.unwrap_err();
+        assert!(
+            matches!(
+                error,
+                CopyError::Tls {
+                    peer: Peer::Client,
+                    error: RecordError::Decrypt,
+                    answered: Some(AlertDescription::BadRecordMac),
+                }
+            ),
+            "{error}"
+        );
+        // The client was told, under the relay's current key.
+        let told = client.read(&mut [0; 16]).await.unwrap_err().to_string();
+        assert!(told.contains("BadRecordMac"), "{told}");
+        // Nothing of the forged record reached the backend, and it sees an abort, not an end.
         let mut rest = Vec::new();
-        backend.read_to_end(&mut rest).await.unwrap_or_default();
+        let end = backend.read_to_end(&mut rest).await;
         assert!(rest.is_empty(), "{rest:?}");
+        assert_eq!(end.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    #[tokio::test]
+    async fn a_tls_client_that_closes_without_close_notify_gets_the_backend_reset() {
+        let tls = Tls::new(SUITES[3]);
+        let (mut client, client_side) = inbound(&tls).await;
+        let (backend_side, mut backend) = tcp_pair().await;
+        let relay = spawn_relay(client_side, Side::Plain(backend_side));
+        // Half a request, then a FIN that an attacker on the path could have forged.
+        let half = b"POST /transfer HTTP/1.1\r\nContent-Le";
+        client.write_all(half).await.unwrap();
+        client.flush().await.unwrap();
+        client.get_mut().0.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        let end = backend.read_to_end(&mut got).await;
+        // Every byte forwarded arrives (the relay waits for the backend's acknowledgement)...
+        assert_eq!(got, half);
+        // ...and then a reset, never the EOF a complete request would end with.
+        assert_eq!(end.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+        let (transfer, result) = relay.await.unwrap();
+        assert!(
+            matches!(
+                result,
+                Err(CopyError::Truncated {
+                    peer: Peer::Client,
+                    mid_record: false
+                })
+            ),
+            "{result:?}"
+        );
+        assert_eq!(transfer.up, half.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn a_backend_reset_resets_the_client_after_what_was_sent() {
+        let tls = Tls::new(SUITES[0]);
+        let (mut client, client_side) = tcp_pair().await;
+        let (mut backend, backend_side) = outbound(&tls, tls.client(true)).await;
+        let relay = spawn_relay(Side::Plain(client_side), backend_side);
+        backend.write_all(&[9; 100_000]).await.unwrap();
+        backend.flush().await.unwrap();
+        // The backend's TLS ends without close_notify: a truncation toward a plain client.
+        backend.get_mut().0.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        let end = client.read_to_end(&mut got).await;
+        assert_eq!(got.len(), 100_000, "every byte before the abort arrives");
+        assert_eq!(end.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+        let (_, result) = relay.await.unwrap();
+        assert!(
+            matches!(
+                result,
+                Err(CopyError::Truncated {
+                    peer: Peer::Backend,
+                    ..
+                })
+            ),
+            "{result:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_worn_tls12_key_ends_the_connection_with_close_notify() {
+        let tls = Tls::new(SUITES[4]);
+        let (mut client, client_side) = inbound(&tls).await;
+        let Side::Tls(socket, mut established) = client_side else {
+            unreachable!()
+        };
+        established.keys.sealer.wear_out_after(3);
+        let (backend_side, mut backend) = tcp_pair().await;
+        let relay = spawn_relay(Side::Tls(socket, established), Side::Plain(backend_side));
+        // One record per chunk, each read before the next is sent: three arrive...
+        for i in 0..3u8 {
+            backend.write_all(&[i; 100]).await.unwrap();
+            let mut got = [0; 100];
+            client.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, [i; 100]);
+        }
+        // ...then the key may not seal another: a close_notify instead.
+        backend.write_all(&[3; 100]).await.unwrap();
+        let mut rest = Vec::new();
+        client
+            .read_to_end(&mut rest)
+            .await
+            .expect("a clean close_notify");
+        assert!(rest.is_empty(), "{} bytes after the limit", rest.len());
+        let (_, result) = relay.await.unwrap();
+        assert!(
+            matches!(
+                result,
+                Err(CopyError::Tls {
+                    error: RecordError::Exhausted,
+                    answered: Some(AlertDescription::CloseNotify),
+                    ..
+                })
+            ),
+            "{result:?}"
+        );
     }
 
     #[tokio::test]
@@ -1286,7 +1704,19 @@ mod tests {
             .unwrap();
         drop(backend);
         let (_, result) = task.await.unwrap();
-        assert!(matches!(result, Err(CopyError::Io(_))), "{result:?}");
-        drop(client);
+        assert!(
+            matches!(
+                result,
+                Err(CopyError::Io {
+                    peer: Peer::Backend,
+                    ..
+                })
+            ),
+            "{result:?}"
+        );
+        // The backend's abort reaches the client as an abort.
+        let mut client = client;
+        let end = client.read(&mut [0; 16]).await;
+        assert_eq!(end.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
     }
 }

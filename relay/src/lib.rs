@@ -13,6 +13,7 @@
 //! - [`copy`]: moves bytes both ways with half-close and idle timeout.
 //! - [`metrics`]: counters per service and outcome.
 //! - [`datapath`]: the embedded eBPF object (transparent mode).
+//! - [`watch`]: files whose changes apply without a reload (CRLs).
 
 pub mod access;
 pub mod cli;
@@ -28,4 +29,5 @@ pub mod recognise;
 pub mod supervisor;
 pub mod tickets;
 pub mod tls;
+pub mod watch;
 pub mod worker;

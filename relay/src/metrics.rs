@@ -23,6 +23,8 @@ use prometheus_client::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::tls::verify::Reason;
+
 /// How a connection ended. The label is what logs and metrics show.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -39,6 +41,12 @@ pub enum Outcome {
     BackendHandshakeFailed,
     /// An I/O error while relaying (a reset, ...).
     IoError,
+    /// A TLS peer broke the record protocol after the handshake (a bad record, an unexpected
+    /// message, its own fatal alert); the other side was reset.
+    TlsError,
+    /// A TLS peer closed without close_notify: the other side was reset, so that it cannot take
+    /// a truncated stream for a complete one.
+    Truncated,
     /// Closed right after accept: the service or the relay is at its connection limit.
     LimitReached,
     /// mtls: a verified client whose identity matches no `allow` rule.
@@ -52,7 +60,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 13] = [
+    pub const ALL: [Outcome; 15] = [
         Outcome::Closed,
         Outcome::IdleTimeout,
         Outcome::HandshakeTimeout,
@@ -61,6 +69,8 @@ impl Outcome {
         Outcome::ConnectFailed,
         Outcome::BackendHandshakeFailed,
         Outcome::IoError,
+        Outcome::TlsError,
+        Outcome::Truncated,
         Outcome::LimitReached,
         Outcome::Denied,
         Outcome::PlaintextRejected,
@@ -78,6 +88,8 @@ impl Outcome {
             Outcome::ConnectFailed => "connect_failed",
             Outcome::BackendHandshakeFailed => "backend_handshake_failed",
             Outcome::IoError => "io_error",
+            Outcome::TlsError => "tls_error",
+            Outcome::Truncated => "truncated",
             Outcome::LimitReached => "limit_reached",
             Outcome::Denied => "denied",
             Outcome::PlaintextRejected => "plaintext_rejected",
@@ -86,9 +98,13 @@ impl Outcome {
         }
     }
 
-    /// Whether the connection ended as the relay meant it to (logged at info, not warn).
+    /// Whether the connection ended as the relay meant it to (logged at info, not warn). A
+    /// truncation is common (clients that skip close_notify) and handled as designed.
     pub fn is_normal(self) -> bool {
-        matches!(self, Outcome::Closed | Outcome::Redirected)
+        matches!(
+            self,
+            Outcome::Closed | Outcome::Redirected | Outcome::Truncated
+        )
     }
 
     /// Outcomes that are failed handshakes, by the side that failed.
@@ -124,6 +140,13 @@ struct DecisionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    service: String,
+    /// A `tls::verify::Reason` label: `not_allowed`, `revoked`, `expired`, …
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabels {
     service: String,
     /// `up`: client to backend; `down`: backend to client.
@@ -156,6 +179,8 @@ pub struct WorkerMetrics {
     handshake_seconds: HistogramFamily,
     resumed: Family<ServiceLabel, Counter>,
     access: Family<DecisionLabels, Counter>,
+    denials: Family<RefusalLabels, Counter>,
+    declined: Family<RefusalLabels, Counter>,
     copied: Counter,
 }
 
@@ -171,6 +196,8 @@ impl Default for WorkerMetrics {
             handshake_seconds: Family::new_with_constructor(handshake_histogram),
             resumed: Family::default(),
             access: Family::default(),
+            denials: Family::default(),
+            declined: Family::default(),
             copied: Counter::default(),
             registry: Registry::default(),
         };
@@ -211,6 +238,18 @@ impl Default for WorkerMetrics {
             m.access.clone(),
         );
         registry.register(
+            "access_denials",
+            "mtls clients refused by the service's policy, by reason (not_allowed, revoked, \
+             expired, crl_expired, revocation_unknown)",
+            m.denials.clone(),
+        );
+        registry.register(
+            "resumptions_declined",
+            "Stored TLS sessions not resumed because the client policy no longer admits them \
+             (the client falls back to a full handshake), by reason",
+            m.declined.clone(),
+        );
+        registry.register(
             "copied_bytes",
             "Payload bytes copied in user space after handshakes (relay_copied_bytes_total / \
              relay_bytes_total: copies per byte)",
@@ -239,6 +278,13 @@ fn decision_labels(name: &str, decision: &str) -> DecisionLabels {
     DecisionLabels {
         service: name.to_string(),
         decision: decision.to_string(),
+    }
+}
+
+fn refusal_labels(name: &str, reason: Reason) -> RefusalLabels {
+    RefusalLabels {
+        service: name.to_string(),
+        reason: reason.label().to_string(),
     }
 }
 
@@ -279,6 +325,13 @@ impl WorkerMetrics {
             resumed: self.resumed.get_or_create(&l).clone(),
             allowed: access("allowed"),
             denied: access("denied"),
+            denials: Reason::ALL
+                .map(|r| self.denials.get_or_create(&refusal_labels(name, r)).clone()),
+            declined: Reason::ALL.map(|r| {
+                self.declined
+                    .get_or_create(&refusal_labels(name, r))
+                    .clone()
+            }),
         }
     }
 
@@ -294,6 +347,10 @@ impl WorkerMetrics {
         }
         for d in ["allowed", "denied"] {
             self.access.remove(&decision_labels(name, d));
+        }
+        for r in Reason::ALL {
+            self.denials.remove(&refusal_labels(name, r));
+            self.declined.remove(&refusal_labels(name, r));
         }
         for o in Outcome::ALL {
             self.closed.remove(&reason_labels(name, o));
@@ -327,6 +384,8 @@ pub struct ServiceMetrics {
     resumed: Counter,
     allowed: Counter,
     denied: Counter,
+    denials: [Counter; Reason::ALL.len()],
+    declined: [Counter; Reason::ALL.len()],
 }
 
 impl ServiceMetrics {
@@ -350,13 +409,20 @@ impl ServiceMetrics {
         }
     }
 
-    /// An `allow` decision on a verified client.
-    pub fn access(&self, allowed: bool) {
-        if allowed {
-            self.allowed.inc();
-        } else {
-            self.denied.inc();
-        }
+    /// A client the policy admitted by an `allow` rule.
+    pub fn access_allowed(&self) {
+        self.allowed.inc();
+    }
+
+    /// A client the policy refused (outcome `denied`), and why.
+    pub fn access_denied(&self, reason: Reason) {
+        self.denied.inc();
+        self.denials[reason as usize].inc();
+    }
+
+    /// A stored session the policy no longer admits, and why.
+    pub fn resumption_declined(&self, reason: Reason) {
+        self.declined[reason as usize].inc();
     }
 
     pub fn handshake(&self, seconds: f64, resumed: bool) {
@@ -397,6 +463,11 @@ pub struct ServiceStatus {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ActionLabels {
     service: String,
     action: String,
@@ -404,11 +475,28 @@ struct ActionLabels {
 
 /// The supervisor's part of a scrape: worker restarts and the data path counters (absolute
 /// values read from the maps), without the closing `# EOF`.
-pub fn encode_supervisor(restarts: u64, datapath: &[crate::datapath::ServiceCounters]) -> String {
+pub fn encode_supervisor(
+    restarts: u64,
+    (applied, refused): (u64, u64),
+    datapath: &[crate::datapath::ServiceCounters],
+) -> String {
     let mut registry = Registry::with_prefix("relay");
     let r = Counter::<u64>::default();
     r.inc_by(restarts);
     registry.register("worker_restarts", "Workers started again after dying", r);
+    let reloads = Family::<ResultLabel, Counter>::default();
+    for (result, n) in [("applied", applied), ("refused", refused)] {
+        reloads
+            .get_or_create(&ResultLabel {
+                result: result.to_string(),
+            })
+            .inc_by(n);
+    }
+    registry.register(
+        "file_reloads",
+        "Watched files (CRLs) changed on disk, by whether the change was applied or refused",
+        reloads,
+    );
     let packets = Family::<ActionLabels, Counter>::default();
     for c in datapath {
         for (action, n) in [

@@ -28,7 +28,6 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
-    access::{self, Identity},
     config::{Level, Plaintext, ProxyProtocol, RelaySection, Service},
     copy::{self, CopyError, Side},
     metrics::{Outcome, ServiceMetrics},
@@ -98,10 +97,20 @@ impl ServiceRuntime {
         let name = &config.name;
         let server_side = match config.inbound.level {
             Level::Plain => None,
-            _ => Some(
-                tls::server_side(&config.inbound, material, resumption)
-                    .with_context(|| format!("service {name}: inbound TLS"))?,
-            ),
+            _ => {
+                let declined = {
+                    let (name, metrics) = (name.clone(), Arc::clone(&metrics));
+                    Arc::new(move |refusal: &tls::verify::Refusal| {
+                        metrics.resumption_declined(refusal.reason);
+                        info!(service = %name, reason = refusal.reason.label(), detail = %refusal,
+                              "stored session not resumed: a full handshake decides");
+                    })
+                };
+                Some(
+                    tls::server_side(name, &config.inbound, material, resumption, declined)
+                        .with_context(|| format!("service {name}: inbound TLS"))?,
+                )
+            }
         };
         let connector = match config.outbound.level {
             Level::Plain => None,
@@ -264,11 +273,7 @@ fn handle(
             // the connection's task, which lives as long as the connection.
             let (inbound, outbound) = {
                 let accepted = Box::pin(accept_inbound(socket, service, t.handshake)).await?;
-                identity = accepted
-                    .tls
-                    .as_ref()
-                    .and_then(|f| f.client.as_ref())
-                    .map(Identity::principal);
+                identity = accepted.tls.as_ref().and_then(TlsFacts::identity);
                 let header = match service.config.outbound.proxy_protocol {
                     ProxyProtocol::None => Vec::new(),
                     kind => destination
@@ -287,9 +292,14 @@ fn handle(
             };
             let (moved, result) = copy::relay(inbound, outbound, limits).await;
             transfer = moved;
-            result.map_err(|e| match e {
-                CopyError::Idle(_) => Failure::new(Outcome::IdleTimeout, e),
-                CopyError::Io(e) => Failure::new(Outcome::IoError, e),
+            result.map_err(|e| {
+                let outcome = match e {
+                    CopyError::Idle(_) => Outcome::IdleTimeout,
+                    CopyError::Io { .. } => Outcome::IoError,
+                    CopyError::Tls { .. } => Outcome::TlsError,
+                    CopyError::Truncated { .. } => Outcome::Truncated,
+                };
+                Failure::new(outcome, e)
             })
         }
         .await;
@@ -387,27 +397,23 @@ async fn establish_tls(
                 format!("{e} (unknown_sni = \"reject\")"),
             ),
             HandshakeError::Hello(_) => Failure::new(Outcome::HandshakeFailed, format!("TLS {e}")),
-            _ => match e.rustls().and_then(access::denied_in) {
-                Some(denied) => {
-                    service.metrics.access(false);
-                    Failure::new(Outcome::Denied, denied)
-                }
-                None => Failure::new(Outcome::HandshakeFailed, format!("TLS handshake: {e}")),
-            },
+            HandshakeError::Refused(refusal) if refusal.reason.is_access_decision() => {
+                service.metrics.access_denied(refusal.reason);
+                Failure::new(Outcome::Denied, refusal)
+            }
+            _ => Failure::new(Outcome::HandshakeFailed, format!("TLS handshake: {e}")),
         })?;
     let facts = accepted.facts;
     service
         .metrics
         .handshake(started.elapsed().as_secs_f64(), facts.resumed);
-    if let Some(client) = &facts.client
-        && !server.allow.is_empty()
-    {
-        // The verifier let this client in; name the rule that did, for the audit trail.
-        let rule = server.allow.decide(client).map(ToString::to_string);
-        service.metrics.access(true);
+    if let Some(authorised) = &facts.authorised {
+        // The policy let this client in (again, if it resumed); say which name passed, for
+        // the audit trail.
+        service.metrics.access_allowed();
         info!(
-            service = %service.name(), identity = %client.principal(),
-            rule = %rule.unwrap_or_default(), "client allowed"
+            service = %service.name(), identity = %authorised.name, rule = %authorised.rule,
+            resumed = facts.resumed, "client allowed"
         );
     }
     Ok(Accepted {

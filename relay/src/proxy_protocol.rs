@@ -10,9 +10,10 @@
 //!     in the resumed session), verify result 0 (the relay only relays verified clients), and
 //!     the sub-TLVs `SSL_VERSION` ("TLSv1.3"), `SSL_CIPHER` (IANA name), `SSL_CN` (the client
 //!     certificate's subject CN).
-//!   - `0xE0` (first of the custom range): the verified client identity as the relay logs and
-//!     matches it (`uri:spiffe://…`, `dns:…` or `cn:…`), since the standard TLVs carry only
-//!     the CN and SPIFFE IDs live in URI SANs.
+//!   - `0xE0` (first of the custom range): the client identity the relay authorised, with its
+//!     kind (`uri:spiffe://…`, `dns:…` or `cn:…`): the name an `allow` rule matched, or without
+//!     `allow` rules the client's principal (first URI SAN, else DNS SAN, else CN). The
+//!     standard TLVs carry only the CN, and SPIFFE IDs live in URI SANs.
 //!
 //! The destination is the address the client connected to: in transparent mode the server and
 //! front port, in explicit mode the relay's listen address.
@@ -21,7 +22,10 @@ use std::net::SocketAddr;
 
 use ppp::v2::{self, Builder, Command, Protocol, Type, Version};
 
-use crate::{access::Identity, config::ProxyProtocol};
+use crate::{
+    access::{Authorised, Identity},
+    config::ProxyProtocol,
+};
 
 /// PP2_TYPE_MIN_CUSTOM: the relay's verified client identity.
 pub const TLV_IDENTITY: u8 = 0xE0;
@@ -41,6 +45,8 @@ pub struct TlsFacts {
     pub resumed: bool,
     /// The names of the verified client certificate (mtls).
     pub client: Option<Identity>,
+    /// The name an `allow` rule accepted, and the rule (mtls with `allow`).
+    pub authorised: Option<Authorised>,
 }
 
 impl TlsFacts {
@@ -68,7 +74,16 @@ impl TlsFacts {
                 .peer_certificates()
                 .and_then(|chain| chain.first())
                 .and_then(|der| Identity::from_der(der)),
+            authorised: None,
         }
+    }
+
+    /// The identity handed to the backend: what was authorised, else the client's principal.
+    pub fn identity(&self) -> Option<String> {
+        self.authorised
+            .as_ref()
+            .map(|a| a.name.clone())
+            .or_else(|| self.client.as_ref().map(Identity::principal))
     }
 }
 
@@ -120,8 +135,8 @@ fn v2_header(
         push_tlv(&mut ssl, Type::SSLCommonName.into(), cn.as_bytes());
     }
     b = b.write_tlv(Type::SSL, &ssl)?;
-    if let Some(client) = &tls.client {
-        b = b.write_tlv(TLV_IDENTITY, client.principal().as_bytes())?;
+    if let Some(identity) = tls.identity() {
+        b = b.write_tlv(TLV_IDENTITY, identity.as_bytes())?;
     }
     b.build()
 }
@@ -171,6 +186,7 @@ mod tests {
                 dns: vec!["web.example.org".into()],
                 uris: vec!["spiffe://example.org/web".into()],
             }),
+            authorised: None,
         };
         let bytes = header(ProxyProtocol::V2, c, d, Some(&facts)).unwrap();
         let parsed = v2::Header::try_from(bytes.as_slice()).unwrap();
@@ -202,6 +218,33 @@ mod tests {
         );
         assert_eq!(tlvs[2].kind, TLV_IDENTITY);
         assert_eq!(&*tlvs[2].value, b"uri:spiffe://example.org/web");
+    }
+
+    #[test]
+    fn v2_identity_is_the_name_that_was_authorised() {
+        let (c, d) = addrs("192.0.2.2:1234", "198.51.100.10:443");
+        let facts = TlsFacts {
+            version: "TLSv1.3",
+            client: Some(Identity {
+                cn: Some("web".into()),
+                dns: vec!["api.example.org".into()],
+                uris: vec!["spiffe://example.org/web".into()],
+            }),
+            // An allow rule `dns:api.example.org` let it in, not its URI.
+            authorised: Some(Authorised {
+                name: "dns:api.example.org".into(),
+                rule: "dns:*.example.org".into(),
+            }),
+            ..TlsFacts::default()
+        };
+        let bytes = header(ProxyProtocol::V2, c, d, Some(&facts)).unwrap();
+        let parsed = v2::Header::try_from(bytes.as_slice()).unwrap();
+        let identity = parsed
+            .tlvs()
+            .map(Result::unwrap)
+            .find(|t| t.kind == TLV_IDENTITY)
+            .unwrap();
+        assert_eq!(&*identity.value, b"dns:api.example.org");
     }
 
     #[test]

@@ -7,9 +7,10 @@
 //! backoff); because the supervisor still holds the listeners, connections that arrive in the
 //! meantime wait in the accept queues and are served by the new worker: none is refused.
 //!
-//! Changes — SIGHUP or `relay reload` (the config file again), `relay service add|remove` — are
-//! validated in full first; an invalid change is refused with its error and the running
-//! configuration stays. Established connections are never touched by a change.
+//! Changes — SIGHUP or `relay reload` (the config file again), `relay service add|remove`, a
+//! CRL file replaced on disk ([`crate::watch`]) — are validated in full first; an invalid
+//! change is refused with its error and the running configuration stays. Established
+//! connections are never touched by a change.
 
 use std::{
     collections::HashMap,
@@ -38,6 +39,7 @@ use crate::{
     handoff::{self, Channel, FromWorker, Role, ToWorker},
     tickets::KeySchedule,
     tls,
+    watch::Watch,
 };
 
 /// Listen backlog: a burst of clients, or a worker restart, waits in the kernel.
@@ -49,6 +51,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const APPLY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Time a worker gets to answer for status or metrics.
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Quiet time after a watched file changes before it is applied: tools write in steps.
+const SETTLE: Duration = Duration::from_millis(150);
 
 struct WorkerProc {
     pid: u32,
@@ -70,6 +74,10 @@ struct Supervisor {
     /// Consecutive quick deaths, for the backoff.
     quick_deaths: u32,
     started: Instant,
+    /// The CRL files, watched; `None` where inotify is unavailable.
+    watch: Option<Watch>,
+    /// Changed files applied, and refused.
+    file_reloads: (u64, u64),
 }
 
 pub async fn run(
@@ -101,10 +109,22 @@ pub async fn run(
         restarts: 0,
         quick_deaths: 0,
         started: Instant::now(),
+        watch: None,
+        file_reloads: (0, 0),
     };
+    // Without a watcher nothing ever arrives here; the sender is kept so that it stays so.
+    let (_no_watcher, mut changed) = mpsc::unbounded_channel();
+    match Watch::new() {
+        Ok((watch, rx)) => {
+            sup.watch = Some(watch);
+            changed = rx;
+        }
+        Err(e) => warn!("cannot watch files ({e}): a changed CRL needs `relay reload`"),
+    }
     let result = async {
         sup.open_listeners()?;
         sup.spawn_worker().await?;
+        sup.watch_files();
         info!(
             services = sup.config.services.len(),
             worker = sup.worker.as_ref().map(|w| w.pid),
@@ -113,7 +133,8 @@ pub async fn run(
         );
         // Type=notify: systemd considers the service started only now. A no-op elsewhere.
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-        sup.main_loop(&control, &mut exits, &mut scrapes).await
+        sup.main_loop(&control, &mut exits, &mut scrapes, &mut changed)
+            .await
     }
     .await;
     let _ = std::fs::remove_file(&control_path);
@@ -126,7 +147,12 @@ impl Supervisor {
         control: &UnixListener,
         exits: &mut mpsc::UnboundedReceiver<(u32, std::io::Result<ExitStatus>)>,
         scrapes: &mut mpsc::Receiver<oneshot::Sender<String>>,
+        changed: &mut mpsc::UnboundedReceiver<PathBuf>,
     ) -> anyhow::Result<()> {
+        let mut changed_files = Vec::new();
+        let settle = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(settle);
+        let mut settling = false;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
@@ -147,6 +173,17 @@ impl Supervisor {
                 Some((pid, status)) = exits.recv() => self.worker_exited(pid, status).await,
                 Some(reply) = scrapes.recv() => {
                     let _ = reply.send(self.metrics_text().await);
+                }
+                Some(path) = changed.recv() => {
+                    if !changed_files.contains(&path) {
+                        changed_files.push(path);
+                    }
+                    settle.as_mut().reset(tokio::time::Instant::now() + SETTLE);
+                    settling = true;
+                }
+                () = &mut settle, if settling => {
+                    settling = false;
+                    self.files_changed(std::mem::take(&mut changed_files)).await;
                 }
                 _ = rotate.tick() => {
                     self.tickets.rotate();
@@ -221,6 +258,11 @@ impl Supervisor {
             for path in tls::files_of(s) {
                 let bytes = std::fs::read(path)
                     .with_context(|| format!("service {}: read {}", s.name, path.display()))?;
+                if s.inbound.crl.as_deref() == Some(path) {
+                    for warning in tls::crl_warnings(s, &bytes) {
+                        warn!("{warning}");
+                    }
+                }
                 files.push((path.to_path_buf(), bytes));
             }
         }
@@ -462,7 +504,43 @@ impl Supervisor {
             log_service(s);
         }
         self.config = next;
+        self.watch_files();
         Ok(summary)
+    }
+
+    /// Watches the CRL files of the services in force.
+    fn watch_files(&mut self) {
+        let Some(watch) = &mut self.watch else {
+            return;
+        };
+        let crls = self
+            .config
+            .services
+            .iter()
+            .filter_map(|s| s.inbound.crl.as_deref());
+        for warning in watch.set(crls) {
+            warn!("{warning}");
+        }
+    }
+
+    /// Applies watched files that changed: the configuration in force again, with every file
+    /// read and validated anew; a file that does not validate leaves the previous material.
+    async fn files_changed(&mut self, paths: Vec<PathBuf>) {
+        let files = paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        match self.apply(self.config.clone()).await {
+            Ok(_) => {
+                self.file_reloads.0 += 1;
+                info!(%files, "changed CRL applied: new connections and resumptions use it");
+            }
+            Err(e) => {
+                self.file_reloads.1 += 1;
+                error!(%files, "changed CRL NOT applied, the previous one stays in force: {e:#}");
+            }
+        }
     }
 
     // ------------------------------------------------------------------ control socket
@@ -519,7 +597,11 @@ impl Supervisor {
             .as_ref()
             .and_then(|d| d.maps.counters().ok())
             .unwrap_or_default();
-        let mut text = crate::metrics::encode_supervisor(u64::from(self.restarts), &counters);
+        let mut text = crate::metrics::encode_supervisor(
+            u64::from(self.restarts),
+            self.file_reloads,
+            &counters,
+        );
         let worker = match &self.worker {
             Some(w) => match ask(&w.channel, &ToWorker::Metrics, &[], ASK_TIMEOUT).await {
                 Ok(FromWorker::Metrics(t)) => Some(t),

@@ -188,11 +188,21 @@ async fn allow_rules_admit_by_uri_dns_or_cn_and_the_crl_revokes() {
             "allowed decisions for {svc}: {:?}",
             sample("allowed")
         );
+        // Both refusals are access decisions: the intruder by the rules, the revoked client
+        // by the CRL.
+        assert_eq!(sample("denied"), 2.0, "the intruder and the revoked client");
+        let denials = |reason: &str| {
+            relay_tests::metrics::sample(
+                metrics,
+                &format!("relay_access_denials_total{{service=\"{svc}\",reason=\"{reason}\"}}"),
+            )
+        };
         assert_eq!(
-            sample("denied"),
+            denials("not_allowed"),
             1.0,
-            "only the intruder is denied by a rule"
+            "the intruder, by the allow rules"
         );
+        assert_eq!(denials("revoked"), 1.0, "the revoked client, by the CRL");
     }
     let denied = [
         "outcome=\"denied\"",
@@ -210,9 +220,12 @@ async fn allow_rules_admit_by_uri_dns_or_cn_and_the_crl_revokes() {
     ];
     assert_eq!(relay.count_logs(&allowed), 2, "{}", relay.logs().join("\n"));
     assert_eq!(
-        relay.count_logs(&["outcome=\"handshake_failed\"", "Revoked"]),
+        relay.count_logs(&[
+            "outcome=\"denied\"",
+            &format!("uri:{web_uri}: certificate revoked by the CRL")
+        ]),
         2,
-        "the revoked certificate fails verification, once per family:\n{}",
+        "the revoked certificate is refused, once per family, naming the identity it claimed:\n{}",
         relay.logs().join("\n")
     );
     assert_eq!(

@@ -4,6 +4,7 @@
 //! - [`relay`]: the relay binary as a child process, its log lines, its lifecycle.
 //! - [`backend`]: a data backend (plain, TLS or mTLS via rustls) that checks and produces bytes.
 //! - [`client`]: clients at each security level, and helpers for curl / openssl.
+//! - [`tlspeer`]: a scripted TLS peer that sends malformed records and reads the answers.
 //!
 //! Nothing here mocks TLS or the network: peers talk over loopback sockets.
 
@@ -17,6 +18,7 @@ pub mod metrics;
 pub mod netns;
 pub mod pki;
 pub mod relay;
+pub mod tlspeer;
 
 use std::{net::TcpListener, time::Duration};
 

@@ -134,21 +134,34 @@ impl Pki {
     /// A client certificate signed by `client_ca` with exactly these names and serial number,
     /// written as `<stem>.pem` / `<stem>.key`.
     pub fn client_with(&self, stem: &str, names: &Names, serial: u64) -> anyhow::Result<CertFiles> {
+        self.client_until(stem, names, serial, None)
+    }
+
+    /// [`Pki::client_with`], valid only until `not_after` (when given).
+    pub fn client_until(
+        &self,
+        stem: &str,
+        names: &Names,
+        serial: u64,
+        not_after: Option<std::time::SystemTime>,
+    ) -> anyhow::Result<CertFiles> {
+        let (pem, key) = signed_client(&self.client_issuer, names, serial, not_after)?;
+        self.write_pair(stem, pem, key)
+    }
+
+    /// An intermediate CA under `client_ca` with this serial number, for client chains.
+    pub fn client_intermediate(&self, name: &str, serial: u64) -> anyhow::Result<Intermediate> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut params =
-            CertificateParams::new(names.dns.iter().map(|d| d.to_string()).collect::<Vec<_>>())?;
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        if let Some(cn) = names.cn {
-            params.distinguished_name.push(DnType::CommonName, cn);
-        }
-        for uri in names.uris {
-            params
-                .subject_alt_names
-                .push(SanType::URI(uri.to_string().try_into()?));
-        }
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
         params.serial_number = Some(SerialNumber::from(serial));
         let cert = params.signed_by(&key, &self.client_issuer)?;
-        self.write_pair(stem, cert.pem(), key.serialize_pem())
+        Ok(Intermediate {
+            pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+            dir: self.dir.clone(),
+        })
     }
 
     /// A server certificate signed by the server CA for these DNS names.
@@ -163,26 +176,14 @@ impl Pki {
 
     /// A CRL from the client CA revoking these serial numbers, written as `<stem>.pem`.
     pub fn client_crl(&self, stem: &str, revoked: &[u64]) -> anyhow::Result<PathBuf> {
-        let params = CertificateRevocationListParams {
-            this_update: rcgen::date_time_ymd(2025, 1, 1),
-            next_update: rcgen::date_time_ymd(2099, 1, 1),
-            crl_number: SerialNumber::from(1u64),
-            issuing_distribution_point: None,
-            revoked_certs: revoked
-                .iter()
-                .map(|&serial| RevokedCertParams {
-                    serial_number: SerialNumber::from(serial),
-                    revocation_time: rcgen::date_time_ymd(2025, 1, 2),
-                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
-                    invalidity_date: None,
-                })
-                .collect(),
-            key_identifier_method: KeyIdMethod::Sha256,
-        };
-        let crl = params.signed_by(&self.client_issuer)?;
         let path = self.dir.join(format!("{stem}.pem"));
-        fs::write(&path, crl.pem()?)?;
+        fs::write(&path, self.client_crl_pem(revoked, Fresh::Yes)?)?;
         Ok(path)
+    }
+
+    /// The PEM of a CRL from the client CA revoking these serial numbers.
+    pub fn client_crl_pem(&self, revoked: &[u64], fresh: Fresh) -> anyhow::Result<String> {
+        crl_pem(&self.client_issuer, revoked, fresh)
     }
 
     fn write_pair(&self, stem: &str, cert: String, key: String) -> anyhow::Result<CertFiles> {
@@ -203,6 +204,98 @@ impl Pki {
     pub fn server_of(&self, kind: KeyKind) -> &CertFiles {
         &self.servers.iter().find(|(k, _)| *k == kind).unwrap().1
     }
+}
+
+/// Whether a CRL is still before its nextUpdate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fresh {
+    Yes,
+    /// Its nextUpdate was in 2025.
+    Expired,
+}
+
+fn crl_pem(
+    issuer: &Issuer<'static, KeyPair>,
+    revoked: &[u64],
+    fresh: Fresh,
+) -> anyhow::Result<String> {
+    let next_update = match fresh {
+        Fresh::Yes => rcgen::date_time_ymd(2099, 1, 1),
+        Fresh::Expired => rcgen::date_time_ymd(2025, 2, 1),
+    };
+    let params = CertificateRevocationListParams {
+        this_update: rcgen::date_time_ymd(2025, 1, 1),
+        next_update,
+        crl_number: SerialNumber::from(1u64),
+        issuing_distribution_point: None,
+        revoked_certs: revoked
+            .iter()
+            .map(|&serial| RevokedCertParams {
+                serial_number: SerialNumber::from(serial),
+                revocation_time: rcgen::date_time_ymd(2025, 1, 2),
+                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    Ok(params.signed_by(issuer)?.pem()?)
+}
+
+/// An intermediate client CA: the certificates it signs are written with it as their chain.
+pub struct Intermediate {
+    pub pem: String,
+    issuer: Issuer<'static, KeyPair>,
+    dir: PathBuf,
+}
+
+impl Intermediate {
+    /// A client certificate it signs, written as `<stem>.pem` (the certificate, then this
+    /// intermediate) and `<stem>.key`.
+    pub fn client(&self, stem: &str, names: &Names, serial: u64) -> anyhow::Result<CertFiles> {
+        let (pem, key) = signed_client(&self.issuer, names, serial, None)?;
+        let files = CertFiles {
+            cert: self.dir.join(format!("{stem}.pem")),
+            key: self.dir.join(format!("{stem}.key")),
+        };
+        fs::write(&files.cert, pem + &self.pem)?;
+        fs::write(&files.key, key)?;
+        Ok(files)
+    }
+
+    /// The PEM of a CRL from this intermediate revoking these serial numbers.
+    pub fn crl_pem(&self, revoked: &[u64]) -> anyhow::Result<String> {
+        crl_pem(&self.issuer, revoked, Fresh::Yes)
+    }
+}
+
+/// A client certificate (PEM cert, PEM key) with exactly these names, signed by `issuer`.
+fn signed_client(
+    issuer: &Issuer<'static, KeyPair>,
+    names: &Names,
+    serial: u64,
+    not_after: Option<std::time::SystemTime>,
+) -> anyhow::Result<(String, String)> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params =
+        CertificateParams::new(names.dns.iter().map(|d| d.to_string()).collect::<Vec<_>>())?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    if let Some(cn) = names.cn {
+        params.distinguished_name.push(DnType::CommonName, cn);
+    }
+    for uri in names.uris {
+        params
+            .subject_alt_names
+            .push(SanType::URI(uri.to_string().try_into()?));
+    }
+    params.serial_number = Some(SerialNumber::from(serial));
+    if let Some(t) = not_after {
+        params.not_after = t.into();
+        params.not_before =
+            (std::time::SystemTime::now() - std::time::Duration::from_secs(60)).into();
+    }
+    let cert = params.signed_by(&key, issuer)?;
+    Ok((cert.pem(), key.serialize_pem()))
 }
 
 fn new_ca(name: &str) -> anyhow::Result<(String, Issuer<'static, KeyPair>)> {

@@ -5,7 +5,12 @@
 //! the handshake's buffers are freed. On the server side the ClientHello is first read whole
 //! and shown to rustls' `Acceptor`, so its server name can choose the configuration (the
 //! certificate of an `inbound.sni` entry, or a refusal for an unknown name); the connection
-//! then starts from those same bytes.
+//! then starts from those same bytes. Every alert rustls queues for a failed handshake reaches
+//! the peer before the socket closes.
+//!
+//! An `mtls` service's client policy ([`super::verify`]) is asked once more when the handshake
+//! is done; a client it refuses then (a session resumed across a policy change, an instant
+//! before) gets the fatal alert for its reason under the new traffic keys.
 
 use std::{io, net::SocketAddr, ops::DerefMut, sync::Arc};
 
@@ -23,6 +28,7 @@ use tokio::net::TcpStream;
 use super::{
     ServerSide,
     record::{Keys, RecordError, record_len},
+    verify::{self, Refusal},
 };
 use crate::{copy::write_all, proxy_protocol::TlsFacts};
 
@@ -44,6 +50,9 @@ pub enum HandshakeError {
     UnknownSni(Option<String>),
     #[error("{0}")]
     Tls(#[from] rustls::Error),
+    /// The client policy refused the client (`mtls`).
+    #[error("{0}")]
+    Refused(Refusal),
     #[error("handshake larger than {} KiB", MAX_HANDSHAKE_BUFFER >> 10)]
     TooLarge,
     #[error("{0}")]
@@ -57,6 +66,7 @@ impl HandshakeError {
     pub fn rustls(&self) -> Option<&rustls::Error> {
         match self {
             HandshakeError::Hello(e) | HandshakeError::Tls(e) => Some(e),
+            HandshakeError::Refused(r) => Some(&r.error),
             HandshakeError::Record(RecordError::Rustls(e)) => Some(e),
             _ => None,
         }
@@ -121,9 +131,28 @@ pub async fn accept(socket: &TcpStream, server: &ServerSide) -> Result<Accepted,
     };
     let mut conn = UnbufferedServerConnection::new(Arc::clone(config))?;
     drive(&mut conn, socket, &mut incoming).await?;
-    let facts = TlsFacts::of(&conn, sni);
+    let mut facts = TlsFacts::of(&conn, sni);
+    let admitted = server
+        .policy
+        .as_ref()
+        .map(|p| p.after_handshake(conn.peer_certificates(), facts.resumed));
+    let mut keys = Keys::server(conn)?;
+    match admitted {
+        None => {}
+        Some(Ok(admitted)) => facts.authorised = admitted.authorised,
+        Some(Err(refusal)) => {
+            let alert = rustls::AlertDescription::from(match &refusal.error {
+                rustls::Error::InvalidCertificate(e) => e.clone(),
+                _ => rustls::CertificateError::ApplicationVerificationFailure,
+            });
+            if let Ok(record) = keys.sealer.fatal(alert) {
+                let _ = write_all(socket, &[&record]).await;
+            }
+            return Err(HandshakeError::Refused(refusal));
+        }
+    }
     Ok(Accepted {
-        established: Established::new(Keys::server(conn)?, incoming),
+        established: Established::new(keys, incoming),
         facts,
         backend,
     })
@@ -213,7 +242,11 @@ async fn drive<C: Unbuffered>(
             Ok(other) => Step::Failed(HandshakeError::Tls(rustls::Error::General(format!(
                 "unexpected state during the handshake: {other:?}"
             )))),
-            Err(e) => Step::Failed(e.into()),
+            // The policy's note on the refused client, taken on the thread that just failed.
+            Err(e) => Step::Failed(match verify::take_refusal() {
+                Some(refusal) => HandshakeError::Refused(refusal),
+                None => e.into(),
+            }),
         };
         incoming.drain(..discard);
         fed -= discard;

@@ -8,7 +8,8 @@
 //! Errors say which config key they belong to (`field`), so the config module can point at the
 //! right line.
 //!
-//! The handshakes themselves run in [`handshake`]; the records after them in [`record`].
+//! The handshakes themselves run in [`handshake`]; the records after them in [`record`]; who
+//! may connect to an `mtls` service, on every connection, is [`verify`]'s.
 //!
 //! Certificate, key and CA files are read through [`Material`]: from disk where the relay may
 //! read them (config check, supervisor), from the bytes the supervisor sent where it may not
@@ -30,7 +31,7 @@ use rustls::{
         pem::PemObject as _,
     },
     server::{
-        NoServerSessionStorage, ServerSessionMemoryCache, WebPkiClientVerifier,
+        NoServerSessionStorage, ProducesTickets, ServerSessionMemoryCache, WebPkiClientVerifier,
         danger::ClientCertVerifier,
     },
 };
@@ -39,11 +40,13 @@ pub mod handshake;
 pub mod record;
 #[cfg(test)]
 pub mod testing;
+pub mod verify;
 
 use crate::{
-    access::{Allow, AllowVerifier, dns_matches},
-    config::{Inbound, Outbound, Service},
+    access::{Allow, dns_matches},
+    config::{CrlExpired, Inbound, Outbound, Service},
 };
+use verify::{ClientPolicy, GuardedSessions, GuardedTickets, PolicyVerifier, Resumable};
 
 /// Where PEM files come from.
 pub trait Material {
@@ -141,8 +144,11 @@ pub fn key_warnings(s: &Service) -> Vec<String> {
 #[derive(Clone, Default)]
 pub struct Resumption {
     /// Ticket keys from the supervisor; `None`: a ticketer of this process's own.
-    pub ticketer: Option<Arc<dyn rustls::server::ProducesTickets>>,
+    pub ticketer: Option<Arc<dyn ProducesTickets>>,
 }
+
+/// Told of each stored session a service declines to resume (see [`verify`]).
+pub type OnDeclined = Arc<dyn Fn(&verify::Refusal) + Send + Sync>;
 
 /// Sessions remembered per service for TLS 1.2 session-id resumption (TLS 1.3 uses tickets).
 const SERVER_SESSION_CACHE: usize = 4096;
@@ -248,8 +254,8 @@ pub struct ServerSide {
     /// The DNS names of the default certificate: known names even with `unknown_sni = "reject"`.
     default_names: Vec<String>,
     reject_unknown: bool,
-    /// The `allow` rules, also enforced in the verifier; kept to name the rule that matched.
-    pub allow: Allow,
+    /// `mtls`: who may connect, asked again after every handshake (see [`verify`]).
+    pub policy: Option<Arc<ClientPolicy>>,
 }
 
 impl ServerSide {
@@ -261,7 +267,7 @@ impl ServerSide {
             by_name: Vec::new(),
             default_names: Vec::new(),
             reject_unknown: false,
-            allow: Allow::default(),
+            policy: None,
         }
     }
 
@@ -298,23 +304,25 @@ pub fn valid_sni_pattern(name: &str) -> bool {
         && matches!(ServerName::try_from(rest), Ok(ServerName::DnsName(_)))
 }
 
-/// Builds the server side of `inb`.
+/// Builds the server side of service `service`'s `inb`.
 pub fn server_side(
+    service: &str,
     inb: &Inbound,
     m: &dyn Material,
     resumption: &Resumption,
+    declined: OnDeclined,
 ) -> Result<ServerSide, TlsError> {
-    let verifier = client_verifier(inb, m)?;
-    let allow = Allow::parse(&inb.allow).map_err(|(_, e)| TlsError::new("allow", e))?;
-    let verifier = match verifier {
-        Some(inner) if !allow.is_empty() => Some(Arc::new(AllowVerifier {
-            inner,
-            allow: allow.clone(),
-        }) as Arc<dyn ClientCertVerifier>),
-        other => other,
+    let policy = client_policy(inb, m)?.map(Arc::new);
+    let verifier = policy
+        .as_ref()
+        .map(|p| Arc::new(PolicyVerifier(Arc::clone(p))) as Arc<dyn ClientCertVerifier>);
+    let resumable = Resumable {
+        policy: policy.clone(),
+        declined,
     };
     // One ticketer for all of the service's configurations: a ticket issued under one name's
-    // certificate stays readable whichever configuration the next ClientHello selects.
+    // certificate stays readable whichever configuration the next ClientHello selects. Its
+    // tickets are the service's own, and resume only what the policy admits today.
     let ticketer = match (&resumption.ticketer, inb.resumption) {
         (_, false) => None,
         (Some(shared), true) => Some(Arc::clone(shared)),
@@ -322,7 +330,10 @@ pub fn server_side(
             rustls::crypto::aws_lc_rs::Ticketer::new()
                 .map_err(|e| TlsError::new("resumption", format!("session tickets: {e}")))?,
         ),
-    };
+    }
+    .map(|inner| {
+        Arc::new(GuardedTickets::new(inner, service, resumable.clone())) as Arc<dyn ProducesTickets>
+    });
     let build = |cert: &Path, key_path: &Path| -> Result<Arc<ServerConfig>, TlsError> {
         let chain = certs(m, "cert", cert)?;
         let key = key(m, "key", key_path)?;
@@ -338,7 +349,10 @@ pub fn server_side(
         config.enable_secret_extraction = true;
         match &ticketer {
             Some(t) => {
-                config.session_storage = ServerSessionMemoryCache::new(SERVER_SESSION_CACHE);
+                config.session_storage = Arc::new(GuardedSessions {
+                    inner: ServerSessionMemoryCache::new(SERVER_SESSION_CACHE),
+                    resumable: resumable.clone(),
+                });
                 config.ticketer = Arc::clone(t);
             }
             None => {
@@ -367,38 +381,93 @@ pub fn server_side(
         by_name,
         default_names,
         reject_unknown: inb.unknown_sni == crate::config::UnknownSni::Reject,
-        allow,
+        policy,
     })
 }
 
-/// The client certificate verifier of an `mtls` inbound side (CA and CRLs), `None` for `tls`.
-fn client_verifier(
-    inb: &Inbound,
-    m: &dyn Material,
-) -> Result<Option<Arc<dyn ClientCertVerifier>>, TlsError> {
+/// The client policy of an `mtls` inbound side (CA, CRLs, `allow`), `None` for `tls`.
+fn client_policy(inb: &Inbound, m: &dyn Material) -> Result<Option<ClientPolicy>, TlsError> {
     let Some(ca) = &inb.client_ca else {
         return Ok(None);
     };
-    let mut builder = WebPkiClientVerifier::builder(Arc::new(roots(m, "client_ca", ca)?));
-    if let Some(path) = &inb.crl {
-        let pem = read(m, "crl", path)?;
-        let crls = CertificateRevocationListDer::pem_slice_iter(&pem)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| TlsError::new("crl", format!("{}: {}", path.display(), pem_error(e))))?;
-        if crls.is_empty() {
-            return Err(TlsError::new(
-                "crl",
-                format!("{}: no X509 CRL in PEM file", path.display()),
-            ));
+    let roots = Arc::new(roots(m, "client_ca", ca)?);
+    let allow = Allow::parse(&inb.allow).map_err(|(_, e)| TlsError::new("allow", e))?;
+    let crls = match &inb.crl {
+        Some(path) => crls(m, path)?,
+        None => Vec::new(),
+    };
+    let build = |whole_chain: bool| {
+        let mut builder = WebPkiClientVerifier::builder(Arc::clone(&roots));
+        if !crls.is_empty() {
+            builder = builder.with_crls(crls.iter().cloned());
+            // The end entity needs a known status; an intermediate whose CA published no CRL
+            // here is not refused for it (its revocation, when listed, refuses its clients).
+            builder = if whole_chain {
+                builder.allow_unknown_revocation_status()
+            } else {
+                builder.only_check_end_entity_revocation()
+            };
+            if inb.crl_expired.unwrap_or_default() == CrlExpired::Reject {
+                builder = builder.enforce_revocation_expiration();
+            }
         }
-        // Revocation is checked for the client's own certificate; intermediates whose CA
-        // published no CRL here are not refused for it.
-        builder = builder.with_crls(crls).only_check_end_entity_revocation();
+        builder
+            .build()
+            .map_err(|e| TlsError::new("client_ca", format!("{}: {e}", ca.display())))
+    };
+    let whole_chain = if crls.is_empty() {
+        None
+    } else {
+        Some(build(true)?)
+    };
+    Ok(Some(ClientPolicy::new(build(false)?, whole_chain, allow)))
+}
+
+/// The CRLs of a PEM file; at least one.
+fn crls(
+    m: &dyn Material,
+    path: &Path,
+) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let pem = read(m, "crl", path)?;
+    let crls = CertificateRevocationListDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::new("crl", format!("{}: {}", path.display(), pem_error(e))))?;
+    if crls.is_empty() {
+        return Err(TlsError::new(
+            "crl",
+            format!("{}: no X509 CRL in PEM file", path.display()),
+        ));
     }
-    let verifier = builder
-        .build()
-        .map_err(|e| TlsError::new("client_ca", format!("{}: {e}", ca.display())))?;
-    Ok(Some(verifier))
+    Ok(crls)
+}
+
+/// A warning for every CRL of `s` (in `pem`, the bytes of `inbound.crl`) past its nextUpdate:
+/// with `crl_expired = "reject"` its clients are refused until it is renewed.
+pub fn crl_warnings(s: &Service, pem: &[u8]) -> Vec<String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let policy = match s.inbound.crl_expired.unwrap_or_default() {
+        CrlExpired::Reject => "its clients are refused until it is renewed",
+        CrlExpired::Accept => "accepted anyway (crl_expired = \"accept\")",
+    };
+    CertificateRevocationListDer::pem_slice_iter(pem)
+        .filter_map(Result::ok)
+        .filter_map(|der| {
+            use x509_parser::prelude::FromDer as _;
+            let (_, crl) =
+                x509_parser::revocation_list::CertificateRevocationList::from_der(&der).ok()?;
+            let next = crl.next_update()?;
+            (next.timestamp() < now).then(|| {
+                format!(
+                    "service {}: the CRL of {} in {} was due for renewal at {next}: {policy}",
+                    s.name,
+                    crl.issuer(),
+                    s.inbound.crl.as_deref().unwrap_or(Path::new("?")).display(),
+                )
+            })
+        })
+        .collect()
 }
 
 /// The TLS client side of a service (outbound `tls` or `mtls`).

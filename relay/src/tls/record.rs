@@ -12,23 +12,24 @@
 //!
 //! What follows the handshake stays rustls' job through the [`KernelConnection`]: new traffic
 //! secrets for a TLS 1.3 KeyUpdate, and session tickets a backend sends (outbound resumption).
-//! The relay answers a peer's KeyUpdate request before its next record, renews its own key
-//! before the suite's confidentiality limit, and turns close_notify into a half-close.
-//! Anything else after the handshake (renegotiation, post-handshake authentication, a
-//! handshake message split over records) ends the connection.
+//!
+//! The relay answers its peers the way RFC 8446 (§5, §6) and RFC 5246 ask, and the way the
+//! tlsfuzzer conformance suite checks them: every error the peer caused is answered with the
+//! fatal alert [`RecordError::alert`] names before the connection closes (`bad_record_mac`,
+//! `record_overflow`, `unexpected_message`, `decode_error`, `illegal_parameter`); a peer's own
+//! error alert is answered with nothing. Post-handshake handshake messages may be fragmented
+//! over records ([`Opener`] joins them, up to [`MAX_MESSAGE`]) but nothing else may come
+//! between the fragments, and a KeyUpdate must end its record. A KeyUpdate that asks for one
+//! back is answered at once ([`Content::KeyUpdateRequested`]); a TLS 1.2 peer that tries to
+//! renegotiate gets a `no_renegotiation` warning and the connection goes on
+//! ([`Content::Renegotiation`]).
 
-use std::{
-    ops::Range,
-    sync::{
-        Mutex, MutexGuard,
-        atomic::{AtomicBool, Ordering},
-    },
-};
+use std::{ops::Range, sync::Mutex};
 
 use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use rustls::{
     AlertDescription, ConnectionTrafficSecrets, ContentType, ExtractedSecrets, HandshakeType,
-    ProtocolVersion, SupportedCipherSuite,
+    PeerMisbehaved, ProtocolVersion, SupportedCipherSuite,
     client::{ClientConnectionData, UnbufferedClientConnection},
     crypto::cipher::{InboundOpaqueMessage, MessageDecrypter},
     kernel::KernelConnection,
@@ -39,10 +40,15 @@ use rustls::{
 pub const HEADER: usize = 5;
 /// The most plaintext one record carries (2^14).
 pub const MAX_PLAINTEXT: usize = 16384;
-/// The longest record body accepted from a peer: rustls' own bound (2^14 + 2048).
+/// The longest TLS 1.2 record body (2^14 + 2048, RFC 5246 §6.2.3); the framing bound.
 const MAX_BODY: usize = MAX_PLAINTEXT + 2048;
+/// The longest TLS 1.3 record body (2^14 + 256, RFC 8446 §5.2).
+const MAX_BODY_TLS13: usize = MAX_PLAINTEXT + 256;
 /// The longest whole record accepted from a peer.
 pub const MAX_RECORD: usize = HEADER + MAX_BODY;
+/// The longest post-handshake handshake message joined from fragments (rustls' own bound): a
+/// NewSessionTicket with its extensions, a TLS 1.2 renegotiation ClientHello.
+pub const MAX_MESSAGE: usize = 0xffff;
 /// Every suite rustls negotiates (AES-GCM, ChaCha20-Poly1305) has a 16-byte tag.
 const TAG: usize = 16;
 /// TLS 1.2 AES-GCM records carry the per-record part of their nonce in clear.
@@ -51,32 +57,70 @@ const EXPLICIT_NONCE: usize = 8;
 /// suite's confidentiality limit keeps every batch under it.
 const LIMIT_MARGIN: u64 = 1024;
 /// Records in a row that carry no application data (empty records, warnings, KeyUpdates,
-/// tickets) a peer may send: each costs work, none moves the connection forward. rustls allows
-/// 32 of each kind.
+/// tickets) a peer may send: each costs work, none moves the connection forward. OpenSSL and
+/// rustls allow 32.
 const MAX_RECORDS_WITHOUT_DATA: u8 = 32;
 
+const WARNING: u8 = 1;
+const FATAL: u8 = 2;
+
+/// What a peer did wrong, or what went wrong on the relay's side of a record.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
-    #[error("malformed record header: {0}")]
-    Header(&'static str),
+    #[error("record of content type {0}, not allowed here")]
+    UnexpectedType(u8),
+    #[error("record overflow: {0}")]
+    Overflow(&'static str),
     #[error("record failed to decrypt (bad_record_mac)")]
     Decrypt,
-    #[error("record plaintext longer than 2^14 bytes")]
-    Oversized,
+    #[error("unexpected {0}")]
+    Unexpected(&'static str),
+    #[error("malformed {0}")]
+    Decode(&'static str),
+    #[error("illegal parameter: {0}")]
+    Illegal(&'static str),
     #[error("peer sent the alert {0:?}")]
     Alert(AlertDescription),
-    #[error("unexpected {0} after the handshake")]
-    Unexpected(String),
-    #[error("the key is used up and TLS 1.2 cannot renew it")]
-    Exhausted,
     #[error("more than {MAX_RECORDS_WITHOUT_DATA} records in a row without application data")]
     NoData,
+    #[error("the key is used up and TLS 1.2 cannot renew it")]
+    Exhausted,
     #[error("unsupported cipher suite {0:?}")]
     Unsupported(String),
     #[error("sealing a record failed")]
     Seal,
     #[error(transparent)]
     Rustls(#[from] rustls::Error),
+}
+
+impl RecordError {
+    /// The fatal alert the peer is owed for this error (RFC 8446 §6.2), if any: none for the
+    /// peer's own alert, nor where the peer cannot be answered.
+    pub fn alert(&self) -> Option<AlertDescription> {
+        use AlertDescription as A;
+        Some(match self {
+            RecordError::UnexpectedType(_) | RecordError::Unexpected(_) | RecordError::NoData => {
+                A::UnexpectedMessage
+            }
+            RecordError::Overflow(_) => A::RecordOverflow,
+            RecordError::Decrypt => A::BadRecordMac,
+            RecordError::Decode(_) => A::DecodeError,
+            RecordError::Illegal(_) => A::IllegalParameter,
+            RecordError::Alert(_) | RecordError::Exhausted => return None,
+            RecordError::Unsupported(_) | RecordError::Seal => A::InternalError,
+            RecordError::Rustls(rustls::Error::InvalidMessage(_)) => A::DecodeError,
+            RecordError::Rustls(rustls::Error::PeerMisbehaved(_)) => A::UnexpectedMessage,
+            RecordError::Rustls(_) => A::InternalError,
+        })
+    }
+
+    /// Whether the peer broke the protocol (rather than the relay failing on its own side).
+    pub fn is_peer(&self) -> bool {
+        !matches!(
+            self,
+            RecordError::Exhausted | RecordError::Unsupported(_) | RecordError::Seal
+        )
+    }
 }
 
 impl From<RecordError> for std::io::Error {
@@ -86,19 +130,21 @@ impl From<RecordError> for std::io::Error {
 }
 
 /// The length of the whole record at the start of `buf`, once its header has arrived.
+///
+/// The legacy version field is not judged: RFC 8446 §5.1 says to ignore it, and it is part of
+/// every record's authenticated data, so a changed one fails to open anyway.
 pub fn record_len(buf: &[u8]) -> Result<Option<usize>, RecordError> {
     let Some(h) = buf.get(..HEADER) else {
         return Ok(None);
     };
     if !(20..=23).contains(&h[0]) {
-        return Err(RecordError::Header("unknown content type"));
-    }
-    if h[1] != 3 {
-        return Err(RecordError::Header("not a TLS record version"));
+        return Err(RecordError::UnexpectedType(h[0]));
     }
     let len = usize::from(u16::from_be_bytes([h[3], h[4]]));
     if len > MAX_BODY {
-        return Err(RecordError::Header("longer than 2^14 + 2048 bytes"));
+        return Err(RecordError::Overflow(
+            "record longer than 2^14 + 2048 bytes",
+        ));
     }
     Ok(Some(HEADER + len))
 }
@@ -108,10 +154,10 @@ pub fn record_len(buf: &[u8]) -> Result<Option<usize>, RecordError> {
 /// renews the relay's key.
 pub struct Session {
     kernel: Mutex<Kernel>,
-    /// The peer asked for a KeyUpdate: the relay sends its own before its next record.
-    key_update_requested: AtomicBool,
     suite: SupportedCipherSuite,
     tls13: bool,
+    /// The relay is the client of this side (toward a backend).
+    client: bool,
 }
 
 enum Kernel {
@@ -120,7 +166,7 @@ enum Kernel {
 }
 
 impl Session {
-    fn kernel(&self) -> MutexGuard<'_, Kernel> {
+    fn kernel(&self) -> std::sync::MutexGuard<'_, Kernel> {
         // Nothing panics while holding it; a poisoned lock still holds a consistent value.
         self.kernel.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -133,6 +179,10 @@ impl Session {
             (Kernel::Client(k), true) => k.update_rx_secret()?,
             (Kernel::Client(k), false) => k.update_tx_secret()?,
         })
+    }
+
+    pub fn is_tls13(&self) -> bool {
+        self.tls13
     }
 }
 
@@ -164,8 +214,8 @@ impl Keys {
         let (rx_seq, rx) = secrets.rx;
         let (tx_seq, tx) = secrets.tx;
         let session = Session {
+            client: matches!(kernel, Kernel::Client(_)),
             kernel: Mutex::new(kernel),
-            key_update_requested: AtomicBool::new(false),
             suite,
             tls13: version == ProtocolVersion::TLSv1_3,
         };
@@ -180,10 +230,15 @@ impl Keys {
 /// What an opened record carried.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Content {
-    /// Application data: where its plaintext lies in the record.
+    /// Application data: where its plaintext lies in the record (possibly empty).
     Data(Range<usize>),
-    /// A message for the record layer itself (a KeyUpdate, a ticket), handled.
+    /// A message for the record layer itself (a KeyUpdate, a ticket, a warning), handled.
     Control,
+    /// A TLS 1.3 KeyUpdate that asks for one back: send [`Sealer::key_update`] now.
+    KeyUpdateRequested,
+    /// A TLS 1.2 renegotiation attempt (HelloRequest or ClientHello): answer
+    /// [`Sealer::no_renegotiation`] and go on.
+    Renegotiation,
     /// The peer's close_notify: it sends nothing more.
     CloseNotify,
 }
@@ -193,6 +248,8 @@ pub struct Opener {
     decrypter: Box<dyn MessageDecrypter>,
     seq: u64,
     without_data: u8,
+    /// The start of a handshake message whose rest is in the next records.
+    joiner: Joiner,
 }
 
 impl Opener {
@@ -220,6 +277,7 @@ impl Opener {
             decrypter,
             seq,
             without_data: 0,
+            joiner: Joiner::default(),
         })
     }
 
@@ -227,8 +285,18 @@ impl Opener {
     /// place, and handles what is not application data.
     pub fn open(&mut self, session: &Session, record: &mut [u8]) -> Result<Content, RecordError> {
         let typ = ContentType::from(record[0]);
-        if session.tls13 && typ != ContentType::ApplicationData {
-            return Err(RecordError::Unexpected(format!("{typ:?} record")));
+        if session.tls13 {
+            // Everything after the handshake is protected (RFC 8446 §5): a change_cipher_spec
+            // or any other outer type is out of place.
+            if typ != ContentType::ApplicationData {
+                return Err(RecordError::UnexpectedType(record[0]));
+            }
+            // Judged before decryption, as RFC 8446 §5.2 and tlsfuzzer expect.
+            if record.len() - HEADER > MAX_BODY_TLS13 {
+                return Err(RecordError::Overflow("record longer than 2^14 + 256 bytes"));
+            }
+        } else if typ == ContentType::ChangeCipherSpec {
+            return Err(RecordError::UnexpectedType(record[0]));
         }
         let version = ProtocolVersion::from(u16::from_be_bytes([record[1], record[2]]));
         let base = record.as_ptr() as usize;
@@ -237,10 +305,25 @@ impl Opener {
         let message = InboundOpaqueMessage::new(typ, version, &mut record[HEADER..]);
         let plain = self.decrypter.decrypt(message, seq).map_err(|e| match e {
             rustls::Error::DecryptError => RecordError::Decrypt,
+            rustls::Error::PeerSentOversizedRecord => {
+                RecordError::Overflow("plaintext longer than 2^14 bytes")
+            }
+            rustls::Error::PeerMisbehaved(PeerMisbehaved::IllegalTlsInnerPlaintext) => {
+                RecordError::Unexpected("record with no content type (all zeros)")
+            }
+            rustls::Error::PeerMisbehaved(PeerMisbehaved::IllegalMiddleboxChangeCipherSpec) => {
+                RecordError::Unexpected("protected change_cipher_spec")
+            }
             other => RecordError::Rustls(other),
         })?;
         if plain.payload.len() > MAX_PLAINTEXT {
-            return Err(RecordError::Oversized);
+            return Err(RecordError::Overflow("plaintext longer than 2^14 bytes"));
+        }
+        // RFC 8446 §5.1: handshake messages must not be interleaved with other record types.
+        if self.joiner.is_pending() && plain.typ != ContentType::Handshake {
+            return Err(RecordError::Unexpected(
+                "record between the fragments of a handshake message",
+            ));
         }
         if plain.typ == ContentType::ApplicationData && !plain.payload.is_empty() {
             self.without_data = 0;
@@ -256,92 +339,168 @@ impl Opener {
                 Ok(Content::Data(start..start + plain.payload.len()))
             }
             ContentType::Alert => alert(session, plain.payload),
-            ContentType::Handshake => {
-                self.handshake(session, plain.payload)?;
-                Ok(Content::Control)
-            }
-            other => Err(RecordError::Unexpected(format!("{other:?} record"))),
+            ContentType::Handshake => self.handshake(session, plain.payload),
+            ContentType::ChangeCipherSpec => Err(RecordError::Unexpected(
+                "change_cipher_spec after the handshake",
+            )),
+            _ => Err(RecordError::Unexpected("content type")),
         }
     }
 
-    /// Post-handshake messages: all of them whole within this record.
-    fn handshake(&mut self, session: &Session, mut messages: &[u8]) -> Result<(), RecordError> {
-        if messages.is_empty() {
-            return Err(RecordError::Unexpected("empty handshake record".into()));
-        }
-        while !messages.is_empty() {
-            let (typ, body, rest) = split_message(messages)?;
-            messages = rest;
-            match typ {
-                HandshakeType::KeyUpdate if session.tls13 => {
-                    // Later records use the new key: nothing may follow in this one.
-                    if !messages.is_empty() {
-                        return Err(RecordError::Unexpected(
-                            "data after a KeyUpdate in its record".into(),
-                        ));
-                    }
-                    let requested = match body {
-                        [0] => false,
-                        [1] => true,
-                        _ => return Err(RecordError::Unexpected("malformed KeyUpdate".into())),
-                    };
-                    let (seq, secrets) = session.new_secrets(true)?;
-                    let without_data = self.without_data;
-                    *self = Opener::new(session, seq, secrets)?;
-                    self.without_data = without_data;
-                    if requested {
-                        session.key_update_requested.store(true, Ordering::Release);
-                    }
+    /// The handshake messages of one record, joined with the fragment the records before left.
+    fn handshake(&mut self, session: &Session, payload: &[u8]) -> Result<Content, RecordError> {
+        let mut joiner = std::mem::take(&mut self.joiner);
+        let mut content = Content::Control;
+        let result = joiner.join(payload, |typ, body, last| {
+            content = self.message(session, typ, body, last)?;
+            Ok(())
+        });
+        // A KeyUpdate renews `self` (a fresh Opener): the joiner is put back after it.
+        self.joiner = joiner;
+        result.map(|()| content)
+    }
+
+    /// One whole post-handshake handshake message; `last`: it ends its record.
+    fn message(
+        &mut self,
+        session: &Session,
+        typ: HandshakeType,
+        body: &[u8],
+        last: bool,
+    ) -> Result<Content, RecordError> {
+        let client = session.client;
+        match typ {
+            HandshakeType::KeyUpdate if session.tls13 => {
+                // RFC 8446 §5.1: later records use the new key, so nothing may follow the
+                // KeyUpdate in its record.
+                if !last {
+                    return Err(RecordError::Unexpected(
+                        "message after a KeyUpdate in its record",
+                    ));
                 }
-                HandshakeType::NewSessionTicket if session.tls13 => match &mut *session.kernel() {
-                    Kernel::Client(k) => k.handle_new_session_ticket(body)?,
-                    Kernel::Server(_) => {
-                        return Err(RecordError::Unexpected(
-                            "NewSessionTicket from a client".into(),
-                        ));
-                    }
-                },
-                // A TLS 1.2 server asking to renegotiate: RFC 5246 lets the client ignore it,
-                // and the relay does not renegotiate.
-                HandshakeType::HelloRequest
-                    if body.is_empty()
-                        && !session.tls13
-                        && matches!(*session.kernel(), Kernel::Client(_)) => {}
-                other => return Err(RecordError::Unexpected(format!("{other:?} message"))),
+                let requested = match body {
+                    [0] => false,
+                    [1] => true,
+                    [_] => return Err(RecordError::Illegal("KeyUpdate request_update value")),
+                    _ => return Err(RecordError::Decode("KeyUpdate")),
+                };
+                let (seq, secrets) = session.new_secrets(true)?;
+                let without_data = self.without_data;
+                *self = Opener::new(session, seq, secrets)?;
+                self.without_data = without_data;
+                Ok(if requested {
+                    Content::KeyUpdateRequested
+                } else {
+                    Content::Control
+                })
             }
+            HandshakeType::NewSessionTicket if session.tls13 && client => {
+                match &mut *session.kernel() {
+                    Kernel::Client(k) => k.handle_new_session_ticket(body)?,
+                    Kernel::Server(_) => unreachable!("checked: a client session"),
+                }
+                Ok(Content::Control)
+            }
+            // RFC 5246 §7.4.1.1: a client may decline a server's HelloRequest with a
+            // no_renegotiation warning; a server likewise a client's new ClientHello (RFC 5746
+            // §4.4). The relay never renegotiates.
+            HandshakeType::HelloRequest if !session.tls13 && client => {
+                if !body.is_empty() {
+                    return Err(RecordError::Decode("HelloRequest"));
+                }
+                Ok(Content::Renegotiation)
+            }
+            HandshakeType::ClientHello if !session.tls13 && !client => Ok(Content::Renegotiation),
+            _ => Err(RecordError::Unexpected(
+                "handshake message after the handshake",
+            )),
+        }
+    }
+}
+
+/// Post-handshake handshake messages, joined across the records they were fragmented over
+/// (RFC 8446 §5.1 allows it); at most [`MAX_MESSAGE`] bytes each. Holds memory only while a
+/// message is incomplete.
+#[derive(Debug, Default)]
+pub struct Joiner {
+    fragment: Vec<u8>,
+}
+
+impl Joiner {
+    /// A message has begun and not ended: only handshake records may come next.
+    pub fn is_pending(&self) -> bool {
+        !self.fragment.is_empty()
+    }
+
+    /// Hands `each` the whole messages `payload` (one record's) completes, in order: type,
+    /// body, and whether it ends the record. An incomplete last message is kept for the next
+    /// record. An empty payload is refused (RFC 8446 §5.1: no zero-length handshake
+    /// fragments), as is a message announced longer than the bound.
+    pub fn join(
+        &mut self,
+        payload: &[u8],
+        mut each: impl FnMut(HandshakeType, &[u8], bool) -> Result<(), RecordError>,
+    ) -> Result<(), RecordError> {
+        if payload.is_empty() {
+            return Err(RecordError::Unexpected("empty handshake record"));
+        }
+        let joined;
+        let mut messages = if self.fragment.is_empty() {
+            payload
+        } else {
+            self.fragment.extend_from_slice(payload);
+            joined = std::mem::take(&mut self.fragment);
+            &joined[..]
+        };
+        while !messages.is_empty() {
+            let Some((typ, body, rest)) = split_message(messages)? else {
+                // The rest of this message comes in the next records.
+                self.fragment = messages.to_vec();
+                return Ok(());
+            };
+            messages = rest;
+            each(typ, body, messages.is_empty())?;
         }
         Ok(())
     }
 }
 
-/// The first handshake message of `messages` (type, body) and what follows it; the message
-/// must be whole: the relay does not join messages split over records.
-pub fn split_message(messages: &[u8]) -> Result<(HandshakeType, &[u8], &[u8]), RecordError> {
+/// A handshake message's type and body, and the bytes after it.
+type Split<'a> = (HandshakeType, &'a [u8], &'a [u8]);
+
+/// The first handshake message of `messages` and what follows it; `None` when the message is
+/// not whole yet (the rest comes in later records).
+fn split_message(messages: &[u8]) -> Result<Option<Split<'_>>, RecordError> {
     let [typ, a, b, c, rest @ ..] = messages else {
-        return Err(RecordError::Unexpected("handshake message split".into()));
+        return Ok(None);
     };
     let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
-    let Some((body, rest)) = rest.split_at_checked(len) else {
-        return Err(RecordError::Unexpected(
-            "handshake message split over records".into(),
-        ));
-    };
-    Ok((HandshakeType::from(*typ), body, rest))
+    if len > MAX_MESSAGE {
+        return Err(RecordError::Decode("handshake message longer than 64 KiB"));
+    }
+    Ok(rest
+        .split_at_checked(len)
+        .map(|(body, rest)| (HandshakeType::from(*typ), body, rest)))
 }
 
+/// One alert record, judged as rustls and RFC 8446 §6 do: close_notify ends the peer's
+/// sending; user_canceled and TLS 1.2 warnings are informational; anything else is the peer's
+/// error, which ends the connection without an answer.
 fn alert(session: &Session, payload: &[u8]) -> Result<Content, RecordError> {
     let [level, description] = payload else {
-        return Err(RecordError::Unexpected("malformed alert".into()));
+        // tlsfuzzer (test-tls13-empty-alert) expects unexpected_message for an empty one.
+        return Err(if payload.is_empty() {
+            RecordError::Unexpected("empty alert record")
+        } else {
+            RecordError::Decode("alert")
+        });
     };
-    const WARNING: u8 = 1;
-    const FATAL: u8 = 2;
     match (*level, AlertDescription::from(*description)) {
         (WARNING | FATAL, AlertDescription::CloseNotify) => Ok(Content::CloseNotify),
-        // user_canceled precedes a close_notify; TLS 1.2 warnings are informational.
         (WARNING, AlertDescription::UserCanceled) => Ok(Content::Control),
         (WARNING, _) if !session.tls13 => Ok(Content::Control),
         (WARNING | FATAL, other) => Err(RecordError::Alert(other)),
-        _ => Err(RecordError::Unexpected("alert of an unknown level".into())),
+        _ => Err(RecordError::Illegal("alert level")),
     }
 }
 
@@ -461,32 +620,47 @@ impl Sealer {
         Ok(HEADER + body_len)
     }
 
-    /// Records due before the next application data: the relay's KeyUpdate when the peer asked
-    /// for one, or when the key nears its confidentiality limit (TLS 1.3). TLS 1.2 cannot renew
-    /// its key: the connection ends before the limit instead.
+    /// The record due before the next application data when the key nears its
+    /// confidentiality limit: the relay's KeyUpdate (TLS 1.3). TLS 1.2 cannot renew its key:
+    /// [`RecordError::Exhausted`] says to end the connection (with [`Sealer::close_notify`],
+    /// which the margin leaves room for).
     pub fn before_data(&mut self, session: &Session) -> Result<Option<Vec<u8>>, RecordError> {
-        let worn = self.seq >= self.renew_at;
-        let requested = session.tls13 && session.key_update_requested.swap(false, Ordering::AcqRel);
-        if !(worn || requested) {
+        if self.seq < self.renew_at {
             return Ok(None);
         }
         if !session.tls13 {
             return Err(RecordError::Exhausted);
         }
-        // KeyUpdate(update_not_requested), under the old key; then the new one from rustls.
+        self.key_update(session).map(Some)
+    }
+
+    /// KeyUpdate(update_not_requested), sealed under the current key; the key is renewed
+    /// right after, so every later record uses the new one.
+    pub fn key_update(&mut self, session: &Session) -> Result<Vec<u8>, RecordError> {
         let key_update = [u8::from(HandshakeType::KeyUpdate), 0, 0, 1, 0];
         let record = self.message(ContentType::Handshake, &key_update)?;
         let (seq, secrets) = session.new_secrets(false)?;
         *self = Sealer::new(session, seq, secrets)?;
-        Ok(Some(record))
+        Ok(record)
     }
 
     /// A close_notify alert, sealed: the relay sends nothing more on this side.
     pub fn close_notify(&mut self) -> Result<Vec<u8>, RecordError> {
-        self.message(
-            ContentType::Alert,
-            &[1, u8::from(AlertDescription::CloseNotify)],
-        )
+        self.alert(WARNING, AlertDescription::CloseNotify)
+    }
+
+    /// A fatal alert, sealed: the last record of this side.
+    pub fn fatal(&mut self, description: AlertDescription) -> Result<Vec<u8>, RecordError> {
+        self.alert(FATAL, description)
+    }
+
+    /// The warning that declines a renegotiation.
+    pub fn no_renegotiation(&mut self) -> Result<Vec<u8>, RecordError> {
+        self.alert(WARNING, AlertDescription::NoRenegotiation)
+    }
+
+    fn alert(&mut self, level: u8, description: AlertDescription) -> Result<Vec<u8>, RecordError> {
+        self.message(ContentType::Alert, &[level, u8::from(description)])
     }
 
     fn message(&mut self, typ: ContentType, body: &[u8]) -> Result<Vec<u8>, RecordError> {
@@ -496,6 +670,12 @@ impl Sealer {
         let len = self.seal(typ, &mut record, body.len())?;
         record.truncate(len);
         Ok(record)
+    }
+
+    /// Tests: a key that wears out after `records` more records.
+    #[cfg(test)]
+    pub fn wear_out_after(&mut self, records: u64) {
+        self.renew_at = self.seq + records;
     }
 }
 
@@ -610,7 +790,7 @@ mod tests {
                 let got = match open(&mut server, record) {
                     Ok((Content::CloseNotify, _)) => "close",
                     Ok((Content::Control, _)) => "control",
-                    Ok((Content::Data(_), _)) => "data",
+                    Ok((_, _)) => "other",
                     Err(_) => "error",
                 };
                 assert_eq!(got, expected, "{suite:?}: alert {alert:?}");
@@ -646,22 +826,114 @@ mod tests {
             .unwrap();
         let (seq, secrets) = client.session.new_secrets(false).unwrap();
         client.sealer = Sealer::new(&client.session, seq, secrets).unwrap();
-        assert_eq!(open(&mut server, request).unwrap().0, Content::Control);
+        assert_eq!(
+            open(&mut server, request).unwrap().0,
+            Content::KeyUpdateRequested
+        );
         let (_, got) = open(&mut server, data(&mut client, b"under the new key")).unwrap();
         assert_eq!(got, b"under the new key");
-        // The server owes its own KeyUpdate before its next record, then uses its new key.
-        let update = server.sealer.before_data(&server.session).unwrap();
-        let update = update.expect("no KeyUpdate after the peer asked for one");
+        // The server's answer, then its records under its new key.
+        let update = server.sealer.key_update(&server.session).unwrap();
         assert_eq!(open(&mut client, update).unwrap().0, Content::Control);
-        assert!(
-            server
-                .sealer
-                .before_data(&server.session)
-                .unwrap()
-                .is_none()
-        );
         let (_, got) = open(&mut client, data(&mut server, b"answer")).unwrap();
         assert_eq!(got, b"answer");
+    }
+
+    /// Seals `message` split into records of `sizes` bytes (the rest in a last one).
+    fn fragments(keys: &mut Keys, message: &[u8], sizes: &[usize]) -> Vec<Vec<u8>> {
+        let mut rest = message;
+        let mut records = Vec::new();
+        for &n in sizes {
+            let (part, more) = rest.split_at(n);
+            records.push(keys.sealer.message(ContentType::Handshake, part).unwrap());
+            rest = more;
+        }
+        if !rest.is_empty() {
+            records.push(keys.sealer.message(ContentType::Handshake, rest).unwrap());
+        }
+        records
+    }
+
+    #[tokio::test]
+    async fn a_handshake_message_split_over_records_is_joined() {
+        // A KeyUpdate a byte per record (RFC 8446 §5.1 allows fragmenting it), then data
+        // under the key it asked for.
+        let (mut server, mut client) = pair(SUITES[0]).await;
+        let records = fragments(&mut client, &[24, 0, 0, 1, 0], &[1, 1, 1, 1]);
+        assert_eq!(records.len(), 5);
+        for (i, record) in records.into_iter().enumerate() {
+            assert_eq!(
+                open(&mut server, record).unwrap().0,
+                Content::Control,
+                "{i}"
+            );
+        }
+        let (seq, secrets) = client.session.new_secrets(false).unwrap();
+        client.sealer = Sealer::new(&client.session, seq, secrets).unwrap();
+        let (_, got) = open(&mut server, data(&mut client, b"after")).unwrap();
+        assert_eq!(got, b"after");
+        // A TLS 1.3 server's ticket, split, reaches rustls on the client side whole.
+        let (mut server, mut client) = pair(SUITES[1]).await;
+        let mut ticket = vec![4, 0, 0, 0];
+        ticket.extend([0, 0, 0, 60, 1, 2, 3, 4, 0, 0, 2, 7, 7, 0, 0]);
+        let len = ticket.len() - 4;
+        ticket[3] = len as u8;
+        for record in fragments(&mut server, &ticket, &[2, 5]) {
+            assert_eq!(open(&mut client, record).unwrap().0, Content::Control);
+        }
+    }
+
+    #[tokio::test]
+    async fn nothing_may_come_between_fragments_nor_after_a_key_update() {
+        let (mut server, mut client) = pair(SUITES[0]).await;
+        let first = client
+            .sealer
+            .message(ContentType::Handshake, &[24, 0])
+            .unwrap();
+        open(&mut server, first).unwrap();
+        let e = open(&mut server, data(&mut client, b"between")).unwrap_err();
+        assert_eq!(e.alert(), Some(AlertDescription::UnexpectedMessage), "{e}");
+
+        let (mut server, mut client) = pair(SUITES[0]).await;
+        let both = [24, 0, 0, 1, 0, 24, 0, 0, 1, 0];
+        let record = client
+            .sealer
+            .message(ContentType::Handshake, &both)
+            .unwrap();
+        let e = open(&mut server, record).unwrap_err();
+        assert_eq!(e.alert(), Some(AlertDescription::UnexpectedMessage), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_handshake_message_longer_than_the_bound_is_refused_at_its_header() {
+        let (mut server, mut client) = pair(SUITES[0]).await;
+        let record = client
+            .sealer
+            .message(ContentType::Handshake, &[4, 1, 0, 0])
+            .unwrap();
+        let e = open(&mut server, record).unwrap_err();
+        assert_eq!(e.alert(), Some(AlertDescription::DecodeError), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_tls12_key_that_wears_out_ends_with_close_notify() {
+        let (server, mut client) = pair(SUITES[3]).await;
+        let mut sealer = server.sealer;
+        sealer.wear_out_after(2);
+        for _ in 0..2 {
+            assert!(sealer.before_data(&server.session).unwrap().is_none());
+            let record = sealer.message(ContentType::ApplicationData, b"x").unwrap();
+            assert!(matches!(
+                open(&mut client, record).unwrap().0,
+                Content::Data(_)
+            ));
+        }
+        assert!(matches!(
+            sealer.before_data(&server.session),
+            Err(RecordError::Exhausted)
+        ));
+        let goodbye = sealer.close_notify().unwrap();
+        assert_eq!(open(&mut client, goodbye).unwrap().0, Content::CloseNotify);
     }
 
     #[test]
@@ -669,8 +941,15 @@ mod tests {
         assert!(record_len(&[23, 3, 3, 0]).unwrap().is_none());
         assert_eq!(record_len(&[23, 3, 3, 0, 40]).unwrap(), Some(45));
         assert_eq!(record_len(&[22, 3, 1, 0x48, 0]).unwrap(), Some(5 + 0x4800));
-        for bad in [[24, 3, 3, 0, 1], [23, 2, 0, 0, 1], [23, 3, 3, 0x48, 1]] {
-            assert!(record_len(&bad).is_err(), "{bad:?}");
+        for (bad, alert) in [
+            ([24, 3, 3, 0, 1], AlertDescription::UnexpectedMessage),
+            ([0, 3, 3, 0, 1], AlertDescription::UnexpectedMessage),
+            ([23, 3, 3, 0x48, 1], AlertDescription::RecordOverflow),
+        ] {
+            let e = record_len(&bad).unwrap_err();
+            assert_eq!(e.alert(), Some(alert), "{bad:?}: {e}");
         }
+        // The legacy version is not judged (RFC 8446 §5.1): it is authenticated anyway.
+        assert_eq!(record_len(&[23, 2, 0, 0, 1]).unwrap(), Some(6));
     }
 }
