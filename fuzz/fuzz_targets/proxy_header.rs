@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use libfuzzer_sys::fuzz_target;
 use relay::{
-    access::Identity,
+    access::{Authorised, Identity},
     config::ProxyProtocol,
     proxy_protocol::{TlsFacts, header},
 };
@@ -29,6 +29,11 @@ fuzz_target!(|data: &[u8]| {
     let (client, destination) = (addr(&data[..18]), addr(&data[18..36]));
     let text = String::from_utf8_lossy(&data[36..]);
     let mut parts = text.split('\n');
+    // Every other case, a name an `allow` rule authorised (any text a certificate may hold).
+    let authorised = (data[1] & 1 == 1).then(|| Authorised {
+        name: format!("dns:{}", parts.next().unwrap_or_default()),
+        rule: "dns:*".into(),
+    });
     let facts = TlsFacts {
         version: "TLSv1.3",
         cipher: parts.next().unwrap_or_default().to_owned(),
@@ -39,6 +44,7 @@ fuzz_target!(|data: &[u8]| {
             dns: vec![],
             uris: parts.map(str::to_owned).collect(),
         }),
+        authorised,
     };
     if let Ok(bytes) = header(ProxyProtocol::V2, client, destination, Some(&facts)) {
         let parsed = ppp::v2::Header::try_from(bytes.as_slice()).expect("decodable");

@@ -384,6 +384,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn every_alert_rustls_produces_reaches_the_client_before_the_close() {
+        use rustls::crypto::aws_lc_rs::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256;
+        // No suite in common: rustls refuses the ClientHello with handshake_failure.
+        let server = ServerSide::with_config(Tls::new(TLS13_AES_128_GCM_SHA256).server(true));
+        let other = Tls::new(TLS13_CHACHA20_POLY1305_SHA256);
+        let (peer, ours) = tcp_pair().await;
+        let (client, accepted) = tokio::join!(
+            TlsConnector::from(other.client(false)).connect(name(), peer),
+            accept(&ours, &server)
+        );
+        assert!(accepted.is_err());
+        let error = client.expect_err("no common suite").to_string();
+        assert!(error.contains("HandshakeFailure"), "{error}");
+        // A client certificate required and not sent: certificate_required, in TLS 1.3 under
+        // the handshake keys.
+        let tls = Tls::new(TLS13_AES_128_GCM_SHA256);
+        let server = ServerSide::with_config(tls.mtls_server(&tls));
+        let (peer, ours) = tcp_pair().await;
+        let client = async {
+            let mut s = TlsConnector::from(tls.client(false))
+                .connect(name(), peer)
+                .await?;
+            s.write_all(b"no certificate").await?;
+            s.flush().await?;
+            s.read(&mut [0; 16]).await
+        };
+        let (client, accepted) = tokio::join!(client, accept(&ours, &server));
+        assert!(accepted.is_err());
+        let error = client.expect_err("a certificate is required").to_string();
+        assert!(error.contains("CertificateRequired"), "{error}");
+    }
+
+    #[tokio::test]
     async fn a_client_hello_split_over_two_records_is_accepted() {
         let tls = Tls::new(TLS13_AES_128_GCM_SHA256);
         let server = ServerSide::with_config(tls.server(true));

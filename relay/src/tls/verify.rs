@@ -522,3 +522,247 @@ impl<'a> Bytes<'a> {
             .map(|b| u32::from_be_bytes([0, b[0], b[1], b[2]]) as usize)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        path::PathBuf,
+        sync::{Arc, Mutex},
+    };
+
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType, IsCa,
+        Issuer, KeyIdMethod, KeyPair, RevokedCertParams, SerialNumber,
+    };
+    use rustls::{
+        ClientConfig, RootCertStore,
+        pki_types::{PrivateKeyDer, pem::PemObject as _},
+    };
+    use tokio_rustls::TlsConnector;
+
+    use super::*;
+    use crate::{
+        config::{Inbound, Level, UnknownSni},
+        tls::{self, Files, handshake, testing::tcp_pair},
+    };
+
+    /// A client CA, a server certificate it also signs, and a client certificate (serial 7)
+    /// for `client.test`, as PEM files in memory.
+    struct Pki {
+        files: Files,
+        client_chain: Vec<CertificateDer<'static>>,
+        client_key: PrivateKeyDer<'static>,
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    impl Pki {
+        fn new() -> Pki {
+            let ca_key = KeyPair::generate().unwrap();
+            let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+            ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            ca.distinguished_name.push(DnType::CommonName, "test CA");
+            let ca_cert = ca.self_signed(&ca_key).unwrap();
+            let issuer = Issuer::new(ca, ca_key);
+            let leaf = |name: &str, serial: u64| {
+                let key = KeyPair::generate().unwrap();
+                let mut p = CertificateParams::new(vec![name.to_string()]).unwrap();
+                p.serial_number = Some(SerialNumber::from(serial));
+                (p.signed_by(&key, &issuer).unwrap(), key)
+            };
+            let (server, server_key) = leaf("relay.test", 1);
+            let (client, client_key) = leaf("client.test", 7);
+            let mut files = Files::new();
+            files.insert("ca.pem".into(), ca_cert.pem().into_bytes());
+            files.insert("server.pem".into(), server.pem().into_bytes());
+            files.insert("server.key".into(), server_key.serialize_pem().into_bytes());
+            let client_key =
+                PrivateKeyDer::from_pem_slice(client_key.serialize_pem().as_bytes()).unwrap();
+            Pki {
+                files,
+                client_chain: vec![client.der().clone()],
+                client_key,
+                issuer,
+            }
+        }
+
+        /// Writes `crl.pem` revoking these serial numbers.
+        fn crl(&mut self, revoked: &[u64]) {
+            let crl = CertificateRevocationListParams {
+                this_update: rcgen::date_time_ymd(2025, 1, 1),
+                next_update: rcgen::date_time_ymd(2099, 1, 1),
+                crl_number: SerialNumber::from(1u64),
+                issuing_distribution_point: None,
+                revoked_certs: revoked
+                    .iter()
+                    .map(|&s| RevokedCertParams {
+                        serial_number: SerialNumber::from(s),
+                        revocation_time: rcgen::date_time_ymd(2025, 1, 2),
+                        reason_code: None,
+                        invalidity_date: None,
+                    })
+                    .collect(),
+                key_identifier_method: KeyIdMethod::Sha256,
+            };
+            let pem = crl.signed_by(&self.issuer).unwrap().pem().unwrap();
+            self.files.insert("crl.pem".into(), pem.into_bytes());
+        }
+
+        fn inbound(&self, level: Level, allow: &[&str]) -> Inbound {
+            let path = |p: &str| Some(PathBuf::from(p));
+            Inbound {
+                level,
+                cert: path("server.pem"),
+                key: path("server.key"),
+                client_ca: (level == Level::Mtls).then(|| "ca.pem".into()),
+                allow: allow.iter().map(|s| s.to_string()).collect(),
+                crl: self.files.contains_key(&PathBuf::from("crl.pem")).then(|| "crl.pem".into()),
+                crl_expired: None,
+                plaintext: None,
+                sni: Vec::new(),
+                unknown_sni: UnknownSni::Default,
+                resumption: true,
+            }
+        }
+
+        fn client(&self, version: &'static rustls::SupportedProtocolVersion) -> Arc<ClientConfig> {
+            let mut roots = RootCertStore::empty();
+            let ca = &self.files[&PathBuf::from("ca.pem")];
+            roots
+                .add(CertificateDer::from_pem_slice(ca).unwrap())
+                .unwrap();
+            Arc::new(
+                ClientConfig::builder_with_protocol_versions(&[version])
+                    .with_root_certificates(roots)
+                    .with_client_auth_cert(self.client_chain.clone(), self.client_key.clone_key())
+                    .unwrap(),
+            )
+        }
+    }
+
+    /// Ticket keys that remember the last plaintext they sealed.
+    #[derive(Debug)]
+    struct Recording {
+        inner: Arc<dyn ProducesTickets>,
+        last: Mutex<Vec<u8>>,
+    }
+
+    impl ProducesTickets for Recording {
+        fn enabled(&self) -> bool {
+            true
+        }
+        fn lifetime(&self) -> u32 {
+            self.inner.lifetime()
+        }
+        fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+            *self.last.lock().unwrap() = plain.to_vec();
+            self.inner.encrypt(plain)
+        }
+        fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+            self.inner.decrypt(cipher)
+        }
+    }
+
+    fn quiet() -> tls::OnDeclined {
+        Arc::new(|_| {})
+    }
+
+    #[tokio::test]
+    async fn a_stored_session_is_read_as_rustls_wrote_it() {
+        let pki = Pki::new();
+        for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+            let recording = Arc::new(Recording {
+                inner: rustls::crypto::aws_lc_rs::Ticketer::new().unwrap(),
+                last: Mutex::default(),
+            });
+            let resumption = tls::Resumption {
+                ticketer: Some(recording.clone()),
+            };
+            let inbound = pki.inbound(Level::Mtls, &[]);
+            let server =
+                tls::server_side("svc", &inbound, &pki.files, &resumption, quiet()).unwrap();
+            let (peer, ours) = tcp_pair().await;
+            let name = rustls::pki_types::ServerName::try_from("relay.test").unwrap();
+            let (client, accepted) = tokio::join!(
+                TlsConnector::from(pki.client(version)).connect(name, peer),
+                handshake::accept(&ours, &server)
+            );
+            client.unwrap();
+            accepted.unwrap();
+            let sealed = recording.last.lock().unwrap().clone();
+            assert!(!sealed.is_empty(), "{version:?}: no ticket issued");
+            // The service's binding first, then rustls' session.
+            let value = &sealed[16..];
+            assert_eq!(
+                stored_chain(value),
+                Some(Some(pki.client_chain.clone())),
+                "{version:?}"
+            );
+            // Whatever does not read whole is not resumed, never misread.
+            for cut in [1, value.len() / 2, value.len() - 1] {
+                assert_eq!(stored_chain(&value[..cut]), None, "{version:?} cut at {cut}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_stored_session_is_decided_again_under_the_policy_of_today() {
+        let mut pki = Pki::new();
+        pki.crl(&[]);
+        let declined = Arc::new(Mutex::new(Vec::new()));
+        let resumable = |pki: &Pki, allow: &[&str]| {
+            let inbound = pki.inbound(Level::Mtls, allow);
+            let policy = tls::server_side("svc", &inbound, &pki.files, &Default::default(), quiet())
+                .unwrap()
+                .policy;
+            let seen = Arc::clone(&declined);
+            Resumable {
+                policy,
+                declined: Arc::new(move |r: &Refusal| seen.lock().unwrap().push(r.reason)),
+            }
+        };
+        // A session as rustls stores it, with the client's chain.
+        let mut value = vec![0, 3, 4, 0x13, 0x01, 2, 0xaa, 0xbb, 0];
+        let cert = pki.client_chain[0].as_ref();
+        let entry = cert.len() + 3;
+        value.push(1);
+        value.extend(&(entry as u32).to_be_bytes()[1..]);
+        value.extend(&(cert.len() as u32).to_be_bytes()[1..]);
+        value.extend(cert);
+        value.extend([0, 0, 0]);
+        value.extend([0; 12]);
+        if stored_chain(&value).is_none() {
+            // rustls' decoder is the judge of the layout; this test only needs one it accepts.
+            panic!("hand-made session value not accepted by rustls");
+        }
+        assert!(resumable(&pki, &["dns:client.test"]).admits(&value));
+        assert!(!resumable(&pki, &["dns:other.test"]).admits(&value));
+        pki.crl(&[7]);
+        assert!(!resumable(&pki, &["dns:client.test"]).admits(&value));
+        assert_eq!(
+            *declined.lock().unwrap(),
+            [Reason::NotAllowed, Reason::Revoked]
+        );
+        // A `tls` service resumes no session with a client chain.
+        let open = Resumable {
+            policy: None,
+            declined: quiet(),
+        };
+        assert!(!open.admits(&value));
+    }
+
+    #[test]
+    fn tickets_open_only_at_the_service_that_issued_them() {
+        let keys: Arc<dyn ProducesTickets> = rustls::crypto::aws_lc_rs::Ticketer::new().unwrap();
+        let resumable = Resumable {
+            policy: None,
+            declined: quiet(),
+        };
+        let a = GuardedTickets::new(Arc::clone(&keys), "a", resumable.clone());
+        let b = GuardedTickets::new(keys, "b", resumable);
+        // Not a session rustls wrote: judged only by its binding here.
+        let ticket = a.encrypt(b"session").unwrap();
+        assert_eq!(b.inner.decrypt(&ticket).map(|p| p.len()), Some(16 + 7));
+        assert_eq!(b.decrypt(&ticket), None, "another service's ticket");
+        assert_eq!(a.decrypt(&ticket), None, "not a session: never resumed");
+    }
+}
