@@ -72,7 +72,7 @@ use std::{
     ops::Range,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
     pin::Pin,
-    sync::atomic::{AtomicU8, AtomicU64, Ordering},
+    sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
@@ -147,7 +147,7 @@ pub enum CopyError {
     #[error("{peer}: {error}{}", answered.map(|a| format!(" (answered {a:?})")).unwrap_or_default())]
     Tls {
         peer: Peer,
-        error: RecordError,
+        error: Box<RecordError>,
         answered: Option<AlertDescription>,
     },
     /// A TLS peer closed its connection without close_notify.
@@ -283,59 +283,33 @@ where
 
 /// Everything the relay sends toward one TLS peer. The data of the other direction and the
 /// answers this side's own reader owes (KeyUpdate, `no_renegotiation`, a fatal alert) are
-/// sealed and written under one lock, so records leave in the order of their sequence numbers
-/// however the two directions interleave.
+/// sealed and written under one lock (it lives with the side's keys, in its `Established`),
+/// so records leave in the order of their sequence numbers however the two directions
+/// interleave.
 ///
 /// The reader never waits for the lock to answer a KeyUpdate or a renegotiation: when the
 /// other direction holds it (blocked on a peer that does not read while it writes, maybe), the
-/// answer is owed and goes out first with the next records that direction seals.
+/// answer stays owed in the session and goes out first with the next records that direction
+/// seals.
+#[derive(Clone, Copy)]
 struct TlsOut<'a> {
-    sealer: Mutex<&'a mut Sealer>,
+    sealer: &'a Mutex<Sealer>,
     session: &'a Session,
-    /// Fixed for the connection's suite: where a record's payload starts, and what a record
-    /// adds to its payload.
-    offset: usize,
-    overhead: usize,
-    /// Answers owed to the peer: KeyUpdates (TLS 1.3) or `no_renegotiation` warnings
-    /// (TLS 1.2); at most as many as the records without data a peer may send in a row.
-    owed: AtomicU8,
 }
 
-impl<'a> TlsOut<'a> {
-    fn new(sealer: &'a mut Sealer, session: &'a Session) -> TlsOut<'a> {
-        TlsOut {
-            offset: sealer.payload_offset(),
-            overhead: sealer.overhead(),
-            sealer: Mutex::new(sealer),
-            session,
-            owed: AtomicU8::new(0),
-        }
-    }
-
+impl TlsOut<'_> {
     /// Owes the peer one answer, and sends what is owed now if the writer is free.
     async fn answer(&self, to: &Sink<'_>) -> Result<(), CopyError> {
-        self.owed.fetch_add(1, Ordering::AcqRel);
+        self.session.owe_answer();
         let Ok(mut sealer) = self.sealer.try_lock() else {
             return Ok(());
         };
-        let records = self.due(&mut sealer).map_err(|e| to.tls_error(e, None))?;
+        let records = sealer
+            .answers(self.session)
+            .map_err(|e| to.tls_error(e, None))?;
         write_all(to.socket, &[&records])
             .await
             .map_err(|e| to.io(e))
-    }
-
-    /// The answers owed, sealed, in order: one KeyUpdate (each renews the key the next is
-    /// sealed under) or one warning per request.
-    fn due(&self, sealer: &mut Sealer) -> Result<Vec<u8>, RecordError> {
-        let mut records = Vec::new();
-        for _ in 0..self.owed.swap(0, Ordering::AcqRel) {
-            records.extend(if self.session.is_tls13() {
-                sealer.key_update(self.session)?
-            } else {
-                sealer.no_renegotiation()?
-            });
-        }
-        Ok(records)
     }
 
     /// Seals one record with `make` and writes it to `to`, after what is owed.
@@ -345,11 +319,11 @@ impl<'a> TlsOut<'a> {
         make: impl FnOnce(&mut Sealer) -> Result<Vec<u8>, RecordError>,
     ) -> Result<(), CopyError> {
         let mut sealer = self.sealer.lock().await;
-        let records = self
-            .due(&mut sealer)
-            .and_then(|mut due| {
-                due.extend(make(&mut sealer)?);
-                Ok(due)
+        let records = sealer
+            .answers(self.session)
+            .and_then(|mut records| {
+                records.extend(make(&mut sealer)?);
+                Ok(records)
             })
             .map_err(|e| to.tls_error(e, None))?;
         write_all(to.socket, &[&records])
@@ -369,7 +343,9 @@ impl<'a> TlsOut<'a> {
     /// limit. `Err` when the key is used up and cannot be renewed (TLS 1.2): the peer has then
     /// been sent a close_notify, and the connection ends.
     async fn before_data(&self, sealer: &mut Sealer, to: &Sink<'_>) -> Result<Vec<u8>, CopyError> {
-        let mut records = self.due(sealer).map_err(|e| to.tls_error(e, None))?;
+        let mut records = sealer
+            .answers(self.session)
+            .map_err(|e| to.tls_error(e, None))?;
         match sealer.before_data(self.session) {
             Ok(renewal) => {
                 records.extend(renewal.unwrap_or_default());
@@ -387,12 +363,12 @@ impl<'a> TlsOut<'a> {
     }
 }
 
-/// Where a direction reads from: a socket, and for a TLS peer its receiving half and its
-/// [`TlsOut`] (for the answers the reader owes the peer).
+/// Where a direction reads from. A TLS peer's receiving half travels beside it, to the one
+/// pump that uses it (kept out of here: every pump's state holds its `Source`).
+#[derive(Clone, Copy)]
 struct Source<'a> {
     socket: &'a TcpStream,
     peer: Peer,
-    tls: Option<(Opening<'a>, &'a TlsOut<'a>)>,
 }
 
 /// Where a direction delivers: a socket, with the sending half of its TLS peer.
@@ -413,13 +389,22 @@ impl Sink<'_> {
     fn tls_error(&self, error: RecordError, answered: Option<AlertDescription>) -> CopyError {
         CopyError::Tls {
             peer: self.peer,
-            error,
+            error: Box::new(error),
             answered,
         }
     }
 }
 
-impl Source<'_> {
+impl<'a> Source<'a> {
+    /// The same socket, seen as where the answers its TLS peer is owed go.
+    fn back(self, reply: &'a TlsOut<'a>) -> Sink<'a> {
+        Sink {
+            socket: self.socket,
+            peer: self.peer,
+            tls: Some(reply),
+        }
+    }
+
     fn io(&self, error: io::Error) -> CopyError {
         CopyError::Io {
             peer: self.peer,
@@ -432,24 +417,27 @@ impl Source<'_> {
 struct Opening<'a> {
     opener: &'a mut Opener,
     session: &'a Session,
-    incoming: Vec<u8>,
+    incoming: &'a mut Vec<u8>,
 }
 
 /// A TLS side's halves, borrowed from where the handshake left them: the receiving half (for
 /// the direction from this side) and the sending half (for everything toward it).
 fn halves(tls: Option<&mut Established>) -> (Option<Opening<'_>>, Option<TlsOut<'_>>) {
-    let Some(Established { keys, incoming }) = tls else {
+    let Some(Established {
+        session,
+        opener,
+        sealer,
+        incoming,
+    }) = tls
+    else {
         return (None, None);
     };
     let opening = Opening {
-        opener: &mut keys.opener,
-        session: &keys.session,
-        incoming: mem::take(incoming),
+        opener,
+        session,
+        incoming,
     };
-    (
-        Some(opening),
-        Some(TlsOut::new(&mut keys.sealer, &keys.session)),
-    )
+    (Some(opening), Some(TlsOut { sealer, session }))
 }
 
 /// Copies both ways between the client and the backend, each at its level. Returns the bytes
@@ -460,9 +448,10 @@ pub fn relay(
     backend: Side,
     limits: Limits,
 ) -> impl Future<Output = (Transfer, Result<(), CopyError>)> {
+    // Taken apart before the task: its captures are stored for its whole life.
+    let (client, mut client_tls) = client.into_parts();
+    let (backend, mut backend_tls) = backend.into_parts();
     async move {
-        let (client, mut client_tls) = client.into_parts();
-        let (backend, mut backend_tls) = backend.into_parts();
         if client_tls.is_none() && backend_tls.is_none() {
             return relay_tcp(client, backend, limits).await;
         }
@@ -474,21 +463,15 @@ pub fn relay(
             // Declared pinned: a future moved after creation would be stored twice in the task.
             tokio::pin! {
                 let up = pump(
-                    Source {
-                        socket: &client,
-                        peer: Peer::Client,
-                        tls: client_in.zip(client_out.as_ref()),
-                    },
+                    Source { socket: &client, peer: Peer::Client },
+                    client_in.zip(client_out.as_ref()),
                     Sink { socket: &backend, peer: Peer::Backend, tls: backend_out.as_ref() },
                     (&meter, &meter.up),
                     max,
                 );
                 let down = pump(
-                    Source {
-                        socket: &backend,
-                        peer: Peer::Backend,
-                        tls: backend_in.zip(backend_out.as_ref()),
-                    },
+                    Source { socket: &backend, peer: Peer::Backend },
+                    backend_in.zip(backend_out.as_ref()),
                     Sink { socket: &client, peer: Peer::Client, tls: client_out.as_ref() },
                     (&meter, &meter.down),
                     max,
@@ -496,21 +479,29 @@ pub fn relay(
             }
             both_ways(&meter, limits.idle, up, down).await
         };
-        abort_other(&result, &client, &backend).await;
+        if let Some(other) = other_than_aborted(&result, &client, &backend) {
+            Box::pin(reset_after_drain(other)).await;
+        }
         (meter.transfer(), result)
     }
 }
 
-/// After a peer's abort, resets the other peer's connection once it has acknowledged what it
-/// was sent (or [`DRAIN`] has passed): `SO_LINGER` 0 makes the close a reset.
-async fn abort_other(result: &Result<(), CopyError>, client: &TcpStream, backend: &TcpStream) {
-    let Some(aborted) = result.as_ref().err().and_then(CopyError::aborted_by) else {
-        return;
-    };
-    let other = match aborted {
-        Peer::Client => backend,
-        Peer::Backend => client,
-    };
+/// The peer to reset after the other one aborted (see the module doc), if one did.
+fn other_than_aborted<'s>(
+    result: &Result<(), CopyError>,
+    client: &'s TcpStream,
+    backend: &'s TcpStream,
+) -> Option<&'s TcpStream> {
+    match result.as_ref().err()?.aborted_by()? {
+        Peer::Client => Some(backend),
+        Peer::Backend => Some(client),
+    }
+}
+
+/// Resets `other` once it has acknowledged what it was sent (or [`DRAIN`] has passed):
+/// `SO_LINGER` 0 makes the close a reset. Awaited boxed: the wait is rare, and its timer would
+/// otherwise sit in every connection's task.
+async fn reset_after_drain(other: &TcpStream) {
     let deadline = Instant::now() + DRAIN;
     let mut pause = Duration::from_millis(1);
     while unacknowledged(other).is_ok_and(|n| n > 0) && Instant::now() < deadline {
@@ -531,18 +522,22 @@ fn unacknowledged(socket: &TcpStream) -> io::Result<usize> {
     Ok(n.max(0) as usize)
 }
 
-/// One direction, chosen by the levels of its two ends. Not an `async fn`: that would hold
-/// its arguments beside the pump it awaits.
+/// One direction, chosen by the levels of its two ends: `tls` is the source's receiving half
+/// and where its answers go, for a TLS source. Not an `async fn`: that would hold its
+/// arguments beside the pump it awaits.
 fn pump<'a>(
     from: Source<'a>,
+    tls: Option<(Opening<'a>, &'a TlsOut<'a>)>,
     to: Sink<'a>,
     (meter, counter): (&'a Meter, &'a AtomicU64),
     max: usize,
 ) -> impl Future<Output = Result<(), CopyError>> + 'a {
-    match (from.tls.is_some(), to.tls.is_some()) {
-        (true, _) => Either::Left(Either::Left(open_pump(from, to, meter, counter, max))),
-        (false, true) => Either::Left(Either::Right(seal_pump(from, to, meter, counter, max))),
-        (false, false) => Either::Right(splice_pump(from, to, meter, counter, max)),
+    match (tls, to.tls.is_some()) {
+        (Some((opening, reply)), _) => Either::Left(Either::Left(open_pump(
+            from, opening, reply, to, meter, counter, max,
+        ))),
+        (None, true) => Either::Left(Either::Right(seal_pump(from, to, meter, counter, max))),
+        (None, false) => Either::Right(splice_pump(from, to, meter, counter, max)),
     }
 }
 
@@ -550,6 +545,11 @@ fn pump<'a>(
 /// this wait is where an idle connection spends its life).
 async fn readable(s: &TcpStream) -> io::Result<()> {
     std::future::poll_fn(|cx| s.poll_read_ready(cx)).await
+}
+
+/// Waits until `s` may take bytes: as [`readable`], a small future where the pump keeps it.
+async fn writable(s: &TcpStream) -> io::Result<()> {
+    std::future::poll_fn(|cx| s.poll_write_ready(cx)).await
 }
 
 // The pumps keep little across their wait for input: what they await while bytes are in
@@ -611,60 +611,40 @@ async fn send_slots(
 /// TLS → plain or TLS: records opened in place, their plaintexts passed on from there.
 fn open_pump<'a>(
     from: Source<'a>,
+    opening: Opening<'a>,
+    reply: &'a TlsOut<'a>,
     to: Sink<'a>,
     meter: &'a Meter,
     counter: &'a AtomicU64,
     max: usize,
 ) -> impl Future<Output = Result<(), CopyError>> + 'a {
     async move {
-        let Source { socket, peer, tls } = from;
-        let Some((mut opening, reply)) = tls else {
-            unreachable!("open_pump is chosen for a TLS source");
-        };
-        let from = Source {
-            socket,
-            peer,
-            tls: None,
-        };
-        // The same socket as `from`, seen as where this side's answers go.
-        let back = Sink {
-            socket: from.socket,
-            peer: from.peer,
-            tls: Some(reply),
-        };
-        let mut received = Received::new(mem::take(&mut opening.incoming));
+        let mut received = Received::new(mem::take(opening.incoming));
         let mut size = MIN_BUFFER;
         loop {
             let mut ranges = Vec::new();
-            let (opened_to, event) = received.open(opening.opener, opening.session, &mut ranges);
-            let closed = matches!(event, Event::Close);
-            // Answers first: a KeyUpdate must precede the relay's next data toward this peer,
-            // and a peer that broke the protocol is told before anything else happens.
-            let failure = match event {
-                Event::None | Event::Close => None,
-                Event::Answer => {
-                    Box::pin(reply.answer(&back)).await?;
-                    None
-                }
-                Event::Failed(error) => {
-                    let answered = Box::pin(reply.fatal(&back, &error)).await;
-                    Some(back.tls_error(error, answered))
-                }
-            };
+            let (opened_to, event) =
+                match received.open(opening.opener, opening.session, &mut ranges) {
+                    Ok(opened) => opened,
+                    Err(error) => {
+                        let pass = (&to, &received.buf[..], &ranges[..], meter, counter);
+                        return Box::pin(fail(from.back(reply), *reply, error, pass)).await;
+                    }
+                };
+            // A KeyUpdate answer first: it must precede the relay's next data toward this peer.
+            if event == Event::Answer {
+                Box::pin(async { reply.answer(&from.back(reply)).await }).await?;
+            }
             if !ranges.is_empty() {
-                // Authenticated before anything went wrong: passed on.
                 let n = ranges.iter().map(|r| r.len()).sum();
                 meter.moved(counter, n);
                 Box::pin(deliver(&to, &received.buf, &ranges)).await?;
                 meter.touch();
             }
             drop(ranges);
-            if let Some(failure) = failure {
-                return Err(failure);
-            }
             let opened_any = opened_to > received.start;
             received.consume_to(opened_to);
-            if closed {
+            if event == Event::Close {
                 return Box::pin(finish(&to)).await;
             }
             if opened_any {
@@ -685,6 +665,22 @@ fn open_pump<'a>(
             }
         }
     }
+}
+
+/// A TLS peer broke the protocol: it is told (the fatal alert the error calls for), the data
+/// authenticated before the bad record is passed on, and the direction ends with the error.
+async fn fail(
+    back: Sink<'_>,
+    reply: TlsOut<'_>,
+    error: RecordError,
+    (to, buf, ranges, meter, counter): (&Sink<'_>, &[u8], &[Range<usize>], &Meter, &AtomicU64),
+) -> Result<(), CopyError> {
+    let answered = reply.fatal(&back, &error).await;
+    if !ranges.is_empty() {
+        meter.moved(counter, ranges.iter().map(|r| r.len()).sum());
+        deliver(to, buf, ranges).await?;
+    }
+    Err(back.tls_error(error, answered))
 }
 
 /// Passes plaintexts on: written as they are toward plain, sealed into records toward TLS.
@@ -708,11 +704,11 @@ async fn deliver(to: &Sink<'_>, buf: &[u8], ranges: &[Range<usize>]) -> Result<(
         .flat_map(|r| buf[r.clone()].chunks(MAX_PLAINTEXT))
         .collect::<Vec<_>>();
     // As many records per write as fit a buffer of the largest pooled size.
-    for group in chunks.chunks(pool::LARGEST / (MAX_PLAINTEXT + out.overhead)) {
+    let (start, overhead) = out.session.layout();
+    for group in chunks.chunks(pool::LARGEST / (MAX_PLAINTEXT + overhead)) {
         let bytes: usize = group.iter().map(|c| c.len()).sum();
-        let mut records = pool::take(bytes + group.len() * out.overhead);
+        let mut records = pool::take(bytes + group.len() * overhead);
         let mut len = 0;
-        let start = out.offset;
         for chunk in group {
             records[len + start..len + start + chunk.len()].copy_from_slice(chunk);
             len += sealer
@@ -773,12 +769,12 @@ struct Slots {
 
 impl Slots {
     fn new(out: &TlsOut<'_>, len: usize) -> Slots {
-        let overhead = out.overhead;
+        let (offset, overhead) = out.session.layout();
         let stride = overhead + MAX_PLAINTEXT;
         let full = len / stride;
         let rest = (len % stride).saturating_sub(overhead);
         Slots {
-            offset: out.offset,
+            offset,
             overhead,
             stride,
             capacity: full * MAX_PLAINTEXT + rest,
@@ -819,14 +815,13 @@ impl Slots {
 }
 
 /// What stopped [`Received::open`] before the records it holds ran out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Event {
     None,
     /// The peer's close_notify.
     Close,
     /// The peer is owed an answer: a KeyUpdate of the relay's, or a `no_renegotiation`.
     Answer,
-    /// The record at the place returned broke the protocol.
-    Failed(RecordError),
 }
 
 /// Received TLS bytes in a pooled buffer: whole records are opened in place; a partial one
@@ -862,38 +857,35 @@ impl Received {
     }
 
     /// Opens the whole records from `start`, at most [`BATCH`]; the plaintexts' places go to
-    /// `ranges`. Returns where the opened records end and what stopped the batch early: the
-    /// peer's close_notify, an answer it is owed, or the error in the record at that place.
+    /// `ranges`. Returns where the opened records end and what stopped the batch early (the
+    /// peer's close_notify, an answer it is owed), or the error of the first record that broke
+    /// the protocol (`ranges` then holds the data before it).
     fn open(
         &mut self,
         opener: &mut Opener,
         session: &Session,
         ranges: &mut Vec<Range<usize>>,
-    ) -> (usize, Event) {
+    ) -> Result<(usize, Event), RecordError> {
         let mut pos = self.start;
         while ranges.len() < BATCH {
-            let len = match record_len(&self.buf[pos..self.end]) {
-                Ok(Some(len)) if pos + len <= self.end => len,
-                Ok(_) => break,
-                Err(e) => return (pos, Event::Failed(e)),
+            let len = match record_len(&self.buf[pos..self.end])? {
+                Some(len) if pos + len <= self.end => len,
+                _ => break,
             };
-            let content = match opener.open(session, &mut self.buf[pos..pos + len]) {
-                Ok(content) => content,
-                Err(e) => return (pos, Event::Failed(e)),
-            };
+            let content = opener.open(session, &mut self.buf[pos..pos + len])?;
             self.last_record = len;
             let record = pos;
             pos += len;
             match content {
                 Content::Data(r) if !r.is_empty() => ranges.push(record + r.start..record + r.end),
                 Content::Data(_) | Content::Control => {}
-                Content::CloseNotify => return (pos, Event::Close),
+                Content::CloseNotify => return Ok((pos, Event::Close)),
                 Content::KeyUpdateRequested | Content::Renegotiation => {
-                    return (pos, Event::Answer);
+                    return Ok((pos, Event::Answer));
                 }
             }
         }
-        (pos, Event::None)
+        Ok((pos, Event::None))
     }
 
     /// Everything before `pos` was passed on; with nothing left, the buffer goes back.
@@ -1013,19 +1005,21 @@ fn relay_tcp(
         let result = {
             tokio::pin! {
                 let up = splice_pump(
-                    Source { socket: &client, peer: Peer::Client, tls: None },
+                    Source { socket: &client, peer: Peer::Client },
                     Sink { socket: &backend, peer: Peer::Backend, tls: None },
                     &meter, &meter.up, max,
                 );
                 let down = splice_pump(
-                    Source { socket: &backend, peer: Peer::Backend, tls: None },
+                    Source { socket: &backend, peer: Peer::Backend },
                     Sink { socket: &client, peer: Peer::Client, tls: None },
                     &meter, &meter.down, max,
                 );
             }
             both_ways(&meter, limits.idle, up, down).await
         };
-        abort_other(&result, &client, &backend).await;
+        if let Some(other) = other_than_aborted(&result, &client, &backend) {
+            Box::pin(reset_after_drain(other)).await;
+        }
         (meter.transfer(), result)
     }
 }
@@ -1065,7 +1059,7 @@ fn splice_pump<'a>(
             meter.moved(counter, n);
             let mut left = n;
             while left > 0 {
-                to.socket.writable().await.map_err(|e| to.io(e))?;
+                writable(to.socket).await.map_err(|e| to.io(e))?;
                 match to.socket.try_io(Interest::WRITABLE, || {
                     splice(pipe.r(), to.socket.as_raw_fd(), left)
                 }) {
@@ -1535,12 +1529,12 @@ mod tests {
         let error = result.unwrap_err();
         assert!(
             matches!(
-                error,
+                &error,
                 CopyError::Tls {
                     peer: Peer::Client,
-                    error: RecordError::Decrypt,
+                    error,
                     answered: Some(AlertDescription::BadRecordMac),
-                }
+                } if matches!(**error, RecordError::Decrypt)
             ),
             "{error}"
         );
@@ -1619,7 +1613,7 @@ mod tests {
         let Side::Tls(socket, mut established) = client_side else {
             unreachable!()
         };
-        established.keys.sealer.wear_out_after(3);
+        established.sealer.get_mut().wear_out_after(3);
         let (backend_side, mut backend) = tcp_pair().await;
         let relay = spawn_relay(Side::Tls(socket, established), Side::Plain(backend_side));
         // One record per chunk, each read before the next is sent: three arrive...
@@ -1640,12 +1634,12 @@ mod tests {
         let (_, result) = relay.await.unwrap();
         assert!(
             matches!(
-                result,
+                &result,
                 Err(CopyError::Tls {
-                    error: RecordError::Exhausted,
+                    error,
                     answered: Some(AlertDescription::CloseNotify),
                     ..
-                })
+                }) if matches!(**error, RecordError::Exhausted)
             ),
             "{result:?}"
         );

@@ -27,7 +27,7 @@ use tokio::net::TcpStream;
 
 use super::{
     ServerSide,
-    record::{Keys, RecordError, record_len},
+    record::{Keys, Opener, RecordError, Sealer, Session, record_len},
     verify::{self, Refusal},
 };
 use crate::{copy::write_all, proxy_protocol::TlsFacts};
@@ -74,8 +74,13 @@ impl HandshakeError {
 }
 
 /// A TLS side whose handshake is done: its keys, and the bytes that followed the handshake.
+/// It lives in a box for the connection's lifetime, so what both directions share sits here
+/// rather than in the connection's task: the session, and the sending half behind the lock
+/// that orders every record toward the peer.
 pub struct Established {
-    pub keys: Keys,
+    pub session: Session,
+    pub opener: Opener,
+    pub sealer: tokio::sync::Mutex<Sealer>,
     /// Bytes received after the handshake and not processed yet (the start of a record).
     pub incoming: Vec<u8>,
 }
@@ -84,7 +89,17 @@ impl Established {
     fn new(keys: Keys, mut incoming: Vec<u8>) -> Established {
         // The handshake buffer's capacity is not kept for the connection's lifetime.
         incoming.shrink_to_fit();
-        Established { keys, incoming }
+        let Keys {
+            session,
+            opener,
+            sealer,
+        } = keys;
+        Established {
+            session,
+            opener,
+            sealer: tokio::sync::Mutex::new(sealer),
+            incoming,
+        }
     }
 }
 

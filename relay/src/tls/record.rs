@@ -24,7 +24,13 @@
 //! renegotiate gets a `no_renegotiation` warning and the connection goes on
 //! ([`Content::Renegotiation`]).
 
-use std::{ops::Range, sync::Mutex};
+use std::{
+    ops::Range,
+    sync::{
+        Mutex,
+        atomic::{AtomicU8, Ordering},
+    },
+};
 
 use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use rustls::{
@@ -158,6 +164,10 @@ pub struct Session {
     tls13: bool,
     /// The relay is the client of this side (toward a backend).
     client: bool,
+    /// Answers the receiving direction owes the peer and the sending direction has not sent
+    /// yet: KeyUpdates (TLS 1.3) or `no_renegotiation` warnings (TLS 1.2).
+    owed: AtomicU8,
+    layout: (usize, usize),
 }
 
 enum Kernel {
@@ -183,6 +193,17 @@ impl Session {
 
     pub fn is_tls13(&self) -> bool {
         self.tls13
+    }
+
+    /// The receiving direction owes the peer one more answer (see [`Sealer::answers`]).
+    pub fn owe_answer(&self) {
+        self.owed.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Where a record's payload starts, and what a record adds to its payload: fixed for the
+    /// suite ([`Sealer::payload_offset`], [`Sealer::overhead`]), known without the sealer.
+    pub fn layout(&self) -> (usize, usize) {
+        self.layout
     }
 }
 
@@ -213,15 +234,19 @@ impl Keys {
         };
         let (rx_seq, rx) = secrets.rx;
         let (tx_seq, tx) = secrets.tx;
-        let session = Session {
+        let mut session = Session {
             client: matches!(kernel, Kernel::Client(_)),
             kernel: Mutex::new(kernel),
             suite,
             tls13: version == ProtocolVersion::TLSv1_3,
+            owed: AtomicU8::new(0),
+            layout: (0, 0),
         };
+        let sealer = Sealer::new(&session, tx_seq, tx)?;
+        session.layout = (sealer.payload_offset(), sealer.overhead());
         Ok(Keys {
             opener: Opener::new(&session, rx_seq, rx)?,
-            sealer: Sealer::new(&session, tx_seq, tx)?,
+            sealer,
             session,
         })
     }
@@ -644,6 +669,20 @@ impl Sealer {
         Ok(record)
     }
 
+    /// The answers the session owes the peer, sealed in order: one KeyUpdate per request (each
+    /// renews the key the next is sealed under), or one `no_renegotiation` warning.
+    pub fn answers(&mut self, session: &Session) -> Result<Vec<u8>, RecordError> {
+        let mut records = Vec::new();
+        for _ in 0..session.owed.swap(0, Ordering::AcqRel) {
+            records.extend(if session.tls13 {
+                self.key_update(session)?
+            } else {
+                self.no_renegotiation()?
+            });
+        }
+        Ok(records)
+    }
+
     /// A close_notify alert, sealed: the relay sends nothing more on this side.
     pub fn close_notify(&mut self) -> Result<Vec<u8>, RecordError> {
         self.alert(WARNING, AlertDescription::CloseNotify)
@@ -697,11 +736,16 @@ mod tests {
         let server = ServerSide::with_config(tls.server(true));
         let (server, client) =
             tokio::join!(accept(&b, &server), connect(&a, tls.client(true), name()));
+        let keys = |e: crate::tls::handshake::Established| Keys {
+            session: e.session,
+            opener: e.opener,
+            sealer: e.sealer.into_inner(),
+        };
         let (server, client) = (server.unwrap().established, client.unwrap());
-        let mut client_keys = client.keys;
+        let mut pending = client.incoming.clone();
+        let mut client_keys = keys(client);
         // A TLS 1.3 server's session tickets follow its handshake: the client takes them in
         // first, or its sequence numbers lag behind the server's.
-        let mut pending = client.incoming;
         let quiet = std::time::Duration::from_millis(100);
         while let Ok(ready) = tokio::time::timeout(quiet, a.readable()).await {
             ready.unwrap();
@@ -716,7 +760,7 @@ mod tests {
             let record: Vec<u8> = pending.drain(..len).collect();
             assert_eq!(open(&mut client_keys, record).unwrap().0, Content::Control);
         }
-        (server.keys, client_keys)
+        (keys(server), client_keys)
     }
 
     fn open(keys: &mut Keys, mut record: Vec<u8>) -> Result<(Content, Vec<u8>), RecordError> {

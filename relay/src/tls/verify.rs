@@ -531,8 +531,8 @@ mod tests {
     };
 
     use rcgen::{
-        BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType, IsCa,
-        Issuer, KeyIdMethod, KeyPair, RevokedCertParams, SerialNumber,
+        BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType, IsCa, Issuer,
+        KeyIdMethod, KeyPair, RevokedCertParams, SerialNumber,
     };
     use rustls::{
         ClientConfig, RootCertStore,
@@ -615,7 +615,10 @@ mod tests {
                 key: path("server.key"),
                 client_ca: (level == Level::Mtls).then(|| "ca.pem".into()),
                 allow: allow.iter().map(|s| s.to_string()).collect(),
-                crl: self.files.contains_key(&PathBuf::from("crl.pem")).then(|| "crl.pem".into()),
+                crl: self
+                    .files
+                    .contains_key(&PathBuf::from("crl.pem"))
+                    .then(|| "crl.pem".into()),
                 crl_expired: None,
                 plaintext: None,
                 sni: Vec::new(),
@@ -699,7 +702,11 @@ mod tests {
             );
             // Whatever does not read whole is not resumed, never misread.
             for cut in [1, value.len() / 2, value.len() - 1] {
-                assert_eq!(stored_chain(&value[..cut]), None, "{version:?} cut at {cut}");
+                assert_eq!(
+                    stored_chain(&value[..cut]),
+                    None,
+                    "{version:?} cut at {cut}"
+                );
             }
         }
     }
@@ -711,9 +718,10 @@ mod tests {
         let declined = Arc::new(Mutex::new(Vec::new()));
         let resumable = |pki: &Pki, allow: &[&str]| {
             let inbound = pki.inbound(Level::Mtls, allow);
-            let policy = tls::server_side("svc", &inbound, &pki.files, &Default::default(), quiet())
-                .unwrap()
-                .policy;
+            let policy =
+                tls::server_side("svc", &inbound, &pki.files, &Default::default(), quiet())
+                    .unwrap()
+                    .policy;
             let seen = Arc::clone(&declined);
             Resumable {
                 policy,
