@@ -8,7 +8,8 @@ use libfuzzer_sys::fuzz_target;
 use relay::{
     access::{Authorised, Identity},
     config::ProxyProtocol,
-    proxy_protocol::{TlsFacts, header},
+    proxy_protocol::header,
+    tls::facts::TlsFacts,
 };
 
 fuzz_target!(|data: &[u8]| {

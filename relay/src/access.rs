@@ -158,6 +158,17 @@ pub(crate) fn dns_matches(pattern: &str, name: &str) -> bool {
     }
 }
 
+/// A name for `inbound.sni`: a DNS name, or `*.` and a DNS name.
+pub fn valid_sni_pattern(name: &str) -> bool {
+    let rest = name.strip_prefix("*.").unwrap_or(name);
+    !rest.contains('*')
+        && rest.contains('.')
+        && matches!(
+            rustls::pki_types::ServerName::try_from(rest),
+            Ok(rustls::pki_types::ServerName::DnsName(_))
+        )
+}
+
 /// `*` matches any run of characters other than `/`: the URI and the pattern must have the
 /// same number of `/`-separated segments, each matched on its own.
 fn uri_matches(pattern: &str, uri: &str) -> bool {

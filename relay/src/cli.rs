@@ -63,7 +63,13 @@ pub enum Command {
     Manpages { dir: PathBuf },
     /// The worker process, started by `relay run`; not for direct use.
     #[command(hide = true)]
-    Worker,
+    Worker {
+        /// The user and group to run as (the supervisor's `relay.user`, when it runs as root).
+        #[arg(long, requires = "gid")]
+        uid: Option<u32>,
+        #[arg(long, requires = "uid")]
+        gid: Option<u32>,
+    },
     /// Remove every program, link, pin, rule and route the relay attached.
     Detach {
         /// Config file naming the pin directory and routing table (default: built-in ones).
@@ -160,3 +166,35 @@ impl From<LevelArg> for crate::config::Level {
         }
     }
 }
+
+/// Values of config enums on the command line: the config module knows no clap.
+macro_rules! value_enum {
+    ($ty:ty { $($variant:ident => $name:literal),+ $(,)? }) => {
+        impl ValueEnum for $ty {
+            fn value_variants<'a>() -> &'a [Self] {
+                &[$(<$ty>::$variant),+]
+            }
+
+            fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+                Some(clap::builder::PossibleValue::new(match self {
+                    $(<$ty>::$variant => $name),+
+                }))
+            }
+        }
+    };
+}
+
+value_enum!(crate::config::Plaintext {
+    Reject => "reject",
+    Relay => "relay",
+    Redirect => "redirect",
+});
+value_enum!(crate::config::ProxyProtocol {
+    None => "none",
+    V1 => "v1",
+    V2 => "v2",
+});
+value_enum!(crate::config::CrlExpired {
+    Reject => "reject",
+    Accept => "accept",
+});

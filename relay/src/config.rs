@@ -6,6 +6,10 @@
 //! found after deserialization locate their key in a span-preserving `toml_edit` document.
 //!
 //! Relative file paths (certificates, keys, CAs) are relative to the config file's directory.
+//!
+//! This module knows the schema and what can be checked without reading another file: what
+//! the certificates, keys and CRLs say is checked when a change is compiled (`service`), and
+//! its errors are located in the file through the same [`Source`].
 
 use std::{
     collections::HashSet,
@@ -17,7 +21,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::tls;
+use crate::access;
 
 /// Security level of one side of a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -203,7 +207,7 @@ pub enum UnknownSni {
 }
 
 /// What a CRL past its nextUpdate means for the clients it covers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CrlExpired {
     /// Fail closed: a revocation list nobody renewed may miss revocations; clients are refused
@@ -221,7 +225,7 @@ impl Inbound {
 }
 
 /// Policy for plaintext recognised on a TLS front port (the first byte is not a TLS record).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Plaintext {
     /// Close the connection (counted as `plaintext_rejected`).
@@ -259,7 +263,7 @@ pub struct Outbound {
     pub resumption: bool,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProxyProtocol {
     #[default]
@@ -287,6 +291,9 @@ pub enum ConfigError {
         key: String,
         message: String,
     },
+    /// A problem in a configuration that came from no file (a service added at run time).
+    #[error("{key}: {message}")]
+    Unlocated { key: String, message: String },
 }
 
 /// One step of a key path: a table key or an array index.
@@ -296,17 +303,58 @@ pub enum Seg {
     Index(usize),
 }
 
-impl Config {
-    /// Reads, parses and validates a config file.
-    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+/// A config file's text, kept to locate errors found later in it (when its files are compiled).
+#[derive(Clone, Debug)]
+pub struct Source {
+    pub file: PathBuf,
+    pub text: String,
+}
+
+impl Source {
+    pub fn read(file: &Path) -> Result<Source, ConfigError> {
         let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
             file: file.to_path_buf(),
             source,
         })?;
-        Self::parse(file, &text)
+        Ok(Source {
+            file: file.to_path_buf(),
+            text,
+        })
     }
 
-    /// Parses and validates config text; `file` names it in errors and anchors relative paths.
+    /// Parses and checks the text; relative paths are anchored at the file's directory.
+    pub fn parse(&self) -> Result<Config, ConfigError> {
+        Config::parse(&self.file, &self.text)
+    }
+
+    /// `message` about the key at `path`, on the line where the file has that key.
+    pub fn at(&self, path: &[Seg], message: String) -> ConfigError {
+        Locator {
+            file: &self.file,
+            text: &self.text,
+        }
+        .at(path, message)
+    }
+}
+
+/// `message` about the key at `path`: on its line in `source` if there is one.
+pub fn locate(source: Option<&Source>, path: &[Seg], message: String) -> ConfigError {
+    match source {
+        Some(s) => s.at(path, message),
+        None => ConfigError::Unlocated {
+            key: render(path),
+            message,
+        },
+    }
+}
+
+impl Config {
+    /// Reads, parses and checks a config file.
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        Source::read(file)?.parse()
+    }
+
+    /// Parses and checks config text; `file` names it in errors and anchors relative paths.
     pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         let located = Locator { file, text };
         let mut config: Config = located.deserialize()?;
@@ -381,7 +429,7 @@ impl Config {
             ));
         }
         if let Some(user) = &r.user
-            && user_ids(user).is_none()
+            && crate::sys::user_ids(user).is_none()
         {
             return Err((
                 vec![Key("relay"), Key("user")],
@@ -545,7 +593,7 @@ impl Config {
                 "has no effect without `crl`; remove it".into(),
             ));
         }
-        if let Err((n, message)) = crate::access::Allow::parse(&inb.allow) {
+        if let Err((n, message)) = access::Allow::parse(&inb.allow) {
             let mut path = at("allow");
             path.push(Index(n));
             return Err((path, message));
@@ -592,7 +640,7 @@ impl Config {
                     Key(k),
                 ]
             };
-            if !tls::valid_sni_pattern(&e.name) {
+            if !access::valid_sni_pattern(&e.name) {
                 return Err((
                     at_sni("name"),
                     format!("{:?} is not a DNS name (or `*.` followed by one)", e.name),
@@ -601,24 +649,6 @@ impl Config {
             if !sni_names.insert(e.name.to_ascii_lowercase()) {
                 return Err((at_sni("name"), format!("duplicate name {:?}", e.name)));
             }
-        }
-        if level != Level::Plain {
-            let declined: tls::OnDeclined = std::sync::Arc::new(|_| {});
-            let built = tls::server_side("check", inb, &tls::Disk, &Default::default(), declined);
-            built.map_err(|e| {
-                let path = match e.sni() {
-                    Some(n) => vec![
-                        Key("service"),
-                        Index(i),
-                        Key("inbound"),
-                        Key("sni"),
-                        Index(n),
-                        Key(e.field()),
-                    ],
-                    None => at(e.field()),
-                };
-                (path, e.to_string())
-            })?;
         }
         Ok(())
     }
@@ -663,25 +693,15 @@ impl Config {
                 }
             }
         }
-        if level != Level::Plain {
-            tls::client_config(out, &tls::Disk).map_err(|e| (at(e.field()), e.to_string()))?;
-            tls::server_name(s).map_err(|e| (at("server_name"), e))?;
+        if let Some(name) = &out.server_name
+            && let Err(e) = rustls::pki_types::ServerName::try_from(name.as_str())
+        {
+            return Err((
+                at("server_name"),
+                format!("{name:?} is not a valid DNS name or IP address: {e}"),
+            ));
         }
         Ok(())
-    }
-}
-
-/// (uid, gid) of a user name, from the system's user database.
-pub fn user_ids(name: &str) -> Option<(u32, u32)> {
-    let name = std::ffi::CString::new(name).ok()?;
-    // SAFETY: getpwnam returns null or a pointer to static storage, read at once; the relay
-    // looks users up from one thread at a time (startup, reload).
-    unsafe {
-        let pw = libc::getpwnam(name.as_ptr());
-        if pw.is_null() {
-            return None;
-        }
-        Some(((*pw).pw_uid, (*pw).pw_gid))
     }
 }
 
@@ -730,12 +750,12 @@ impl Locator<'_> {
     fn at(&self, path: &[Seg], message: String) -> ConfigError {
         let offset = toml_edit::Document::parse(self.text)
             .ok()
-            .and_then(|doc| locate(doc.as_item(), path));
+            .and_then(|doc| offset_of(doc.as_item(), path));
         self.error_at(offset, render(path), message)
     }
 }
 
-fn locate(root: &toml_edit::Item, path: &[Seg]) -> Option<usize> {
+fn offset_of(root: &toml_edit::Item, path: &[Seg]) -> Option<usize> {
     let mut item = root;
     let mut best = None;
     for seg in path {
@@ -755,7 +775,8 @@ fn locate(root: &toml_edit::Item, path: &[Seg]) -> Option<usize> {
     best
 }
 
-fn render(path: &[Seg]) -> String {
+/// A key path as the config file spells it: `service[0].inbound.cert`.
+pub fn render(path: &[Seg]) -> String {
     let mut s = String::new();
     for seg in path {
         match seg {

@@ -1,4 +1,4 @@
-//! The control socket: how `relay status`, `relay service ...` and `relay reload` talk to a
+//! The control protocol: how `relay status`, `relay service ...` and `relay reload` talk to a
 //! running relay.
 //!
 //! A Unix stream socket (mode 0600 in a 0700 directory: root only), one request per connection,
@@ -12,20 +12,28 @@
 //! ```
 //!
 //! Requests: `status`, `service_list`, `service_add` (`service`: a service table as in the
-//! config file, paths absolute), `service_remove` (`name`), `reload`. A request that cannot be
-//! parsed gets an error answer; nothing a client sends can stop the relay.
+//! config file, paths absolute), `service_remove` (`name`), `reload`, and for tests of debug
+//! builds `debug` (`what`: see `handoff::DebugOp`). A request that cannot be
+//! parsed gets an error answer; nothing a client sends can stop the relay. Every result is one
+//! of the typed replies below ([`Status`], the services, [`ChangeSummary`]), shared by the
+//! server, the CLI and the tests.
 
 use std::{
+    fmt,
     io::{BufRead as _, BufReader, Write as _},
     os::unix::net::UnixStream,
-    path::Path,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
 use anyhow::{Context as _, bail};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use crate::config::Service;
+use crate::{
+    config::Service,
+    datapath::{Attachment, ServiceCounters},
+    metrics::ServiceStatus,
+};
 
 /// Longest request line accepted.
 pub const MAX_REQUEST: usize = 1 << 20;
@@ -38,11 +46,20 @@ pub enum Request {
     // Empty braces rather than unit variants: serde then rejects unknown fields here too.
     Status {},
     ServiceList {},
-    ServiceAdd { service: Box<Service> },
-    ServiceRemove { name: String },
+    ServiceAdd {
+        service: Box<Service>,
+    },
+    ServiceRemove {
+        name: String,
+    },
     Reload {},
+    /// Tests only (refused by release builds): make the worker misbehave on purpose.
+    Debug {
+        what: crate::handoff::DebugOp,
+    },
 }
 
+/// One answer line.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Response {
     pub ok: bool,
@@ -53,15 +70,19 @@ pub struct Response {
 }
 
 impl Response {
-    pub fn ok(result: serde_json::Value) -> Response {
-        Response {
-            ok: true,
-            error: None,
-            result: Some(result),
+    /// A typed reply.
+    pub fn ok(result: &impl Serialize) -> Response {
+        match serde_json::to_value(result) {
+            Ok(v) => Response {
+                ok: true,
+                error: None,
+                result: Some(v),
+            },
+            Err(e) => Response::error(format!("unencodable reply: {e}")),
         }
     }
 
-    pub fn error(e: impl std::fmt::Display) -> Response {
+    pub fn error(e: impl fmt::Display) -> Response {
         Response {
             ok: false,
             error: Some(e.to_string()),
@@ -70,13 +91,92 @@ impl Response {
     }
 }
 
+/// The answer to `status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub supervisor_pid: u32,
+    pub uptime_s: u64,
+    /// The worker serving now; `None` while one is being (re)started.
+    pub worker: Option<WorkerInfo>,
+    pub worker_restarts: u64,
+    pub services: Vec<ServiceInfo>,
+    /// The worker's counters; `None` when it did not answer in time.
+    pub connections: Option<Vec<ServiceStatus>>,
+    pub datapath: Option<DatapathStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    pub pid: u32,
+    pub uptime_s: u64,
+}
+
+/// A service as `relay status` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServiceInfo {
+    pub name: String,
+    /// `explicit` or `transparent`.
+    pub mode: String,
+    pub front: String,
+    pub backend: String,
+    pub inbound: String,
+    pub outbound: String,
+}
+
+impl From<&Service> for ServiceInfo {
+    fn from(s: &Service) -> Self {
+        ServiceInfo {
+            name: s.name.clone(),
+            mode: if s.listen.is_some() {
+                "explicit"
+            } else {
+                "transparent"
+            }
+            .into(),
+            front: s.listen.map_or_else(
+                || std::net::SocketAddr::new(s.server, s.port).to_string(),
+                |l| l.to_string(),
+            ),
+            backend: s.backend_addr().to_string(),
+            inbound: s.inbound.level.to_string(),
+            outbound: s.outbound.level.to_string(),
+        }
+    }
+}
+
+/// The pinned data path: where, on which interfaces, and its counters.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DatapathStatus {
+    pub pin_path: PathBuf,
+    pub attachments: Vec<Attachment>,
+    pub counters: Vec<ServiceCounters>,
+}
+
+/// What a change (reload, service add or remove) did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeSummary {
+    pub services: usize,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+impl fmt::Display for ChangeSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} service(s); added {:?}; removed {:?}",
+            self.services, self.added, self.removed
+        )
+    }
+}
+
 /// Parses one request line; the error is what the client is told.
 pub fn parse(line: &str) -> Result<Request, String> {
     serde_json::from_str(line.trim()).map_err(|e| format!("bad request: {e}"))
 }
 
-/// Sends `request` to the relay listening on `socket`, returns its result.
-pub fn call(socket: &Path, request: &Request) -> anyhow::Result<serde_json::Value> {
+/// Sends `request` to the relay listening on `socket`, returns its typed result.
+pub fn call<T: DeserializeOwned>(socket: &Path, request: &Request) -> anyhow::Result<T> {
     let mut stream = UnixStream::connect(socket).with_context(|| {
         format!(
             "cannot reach the relay at {} (is it running?)",
@@ -99,7 +199,8 @@ pub fn call(socket: &Path, request: &Request) -> anyhow::Result<serde_json::Valu
             response.error.unwrap_or_else(|| "request failed".into())
         );
     }
-    Ok(response.result.unwrap_or(serde_json::Value::Null))
+    let result = response.result.unwrap_or(serde_json::Value::Null);
+    serde_json::from_value(result).context("the relay's answer has an unexpected shape")
 }
 
 #[cfg(test)]

@@ -16,9 +16,7 @@
 
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
-    ffi::CString,
     net::{IpAddr, SocketAddr},
-    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -35,6 +33,7 @@ use aya::{
     },
     util::nr_cpus,
 };
+use nix::{getsockopt_impl, setsockopt_impl, sockopt_impl};
 use relay_common::{
     ACTION_DROP, ACTION_STEER, Addr, COUNTER_DROPPED, COUNTER_MALFORMED, COUNTER_NO_LISTENER,
     COUNTER_PASSED, COUNTER_STEERED, COUNTERS, LISTENER_V4, LISTENER_V6, MAX_SERVICES, NAME_LEN,
@@ -59,7 +58,7 @@ pub struct Maps {
 }
 
 /// Counters of one service (or of slot 0: traffic that belongs to no service).
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ServiceCounters {
     pub service: String,
     pub steered: u64,
@@ -300,7 +299,7 @@ impl Datapath {
     /// Loads the programs (through the verifier). With `pin_dir`, the maps are the pinned ones
     /// (created and pinned on first use).
     pub fn load(pin_dir: Option<&Path>) -> anyhow::Result<Datapath> {
-        raise_memlock();
+        crate::sys::raise_memlock();
         let paths: Vec<(&str, PathBuf)> = match pin_dir {
             Some(dir) => MAP_NAMES.iter().map(|m| (*m, dir.join(m))).collect(),
             None => Vec::new(),
@@ -391,19 +390,32 @@ impl Datapath {
                 XdpMode::Generic => existing == "generic",
             };
             if compatible {
-                let link = PinnedLink::from_pin(&pin).context("open pinned XDP link")?;
-                let link = XdpLink::try_from(FdLink::from(link))?;
-                prog.attach_to_link(link)
-                    .with_context(|| format!("replace the XDP program on {interface}"))?;
-                info!(
-                    interface,
-                    xdp_mode = existing,
-                    "XDP program replaced in the pinned link"
-                );
-                return Ok(existing.to_string());
+                let replaced = PinnedLink::from_pin(&pin)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|link| Ok(XdpLink::try_from(FdLink::from(link))?))
+                    .and_then(|link| Ok(prog.attach_to_link(link).map(drop)?));
+                match replaced {
+                    Ok(()) => {
+                        info!(
+                            interface,
+                            xdp_mode = existing,
+                            "XDP program replaced in the pinned link"
+                        );
+                        return Ok(existing.to_string());
+                    }
+                    // The interface was deleted (and maybe re-created) while the relay was
+                    // down: the link is severed. A new one is attached below.
+                    Err(e) => warn!(
+                        interface,
+                        error = %format!("{e:#}"),
+                        "pinned XDP link unusable (interface re-created?): attaching anew"
+                    ),
+                }
+            } else {
+                warn!(interface, "XDP mode changes from {existing}: re-attaching");
             }
-            warn!(interface, "XDP mode changes from {existing}: re-attaching");
-            PinnedLink::from_pin(&pin)?.unpin()?;
+            std::fs::remove_file(&pin)
+                .with_context(|| format!("remove the stale pin {}", pin.display()))?;
         }
         let attempts: &[(AyaXdpMode, &str)] = match mode {
             XdpMode::Auto => &[(AyaXdpMode::Driver, "native"), (AyaXdpMode::Skb, "generic")],
@@ -437,11 +449,20 @@ impl Datapath {
         let prog: &mut SchedClassifier = program(&mut self.ebpf, "relay_tc")?;
         let pin = pin_dir.join(format!("tc_{interface}"));
         if pin.exists() {
-            let link = PinnedLink::from_pin(&pin).context("open pinned TC link")?;
-            let link = SchedClassifierLink::try_from(FdLink::from(link))?;
-            prog.attach_to_link(link)
-                .with_context(|| format!("replace the TC program on {interface}"))?;
-            return Ok(());
+            let replaced = PinnedLink::from_pin(&pin)
+                .map_err(anyhow::Error::from)
+                .and_then(|link| Ok(SchedClassifierLink::try_from(FdLink::from(link))?))
+                .and_then(|link| Ok(prog.attach_to_link(link).map(drop)?));
+            match replaced {
+                Ok(()) => return Ok(()),
+                Err(e) => warn!(
+                    interface,
+                    error = %format!("{e:#}"),
+                    "pinned TC link unusable (interface re-created?): attaching anew"
+                ),
+            }
+            std::fs::remove_file(&pin)
+                .with_context(|| format!("remove the stale pin {}", pin.display()))?;
         }
         let id = prog
             .attach(interface, TcAttachType::Ingress)
@@ -463,41 +484,23 @@ where
     Ok(p.try_into()?)
 }
 
-/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
-fn raise_memlock() {
-    let rlim = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: setrlimit reads the struct we pass.
-    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
-}
-
 /// Mounts bpffs at /sys/fs/bpf when nothing is mounted there, as systemd would, and creates the
 /// pin directory.
 pub fn prepare_pin_dir(pin_dir: &Path) -> anyhow::Result<()> {
     let root = Path::new("/sys/fs/bpf");
     if pin_dir.starts_with(root) && !is_bpffs(root) {
-        let src = CString::new("bpf")?;
-        let target = CString::new(root.as_os_str().as_encoded_bytes())?;
-        let opts = CString::new("mode=0700")?;
-        // SAFETY: valid C strings; mount(2) does not keep the pointers.
-        let r = unsafe {
-            libc::mount(
-                src.as_ptr(),
-                target.as_ptr(),
-                src.as_ptr(),
-                0,
-                opts.as_ptr().cast(),
-            )
-        };
-        if r != 0 {
-            bail!(
-                "mount bpffs on /sys/fs/bpf: {}",
-                std::io::Error::last_os_error()
+        crate::sys::mount_bpffs(root)?;
+        info!("mounted bpffs on /sys/fs/bpf");
+        if crate::sys::in_private_mount_namespace() {
+            // `ip netns exec` and containers give a private mount namespace: this bpffs, and
+            // the pins in it, vanish with the relay, and so does the drop of the backend ports.
+            warn!(
+                "bpffs was mounted in a PRIVATE mount namespace (not its parent's): the pinned data \
+                 path will NOT survive this relay, so backend ports open the moment it stops \
+                 (fail open). Start relay in the host's mount namespace (systemd unit, or \
+                 `nsenter --net=/run/netns/NAME relay run ...` instead of `ip netns exec`)"
             );
         }
-        info!("mounted bpffs on /sys/fs/bpf");
     }
     std::fs::create_dir_all(pin_dir)
         .with_context(|| format!("create pin directory {}", pin_dir.display()))
@@ -518,6 +521,15 @@ fn is_bpffs(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
+// IPV6_TRANSPARENT, which nix defines for IPv4 only (`IpTransparent`).
+sockopt_impl!(
+    Ipv6Transparent,
+    Both,
+    libc::SOL_IPV6,
+    libc::IPV6_TRANSPARENT,
+    bool
+);
+
 /// A listener for steered connections: `IP_TRANSPARENT`, so it may accept connections whose
 /// destination is not a local address and answer from that address. Bound to loopback on an
 /// ephemeral port: `bpf_sk_assign` delivers to it whatever its address, and nobody can reach
@@ -526,27 +538,13 @@ pub fn transparent_listener(addr: SocketAddr) -> anyhow::Result<std::net::TcpLis
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
-    let one: libc::c_int = 1;
-    let (level, name) = if addr.is_ipv4() {
-        (libc::SOL_IP, libc::IP_TRANSPARENT)
+    if addr.is_ipv4() {
+        nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::IpTransparent, &true)
     } else {
         s.set_only_v6(true)?;
-        (libc::SOL_IPV6, libc::IPV6_TRANSPARENT)
-    };
-    // SAFETY: setsockopt with a valid int option value.
-    let r = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            level,
-            name,
-            std::ptr::from_ref(&one).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error())
-            .context("IP_TRANSPARENT (needs CAP_NET_ADMIN)");
+        nix::sys::socket::setsockopt(&s, Ipv6Transparent, &true)
     }
+    .context("IP_TRANSPARENT (needs CAP_NET_ADMIN)")?;
     s.bind(&addr.into())
         .with_context(|| format!("bind {addr}"))?;
     s.listen(4096)?;

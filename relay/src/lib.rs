@@ -2,18 +2,27 @@
 //!
 //! For each configured service it makes clients reach the server at the security level the
 //! client network needs (plain, TLS or mutual TLS) while the backend sees the connection at the
-//! level the server network needs. Modules, in the order a connection meets them:
-//! - [`config`]: the TOML contract, validated with errors that name file, line and key.
-//! - [`supervisor`]: `relay run`: data path, listeners, ticket keys, control socket, and the
-//!   worker's life; [`handoff`] is its channel to the worker, [`control`] the control protocol.
-//! - [`worker`]: the process that relays; restarted by the supervisor if it dies.
-//! - [`proxy`]: per service, accepts and relays connections (limits, timeouts, outcomes).
-//! - [`tls`]: rustls configurations built from a service's config; [`tickets`]: session ticket
-//!   keys shared across worker generations.
-//! - [`copy`]: moves bytes both ways with half-close and idle timeout.
+//! level the server network needs. Modules, roughly in the order a change and then a
+//! connection meet them:
+//! - [`cli`], [`config`]: the command line and the TOML contract (schema and the checks that
+//!   need no other file), errors naming file, line and key.
+//! - [`service`]: compile once — a configuration and the bytes of its files become services
+//!   (rustls configurations, client policies), checked in full.
+//! - [`supervisor`]: `relay run`: data path, listeners, ticket keys, control socket, changes,
+//!   and the worker's life; [`handoff`] is its channel to the worker, [`control`] the control
+//!   protocol, [`watch`] the files that apply without a reload (CRLs).
+//! - [`worker`]: the process that relays, in its [`sandbox`]; restarted if it dies.
+//! - [`proxy`]: per service, accepts and relays connections (limits, timeouts, outcomes);
+//!   [`recognise`] tells TLS from plaintext on a TLS port; [`proxy_protocol`] writes PROXY
+//!   headers.
+//! - [`tls`]: material, rustls configurations, handshakes, the record layer and the client
+//!   policy; [`access`]: identities and `allow` rules; [`tickets`]: session ticket keys shared
+//!   across worker generations.
+//! - [`copy`]: moves bytes both ways with half-close and idle timeout, over [`net`] (writes,
+//!   readiness, buffer and pipe pools).
 //! - [`metrics`]: counters per service and outcome.
 //! - [`datapath`]: the embedded eBPF object (transparent mode).
-//! - [`watch`]: files whose changes apply without a reload (CRLs).
+//! - [`sys`]: users, privileges, limits, signals, mounts — through nix.
 
 pub mod access;
 pub mod cli;
@@ -23,10 +32,14 @@ pub mod copy;
 pub mod datapath;
 pub mod handoff;
 pub mod metrics;
+pub mod net;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod recognise;
+pub mod sandbox;
+pub mod service;
 pub mod supervisor;
+pub mod sys;
 pub mod tickets;
 pub mod tls;
 pub mod watch;

@@ -11,8 +11,8 @@ use clap::{CommandFactory as _, Parser as _};
 use relay::{
     cli::{Cli, Command, LogFormat, ServiceCommand, Target},
     config::Config,
-    control::{self, Request},
-    datapath, supervisor, worker,
+    control::{self, ChangeSummary, DatapathStatus, Request, Status},
+    datapath, service, supervisor, worker,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -23,11 +23,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
-        Command::Check { config } => match Config::load(&config) {
-            Ok(c) => {
-                for warning in c.services.iter().flat_map(relay::tls::key_warnings) {
+        Command::Check { config } => match service::check_file(&config) {
+            Ok(checked) => {
+                for warning in &checked.warnings {
                     eprintln!("relay: warning: {warning}");
                 }
+                let c = &checked.config;
                 let explicit = c.services.iter().filter(|s| s.listen.is_some()).count();
                 println!(
                     "{}: valid, {} service(s): {} explicit, {} transparent",
@@ -44,7 +45,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config: path } => {
-            let config = match Config::load(&path) {
+            let checked = match service::check_file(&path) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("relay: {e}");
@@ -52,7 +53,8 @@ fn main() -> ExitCode {
                 }
             };
             exit(
-                runtime().and_then(|rt| rt.block_on(supervisor::run(path, config, cli.log_format))),
+                runtime()
+                    .and_then(|rt| rt.block_on(supervisor::run(path, checked, cli.log_format))),
                 EXIT_RUNTIME,
             )
         }
@@ -62,15 +64,14 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Manpages { dir } => exit(manpages(&dir), EXIT_RUNTIME),
-        Command::Worker => exit(
-            runtime().and_then(|rt| rt.block_on(worker::run())),
-            EXIT_RUNTIME,
-        ),
+        Command::Worker { uid, gid } => {
+            let identity = uid.zip(gid).map(|(uid, gid)| worker::Identity { uid, gid });
+            exit(worker::main(identity), EXIT_RUNTIME)
+        }
         Command::Status { target, json } => exit(status(&target, json), EXIT_RUNTIME),
         Command::Service { target, command } => exit(service(&target, command), EXIT_RUNTIME),
         Command::Reload { target } => exit(
-            call(&target, &Request::Reload {})
-                .map(|v| println!("reloaded: {}", v.as_str().unwrap_or_default())),
+            call::<ChangeSummary>(&target, &Request::Reload {}).map(|s| println!("reloaded: {s}")),
             EXIT_RUNTIME,
         ),
         Command::Detach { config } => exit(detach(config.as_deref()), EXIT_RUNTIME),
@@ -131,17 +132,17 @@ fn socket_of(target: &Target) -> anyhow::Result<PathBuf> {
     })
 }
 
-fn call(target: &Target, request: &Request) -> anyhow::Result<serde_json::Value> {
+fn call<T: serde::de::DeserializeOwned>(target: &Target, request: &Request) -> anyhow::Result<T> {
     control::call(&socket_of(target)?, request)
 }
 
 fn status(target: &Target, json: bool) -> anyhow::Result<()> {
-    match call(target, &Request::Status {}) {
-        Ok(v) => {
+    match call::<Status>(target, &Request::Status {}) {
+        Ok(status) => {
             if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
-                print_status(&v);
+                print_status(&status);
             }
             Ok(())
         }
@@ -153,77 +154,59 @@ fn status(target: &Target, json: bool) -> anyhow::Result<()> {
     }
 }
 
-fn print_status(v: &serde_json::Value) {
-    let n = |x: &serde_json::Value| x.as_u64().unwrap_or(0);
+fn print_status(s: &Status) {
+    let worker = s.worker.as_ref().map_or_else(
+        || "being started".to_string(),
+        |w| format!("pid {}, up {} s", w.pid, w.uptime_s),
+    );
     println!(
-        "relay: supervisor pid {}, up {} s; worker pid {}, restarts {}",
-        v["supervisor_pid"],
-        n(&v["uptime_s"]),
-        v["worker"]["pid"],
-        n(&v["worker_restarts"])
+        "relay: supervisor pid {}, up {} s; worker {worker}, restarts {}",
+        s.supervisor_pid, s.uptime_s, s.worker_restarts
     );
     println!(
         "\n  {:<20} {:<12} {:<28} {:<24} {:>5} {:>5}",
         "service", "mode", "front", "backend", "in", "out"
     );
-    for s in v["services"].as_array().into_iter().flatten() {
+    for v in &s.services {
         println!(
             "  {:<20} {:<12} {:<28} {:<24} {:>5} {:>5}",
-            s["name"].as_str().unwrap_or(""),
-            s["mode"].as_str().unwrap_or(""),
-            s["front"].as_str().unwrap_or(""),
-            s["backend"].as_str().unwrap_or(""),
-            s["inbound"].as_str().unwrap_or(""),
-            s["outbound"].as_str().unwrap_or("")
+            v.name, v.mode, v.front, v.backend, v.inbound, v.outbound
         );
     }
     println!(
         "\n  {:<20} {:>10} {:>8} {:>14} {:>14}  outcomes",
         "service", "accepted", "active", "bytes up", "bytes down"
     );
-    for c in v["connections"].as_array().into_iter().flatten() {
-        println!(
-            "  {:<20} {:>10} {:>8} {:>14} {:>14}  {}",
-            c["service"].as_str().unwrap_or(""),
-            n(&c["accepted"]),
-            n(&c["active"]),
-            n(&c["bytes_up"]),
-            n(&c["bytes_down"]),
-            c["outcomes"]
-        );
+    match &s.connections {
+        Some(connections) => {
+            for c in connections {
+                println!(
+                    "  {:<20} {:>10} {:>8} {:>14} {:>14}  {:?}",
+                    c.service, c.accepted, c.active, c.bytes_up, c.bytes_down, c.outcomes
+                );
+            }
+        }
+        None => println!("  (the worker did not answer)"),
     }
-    if !v["datapath"].is_null() {
+    if let Some(d) = &s.datapath {
         println!();
-        print_datapath(&v["datapath"]);
+        print_datapath(d);
     }
 }
 
-fn print_datapath(d: &serde_json::Value) {
-    println!(
-        "  data path pinned in {}",
-        d["pin_path"].as_str().unwrap_or("")
-    );
-    for a in d["attachments"].as_array().into_iter().flatten() {
-        println!(
-            "  interface {:<16} xdp mode {}",
-            a["interface"].as_str().unwrap_or(""),
-            a["xdp_mode"].as_str().unwrap_or("")
-        );
+fn print_datapath(d: &DatapathStatus) {
+    println!("  data path pinned in {}", d.pin_path.display());
+    for a in &d.attachments {
+        println!("  interface {:<16} xdp mode {}", a.interface, a.xdp_mode);
     }
     println!(
         "\n  {:<24} {:>12} {:>12} {:>12} {:>12} {:>12}",
         "service", "steered", "dropped", "passed", "malformed", "no_listener"
     );
-    for c in d["counters"].as_array().into_iter().flatten() {
-        let n = |k: &str| c[k].as_u64().unwrap_or(0);
+    for c in &d.counters {
         println!(
             "  {:<24} {:>12} {:>12} {:>12} {:>12} {:>12}",
-            c["service"].as_str().unwrap_or(""),
-            n("steered"),
-            n("dropped"),
-            n("passed"),
-            n("malformed"),
-            n("no_listener")
+            c.service, c.steered, c.dropped, c.passed, c.malformed, c.no_listener
         );
     }
 }
@@ -238,26 +221,30 @@ fn datapath_status(config: Option<&Path>, json: bool) -> anyhow::Result<()> {
             pin.display()
         );
     }
-    let v = serde_json::json!({
-        "pin_path": pin,
-        "attachments": datapath::attachments(pin),
-        "counters": datapath::Maps::open_pinned(pin)?.counters()?,
-    });
+    let d = DatapathStatus {
+        pin_path: pin.clone(),
+        attachments: datapath::attachments(pin),
+        counters: datapath::Maps::open_pinned(pin)?.counters()?,
+    };
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&serde_json::json!({ "datapath": v }))?
+            serde_json::to_string_pretty(&serde_json::json!({ "datapath": d }))?
         );
     } else {
         println!("relay is not running; the pinned data path:");
-        print_datapath(&v);
+        print_datapath(&d);
     }
     Ok(())
 }
 
 fn service(target: &Target, command: ServiceCommand) -> anyhow::Result<()> {
-    let result = match command {
-        ServiceCommand::List => call(target, &Request::ServiceList {})?,
+    let summary: ChangeSummary = match command {
+        ServiceCommand::List => {
+            let services: Vec<relay::config::Service> = call(target, &Request::ServiceList {})?;
+            println!("{}", serde_json::to_string_pretty(&services)?);
+            return Ok(());
+        }
         ServiceCommand::Remove { name } => call(target, &Request::ServiceRemove { name })?,
         ServiceCommand::Add {
             name,
@@ -325,10 +312,7 @@ fn service(target: &Target, command: ServiceCommand) -> anyhow::Result<()> {
             )?
         }
     };
-    match result {
-        serde_json::Value::String(s) => println!("{s}"),
-        other => println!("{}", serde_json::to_string_pretty(&other)?),
-    }
+    println!("{summary}");
     Ok(())
 }
 

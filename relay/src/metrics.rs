@@ -478,12 +478,20 @@ struct ActionLabels {
 pub fn encode_supervisor(
     restarts: u64,
     (applied, refused): (u64, u64),
+    late_answers: u64,
     datapath: &[crate::datapath::ServiceCounters],
 ) -> String {
     let mut registry = Registry::with_prefix("relay");
     let r = Counter::<u64>::default();
     r.inc_by(restarts);
     registry.register("worker_restarts", "Workers started again after dying", r);
+    let late = Counter::<u64>::default();
+    late.inc_by(late_answers);
+    registry.register(
+        "worker_late_answers",
+        "Answers of the worker that came after their request gave up (dropped)",
+        late,
+    );
     let reloads = Family::<ResultLabel, Counter>::default();
     for (result, n) in [("applied", applied), ("refused", refused)] {
         reloads

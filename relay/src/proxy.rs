@@ -16,7 +16,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Context as _;
 use rustls::{ClientConfig, pki_types::ServerName};
 use tokio::{
     io::AsyncWriteExt as _,
@@ -28,13 +27,15 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
-    config::{Level, Plaintext, ProxyProtocol, RelaySection, Service},
+    config::{Plaintext, ProxyProtocol, RelaySection, Service},
     copy::{self, CopyError, Side},
     metrics::{Outcome, ServiceMetrics},
-    proxy_protocol::{self, TlsFacts},
+    proxy_protocol,
     recognise::{self, Protocol},
+    service::Compiled,
     tls::{
         self,
+        facts::TlsFacts,
         handshake::{self, HandshakeError},
     },
 };
@@ -77,7 +78,7 @@ impl From<&RelaySection> for Timeouts {
     }
 }
 
-/// A service ready to relay: its config with the TLS state built from it.
+/// A service at work in the worker: compiled (see `service`), with its limit and counters.
 pub struct ServiceRuntime {
     pub config: Service,
     server_side: Option<tls::ServerSide>,
@@ -88,51 +89,36 @@ pub struct ServiceRuntime {
 }
 
 impl ServiceRuntime {
-    pub fn new(
-        config: Service,
-        material: &dyn tls::Material,
-        resumption: &tls::Resumption,
-        metrics: Arc<ServiceMetrics>,
-    ) -> anyhow::Result<Self> {
-        let name = &config.name;
-        let server_side = match config.inbound.level {
-            Level::Plain => None,
-            _ => {
-                let declined = {
-                    let (name, metrics) = (name.clone(), Arc::clone(&metrics));
-                    Arc::new(move |refusal: &tls::verify::Refusal| {
-                        metrics.resumption_declined(refusal.reason);
-                        info!(service = %name, reason = refusal.reason.label(), detail = %refusal,
-                              "stored session not resumed: a full handshake decides");
-                    })
-                };
-                Some(
-                    tls::server_side(name, &config.inbound, material, resumption, declined)
-                        .with_context(|| format!("service {name}: inbound TLS"))?,
-                )
-            }
-        };
-        let connector = match config.outbound.level {
-            Level::Plain => None,
-            _ => Some((
-                tls::client_config(&config.outbound, material)
-                    .with_context(|| format!("service {name}: outbound TLS"))?,
-                tls::server_name(&config).map_err(anyhow::Error::msg)?,
-            )),
-        };
+    pub fn new(compiled: Compiled, metrics: Arc<ServiceMetrics>) -> Self {
+        let Compiled {
+            config,
+            server_side,
+            connector,
+        } = compiled;
         let limit = config.max_connections.map(|n| Arc::new(Semaphore::new(n)));
-        Ok(Self {
+        Self {
             config,
             server_side,
             connector,
             limit,
             metrics,
-        })
+        }
     }
 
     pub fn name(&self) -> &str {
         &self.config.name
     }
+}
+
+/// What a service tells of the stored sessions it declines to resume: a log line and a
+/// counter.
+pub fn declined(name: &str, metrics: Arc<ServiceMetrics>) -> tls::OnDeclined {
+    let name = name.to_string();
+    Arc::new(move |refusal: &tls::verify::Refusal| {
+        metrics.resumption_declined(refusal.reason);
+        info!(service = %name, reason = refusal.reason.label(), detail = %refusal,
+              "stored session not resumed: a full handshake decides");
+    })
 }
 
 /// Which service an accepted connection belongs to.

@@ -1,17 +1,20 @@
 //! The worker: the process that accepts and relays connections.
 //!
-//! Started by the supervisor (`relay worker`, not for humans) with one end of the handoff channel
-//! at a known descriptor. Everything it needs arrives over that channel: the services, the bytes
-//! of their certificates and keys, the session ticket keys, and the listening sockets. After the
-//! first of these messages it drops its privileges: it never opens a file or binds a port, so it
-//! needs none. It can die at any time (crash, `kill -9`, OOM): the supervisor still holds the
-//! listeners, so the connections waiting in their accept queues are served by the next worker.
+//! Started by the supervisor (`relay worker`, not for humans) with one end of the handoff
+//! channel at a known descriptor. Before anything else it becomes an unprivileged user and
+//! enters its sandbox (`sandbox`): from then on it cannot open a file or start a program, and
+//! it needs neither. Everything arrives over the channel: the services, the bytes of their
+//! certificates and keys (compiled here from those bytes, as the supervisor compiled them), the
+//! session ticket keys, and the listening sockets. It can die at any time (crash, `kill -9`,
+//! OOM): the supervisor still holds the listeners, so the connections waiting in their accept
+//! queues are served by the next worker.
 
 use std::{
     collections::HashMap,
     net::IpAddr,
     os::fd::OwnedFd,
     sync::{Arc, RwLock},
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
@@ -24,13 +27,133 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
-    config::{self, RelaySection, Service},
-    handoff::{Channel, FromWorker, Role, ToWorker},
+    config::RelaySection,
+    handoff::{Apply, Channel, DebugOp, Envelope, FromWorker, Role, ToWorker},
     metrics::{ServiceMetrics, WorkerMetrics},
     proxy::{self, Route, ServiceRuntime, Services, Shared, Table},
-    tickets::SharedTicketer,
+    sandbox, service,
+    tickets::{SharedTicketer, TicketKey},
     tls,
 };
+
+/// Who the worker runs as, decided by the supervisor (which may read the user database).
+#[derive(Clone, Copy, Debug)]
+pub struct Identity {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// `relay worker`: drops privileges, enters the sandbox, then serves until told to stop.
+pub fn main(identity: Option<Identity>) -> anyhow::Result<()> {
+    // If the supervisor dies without a word, do not linger holding client connections' fate.
+    crate::sys::terminate_with_parent()?;
+    // Tests (debug builds): a worker that dies at every start.
+    if cfg!(debug_assertions) && std::env::var_os("RELAY_DEBUG_WORKER_EXITS").is_some() {
+        anyhow::bail!("RELAY_DEBUG_WORKER_EXITS is set: exiting at start");
+    }
+    let channel_fd = Channel::inherited_fd()?;
+    if let Some(id) = identity {
+        crate::sys::become_user(id.uid, id.gid)?;
+    }
+    // Before the runtime starts a thread: threads inherit the sandbox.
+    match sandbox::enter().context("worker sandbox")? {
+        sandbox::Enforced::Full => info!("worker sandboxed: no filesystem, system calls limited"),
+        sandbox::Enforced::SeccompOnly(why) => warn!(
+            "worker sandbox PARTIAL: system calls limited, but the filesystem is not closed \
+             ({why})"
+        ),
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the worker's runtime")?;
+    runtime.block_on(run(channel_fd))
+}
+
+async fn run(channel_fd: OwnedFd) -> anyhow::Result<()> {
+    let channel = Channel::new(channel_fd).context("handoff channel")?;
+    let mut worker: Option<Worker> = None;
+    let mut term = signal(SignalKind::terminate())?;
+    // Ctrl-C in a terminal reaches the whole process group; stopping is the supervisor's call.
+    let mut int = signal(SignalKind::interrupt())?;
+    // Tests (debug builds): the next answer goes out this late.
+    let mut stall: Option<Duration> = None;
+    loop {
+        let msg = tokio::select! {
+            m = channel.recv::<ToWorker>() => m,
+            _ = term.recv() => { info!("worker: SIGTERM"); break; }
+            _ = int.recv() => continue,
+        };
+        let (Envelope { id, body }, fds) = match msg {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                warn!("worker: supervisor gone, stopping");
+                break;
+            }
+            Err(e) => {
+                warn!("worker: handoff channel failed ({e}), stopping");
+                break;
+            }
+        };
+        // A stall asked for by an earlier message applies to this answer.
+        let late = stall.take();
+        let answer = match body {
+            ToWorker::Apply(apply) => {
+                let w = worker.get_or_insert_with(|| Worker::new(&apply.relay, &apply.tickets));
+                let error = w.apply(apply, fds).err().map(|e| format!("{e:#}"));
+                if let Some(e) = &error {
+                    warn!("worker: configuration not applied, previous one kept: {e}");
+                }
+                Some(FromWorker::Applied { error })
+            }
+            ToWorker::Tickets(keys) => {
+                if let Some(w) = &worker {
+                    w.ticketer.set(&keys);
+                }
+                None
+            }
+            ToWorker::Status => Some(FromWorker::Status(
+                worker.as_ref().map(Worker::status).unwrap_or_default(),
+            )),
+            ToWorker::Metrics => Some(FromWorker::Metrics(
+                worker
+                    .as_ref()
+                    .map(|w| w.registry.encode())
+                    .unwrap_or_default(),
+            )),
+            ToWorker::Stop => break,
+            ToWorker::Debug(op) => Some(FromWorker::Debug(debug(op, &mut stall))),
+        };
+        if let Some(body) = answer {
+            if let Some(late) = late {
+                tokio::time::sleep(late).await;
+            }
+            channel.send(&Envelope { id, body }, &[]).await?;
+        }
+    }
+    if let Some(w) = worker {
+        w.stop().await;
+    }
+    Ok(())
+}
+
+/// Tests' misbehaviour on purpose, in debug builds only.
+fn debug(op: DebugOp, stall: &mut Option<Duration>) -> String {
+    if !cfg!(debug_assertions) {
+        return "debug operations exist in debug builds only".into();
+    }
+    match op {
+        DebugOp::Escape => {
+            let read = std::fs::read("/etc/hostname").map(|_| ());
+            let exec = std::process::Command::new("/bin/true").status().map(|_| ());
+            format!("read /etc/hostname: {read:?}; exec /bin/true: {exec:?}")
+        }
+        DebugOp::StallNext(ms) => {
+            *stall = Some(Duration::from_millis(ms));
+            "the next answer will be late".into()
+        }
+    }
+}
 
 struct Worker {
     table: Table,
@@ -42,90 +165,8 @@ struct Worker {
     relay: RelaySection,
 }
 
-pub async fn run() -> anyhow::Result<()> {
-    // If the supervisor dies without a word, do not linger holding client connections' fate.
-    // SAFETY: prctl with integer arguments.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) };
-    let channel = Channel::inherited().context("handoff channel (is this run by `relay run`?)")?;
-    let mut worker: Option<Worker> = None;
-    let mut term = signal(SignalKind::terminate())?;
-    // Ctrl-C in a terminal reaches the whole process group; stopping is the supervisor's call.
-    let mut int = signal(SignalKind::interrupt())?;
-    loop {
-        let msg = tokio::select! {
-            m = channel.recv::<ToWorker>() => m,
-            _ = term.recv() => { info!("worker: SIGTERM"); break; }
-            _ = int.recv() => continue,
-        };
-        match msg {
-            Ok(Some((
-                ToWorker::Apply {
-                    relay,
-                    services,
-                    files,
-                    tickets,
-                    add,
-                    close,
-                },
-                fds,
-            ))) => {
-                let first = worker.is_none();
-                let w = worker.get_or_insert_with(|| Worker::new(&relay, &tickets));
-                w.ticketer.set(&tickets);
-                let error = w
-                    .apply(
-                        relay,
-                        services,
-                        files.into_iter().collect(),
-                        add,
-                        fds,
-                        close,
-                    )
-                    .err()
-                    .map(|e| format!("{e:#}"));
-                if let Some(e) = &error {
-                    warn!("worker: configuration not applied, previous one kept: {e}");
-                }
-                channel.send(&FromWorker::Applied { error }, &[]).await?;
-                if first {
-                    drop_privileges(worker.as_ref().and_then(|w| w.relay.user.as_deref()))?;
-                }
-            }
-            Ok(Some((ToWorker::Tickets(keys), _))) => {
-                if let Some(w) = &worker {
-                    w.ticketer.set(&keys);
-                }
-            }
-            Ok(Some((ToWorker::Status, _))) => {
-                let status = worker.as_ref().map(Worker::status).unwrap_or_default();
-                channel.send(&FromWorker::Status(status), &[]).await?;
-            }
-            Ok(Some((ToWorker::Metrics, _))) => {
-                let text = worker
-                    .as_ref()
-                    .map(|w| w.registry.encode())
-                    .unwrap_or_default();
-                channel.send(&FromWorker::Metrics(text), &[]).await?;
-            }
-            Ok(Some((ToWorker::Stop, _))) => break,
-            Ok(None) => {
-                warn!("worker: supervisor gone, stopping");
-                break;
-            }
-            Err(e) => {
-                warn!("worker: handoff channel failed ({e}), stopping");
-                break;
-            }
-        }
-    }
-    if let Some(w) = worker {
-        w.stop().await;
-    }
-    Ok(())
-}
-
 impl Worker {
-    fn new(relay: &RelaySection, tickets: &[crate::tickets::TicketKey]) -> Worker {
+    fn new(relay: &RelaySection, tickets: &[TicketKey]) -> Worker {
         Worker {
             table: Arc::new(RwLock::new(Arc::new(Services {
                 timeouts: relay.into(),
@@ -144,38 +185,46 @@ impl Worker {
         }
     }
 
-    /// Builds every service first, then swaps them in at once: a service that fails to build
-    /// leaves the previous set untouched.
-    fn apply(
-        &mut self,
-        relay: RelaySection,
-        services: Vec<Service>,
-        files: tls::Files,
-        add: Vec<Role>,
-        fds: Vec<OwnedFd>,
-        close: Vec<Role>,
-    ) -> anyhow::Result<()> {
+    /// Compiles every service first, then swaps them in at once: a service that fails to
+    /// build leaves the previous set untouched.
+    fn apply(&mut self, apply: Apply, fds: Vec<OwnedFd>) -> anyhow::Result<()> {
+        let Apply {
+            relay,
+            services,
+            files,
+            tickets,
+            add,
+            close,
+        } = apply;
         if add.len() != fds.len() {
             bail!("{} listeners announced, {} received", add.len(), fds.len());
         }
+        self.ticketer.set(&tickets);
         let resumption = tls::Resumption {
             ticketer: Some(self.ticketer.clone()),
         };
+        let registry = &self.registry;
+        for s in &services {
+            self.metrics
+                .entry(s.name.clone())
+                .or_insert_with(|| Arc::new(registry.service(&s.name)));
+        }
+        let metrics = &self.metrics;
+        let declined =
+            |s: &crate::config::Service| proxy::declined(&s.name, Arc::clone(&metrics[&s.name]));
+        let compiled = service::compile(&services, &files, &resumption, &declined)
+            .map_err(|e| anyhow::anyhow!("{}: {}", crate::config::render(&e.path), e.message))?;
         let mut by_name = HashMap::new();
         let mut by_destination: HashMap<(IpAddr, u16), Arc<ServiceRuntime>> = HashMap::new();
-        for s in services {
-            let registry = &self.registry;
-            let metrics = Arc::clone(
-                self.metrics
-                    .entry(s.name.clone())
-                    .or_insert_with(|| Arc::new(registry.service(&s.name))),
-            );
-            let name = s.name.clone();
-            let transparent = s
+        for c in compiled {
+            let metrics = Arc::clone(&self.metrics[&c.config.name]);
+            let name = c.config.name.clone();
+            let transparent = c
+                .config
                 .listen
                 .is_none()
-                .then_some((s.server.to_canonical(), s.port));
-            let runtime = Arc::new(ServiceRuntime::new(s, &files, &resumption, metrics)?);
+                .then_some((c.config.server.to_canonical(), c.config.port));
+            let runtime = Arc::new(ServiceRuntime::new(c, metrics));
             if let Some(dst) = transparent {
                 by_destination.insert(dst, Arc::clone(&runtime));
             }
@@ -259,31 +308,4 @@ impl Worker {
                   bytes_down = s.bytes_down, outcomes = ?s.outcomes, "final counters");
         }
     }
-}
-
-/// Becomes `user` (when root): no capabilities, no way back.
-fn drop_privileges(user: Option<&str>) -> anyhow::Result<()> {
-    // SAFETY: plain libc calls with checked results.
-    unsafe {
-        if libc::geteuid() != 0 {
-            return Ok(());
-        }
-        let name = user.unwrap_or("nobody");
-        let Some((uid, gid)) = config::user_ids(name) else {
-            bail!("worker: no user named {name:?} to drop privileges to");
-        };
-        if libc::setgroups(0, std::ptr::null()) != 0
-            || libc::setgid(gid) != 0
-            || libc::setuid(uid) != 0
-        {
-            bail!(
-                "worker: cannot become {name}: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-        // Leaving uid 0 clears every capability; make sure nothing can regain them.
-        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
-        info!(user = name, uid, "worker dropped privileges");
-    }
-    Ok(())
 }

@@ -7,7 +7,7 @@
 use std::{
     path::Path,
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use relay_tests::{
@@ -62,14 +62,11 @@ impl Capture {
         });
         // SAFETY: kill(2) on the tshark this capture started (`ip netns exec` execs in place).
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(10) {
-            if self.child.try_wait().unwrap().is_some() {
-                return self.file.clone();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("tshark did not stop within 10 s");
+        let stopped = wait_until(Duration::from_secs(10), || {
+            self.child.try_wait().unwrap().is_some()
+        });
+        assert!(stopped, "tshark did not stop within 10 s");
+        self.file.clone()
     }
 }
 

@@ -78,3 +78,23 @@ level = "plain"
     assert_eq!(missing.status.code(), Some(2));
     assert!(stderr(&missing).contains("/nonexistent/relay.toml"));
 }
+
+#[test]
+fn the_readme_has_each_heading_once() {
+    let readme = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    let text = std::fs::read_to_string(&readme).unwrap();
+    let mut seen = std::collections::HashSet::new();
+    let mut in_code = false;
+    for line in text.lines() {
+        if line.starts_with("```") {
+            in_code = !in_code;
+        }
+        if !in_code && line.starts_with('#') {
+            assert!(
+                seen.insert(line),
+                "README.md has the heading {line:?} twice"
+            );
+        }
+    }
+    assert!(seen.len() > 10, "headings found: {seen:?}");
+}

@@ -10,6 +10,7 @@ use std::{
 
 // Every test here builds its own namespaces and pin directory, so they run in parallel.
 
+use relay::control::DatapathStatus;
 use relay_tests::{
     http::HttpServer,
     netns::{CLIENT4, CLIENT6, GW_CLIENT_IF, SERVER4, SERVER6, Topology, require_root},
@@ -131,22 +132,33 @@ impl Gateway {
         ])
     }
 
-    fn status_json(&self) -> serde_json::Value {
+    /// The data path as `relay status --json` reports it (the relay running or not).
+    fn datapath(&self) -> DatapathStatus {
+        #[derive(serde::Deserialize)]
+        struct Reported {
+            datapath: Option<DatapathStatus>,
+        }
         let out = self.relay_cli(&["status", "--json"]);
         assert!(out.status.success(), "relay status: {}", text(&out.stderr));
-        serde_json::from_slice(&out.stdout).unwrap()
+        let reported: Reported = serde_json::from_slice(&out.stdout).unwrap();
+        reported.datapath.expect("a data path")
     }
 
     fn counter(&self, service: &str, counter: &str) -> u64 {
-        let status = self.status_json();
-        status["datapath"]["counters"]
-            .as_array()
-            .unwrap()
+        let d = self.datapath();
+        let c = d
+            .counters
             .iter()
-            .find(|c| c["service"] == service)
-            .unwrap_or_else(|| panic!("no counters for {service}: {status}"))[counter]
-            .as_u64()
-            .unwrap()
+            .find(|c| c.service == service)
+            .unwrap_or_else(|| panic!("no counters for {service}: {d:?}"));
+        match counter {
+            "steered" => c.steered,
+            "dropped" => c.dropped,
+            "passed" => c.passed,
+            "malformed" => c.malformed,
+            "no_listener" => c.no_listener,
+            other => panic!("no counter {other}"),
+        }
     }
 }
 
@@ -208,15 +220,9 @@ fn steers_tls_and_drops_the_backend_port_over_ipv4_and_ipv6() {
         assert!(gw.counter(service, "steered") > 0, "{service} steered");
         assert!(gw.counter(service, "dropped") > 0, "{service} dropped");
     }
-    let status = gw.status_json();
-    assert_eq!(
-        status["datapath"]["attachments"][0]["interface"],
-        GW_CLIENT_IF
-    );
-    assert!(
-        status["datapath"]["attachments"][0]["xdp_mode"] == "native"
-            || status["datapath"]["attachments"][0]["xdp_mode"] == "generic"
-    );
+    let attachment = &gw.datapath().attachments[0];
+    assert_eq!(attachment.interface, GW_CLIENT_IF);
+    assert!(["native", "generic"].contains(&attachment.xdp_mode.as_str()));
 }
 
 /// `ip netns exec <gw> bpftool net show dev gw-cli`: the XDP program on the client side
@@ -260,10 +266,7 @@ fn link_id(pin: &Path) -> String {
 }
 
 fn xdp_pin(gw: &Gateway) -> PathBuf {
-    let mode = gw.status_json()["datapath"]["attachments"][0]["xdp_mode"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let mode = gw.datapath().attachments[0].xdp_mode.clone();
     gw.pin_path.join(format!("xdp_{mode}_{GW_CLIENT_IF}"))
 }
 
@@ -278,10 +281,7 @@ fn native_and_generic_xdp_modes_are_used_and_reported() {
             "{}",
             relay.logs().join("\n")
         );
-        assert_eq!(
-            gw.status_json()["datapath"]["attachments"][0]["xdp_mode"],
-            mode
-        );
+        assert_eq!(gw.datapath().attachments[0].xdp_mode, mode);
         let on_nic = attached(&gw);
         let expected = if mode == "native" {
             "driver id"
@@ -408,11 +408,11 @@ fn services_change_by_map_updates_without_reattaching() {
         tc_link,
         "TC link unchanged"
     );
-    let names: Vec<String> = gw.status_json()["datapath"]["counters"]
-        .as_array()
-        .unwrap()
+    let names: Vec<String> = gw
+        .datapath()
+        .counters
         .iter()
-        .map(|c| c["service"].as_str().unwrap().to_string())
+        .map(|c| c.service.clone())
         .collect();
     assert!(
         names.contains(&"shop6".to_string()) && !names.contains(&"shop4".to_string()),
@@ -629,18 +629,25 @@ fn fragments_never_carry_a_segment_to_the_backend_port() {
         server,
         vec![fragmented_syn(server, 8080, 0x4444).remove(1)],
     );
-    std::thread::sleep(Duration::from_millis(500));
+    // The event: XDP counted all three fragments; whatever passed would be at the server now.
+    assert!(
+        relay_tests::wait_until(Duration::from_secs(5), || gw.counter("shop4", "dropped")
+            >= dropped + 3),
+        "all three fragments dropped at XDP: {} → {}",
+        dropped,
+        gw.counter("shop4", "dropped")
+    );
+    assert_eq!(
+        gw.counter("shop4", "dropped"),
+        dropped + 3,
+        "exactly the three fragments dropped"
+    );
     let after = server_ip_counters(&gw);
     assert_eq!(
         after["InReceives"], before["InReceives"],
         "no fragment reached the server"
     );
     assert_eq!(after["ReasmOKs"], before["ReasmOKs"]);
-    assert_eq!(
-        gw.counter("shop4", "dropped"),
-        dropped + 3,
-        "all three fragments dropped at XDP"
-    );
 }
 
 #[test]
@@ -683,4 +690,48 @@ fn proxy_header_names_the_client_and_its_original_destination() {
         );
     }
     assert_eq!(consumer.log_text().matches("pp-received").count(), 2);
+}
+
+#[test]
+fn an_interface_re_created_while_the_relay_was_down_is_attached_anew() {
+    // A VLAN or veth re-created, a container restarted: the pinned links are severed.
+    let gw = Gateway::new("rc");
+    gw.write_config("auto", &[("shop4", SERVER4)]);
+    let relay = gw.start_relay();
+    assert_served(&gw.fetch(SERVER4), "before");
+    drop(relay);
+    gw.topo.delete_client_link().unwrap();
+    gw.topo.client_link().unwrap();
+    let relay = gw.start_relay();
+    assert!(
+        relay.has_log("pinned XDP link unusable") && relay.has_log("pinned TC link unusable"),
+        "{}",
+        relay.logs().join("\n")
+    );
+    assert_served(&gw.fetch(SERVER4), "steered over the new interface");
+    assert_dropped(
+        &gw.direct(SERVER4),
+        "backend port dropped on the new interface",
+    );
+    assert!(gw.counter("shop4", "dropped") > 0);
+}
+
+#[test]
+fn a_relay_in_a_private_mount_namespace_says_its_pins_will_not_outlive_it() {
+    // `ip netns exec` gives the relay its own mount namespace, where /sys is remounted and no
+    // bpffs is: the relay mounts one there, which vanishes with it.
+    let gw = Gateway::new("pm");
+    gw.write_config("auto", &[("shop4", SERVER4)]);
+    let relay = Relay::start_with(
+        gw.topo
+            .exec(&gw.topo.gw, binary().to_str().unwrap())
+            .args(["run", "--config"])
+            .arg(&gw.config),
+    )
+    .expect("relay starts in ip netns exec");
+    assert!(
+        relay.has_log("PRIVATE mount namespace"),
+        "{}",
+        relay.logs().join("\n")
+    );
 }

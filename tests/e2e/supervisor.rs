@@ -3,11 +3,11 @@
 //! bad requests. Explicit mode over loopback: the supervisor behaves the same in both modes.
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{BufRead as _, BufReader, Write as _},
     net::SocketAddr,
     os::unix::{fs::PermissionsExt as _, net::UnixStream},
-    path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    path::Path,
+    process::{Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -15,84 +15,17 @@ use std::{
 use relay_tests::{
     backend::Backend,
     client::{self, ClientLevel},
-    config::{inbound, outbound, relay_section, service},
+    config::{inbound, outbound, service},
+    env::TestDir,
     free_port,
-    pki::{KeyKind, Pki},
+    pki::KeyKind,
     relay::{Relay, binary},
     wait_until,
 };
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-struct Env {
-    dir: tempfile::TempDir,
-    pki: Pki,
-}
-
-impl Env {
-    fn new() -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = Pki::generate(&dir.path().join("pki")).unwrap();
-        Env { dir, pki }
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("control.sock")
-    }
-
-    fn config_path(&self) -> PathBuf {
-        self.dir.path().join("relay.toml")
-    }
-
-    fn write_config(&self, extra: &str, services: &[String]) {
-        let text = relay_section(self.dir.path(), extra) + &services.concat();
-        std::fs::write(self.config_path(), text).unwrap();
-    }
-
-    fn start(&self) -> Relay {
-        Relay::start(&self.config_path()).unwrap()
-    }
-
-    /// `relay <args> --socket <control socket>`.
-    fn cli(&self, args: &[&str]) -> Output {
-        Command::new(binary())
-            .args(args)
-            .arg("--socket")
-            .arg(self.socket())
-            .output()
-            .unwrap()
-    }
-
-    fn status(&self) -> serde_json::Value {
-        let out = self.cli(&["status", "--json"]);
-        assert!(
-            out.status.success(),
-            "status: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    fn worker_pid(&self) -> i32 {
-        self.status()["worker"]["pid"]
-            .as_i64()
-            .expect("a worker runs") as i32
-    }
-
-    /// Kills the worker with SIGKILL and waits for the supervisor to report a new one.
-    /// Returns the old pid, when the kill was sent, and how long until a new worker showed.
-    fn kill_worker(&self) -> (i32, Instant, Duration) {
-        let old = self.worker_pid();
-        let t = Instant::now();
-        // SAFETY: kill(2) on the worker pid the relay reported.
-        unsafe { libc::kill(old, libc::SIGKILL) };
-        assert!(
-            wait_until(Duration::from_secs(10), || self.worker_pid() != old),
-            "no new worker after killing {old}"
-        );
-        (old, t, t.elapsed())
-    }
-}
+type Env = TestDir;
 
 fn listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
@@ -185,7 +118,7 @@ async fn killing_the_worker_under_load_refuses_no_connection() {
         "requests failed outside the kill instants: {unexplained:?}"
     );
     assert!(failed.len() <= 4, "{} requests failed", failed.len());
-    assert_eq!(env.status()["worker_restarts"], 2);
+    assert_eq!(env.status().worker_restarts, 2);
     assert!(relay.has_log("worker died"));
     assert!(relay.has_log("new worker accepting"));
 }
@@ -238,21 +171,29 @@ async fn reload_changes_the_certificate_for_new_connections_only() {
     assert_eq!(cert, der(&env.pki.server_of(KeyKind::EcdsaP256).cert));
     long.write_all(b"ECHO\n").await.unwrap();
 
-    // A long transfer runs across the reload: 4 MiB echoed in pieces.
+    // A long transfer runs across the reload: 4 MiB echoed in pieces, the first half before
+    // the reload, the second after it (each side waits for the other, no timing involved).
+    let (half_done_tx, half_done_rx) = tokio::sync::oneshot::channel::<()>();
+    let (reloaded_tx, reloaded_rx) = tokio::sync::oneshot::channel::<()>();
     let writer = tokio::spawn(async move {
         let data = relay_tests::pattern(9, 4 << 20);
         let mut got = vec![0u8; data.len()];
-        for (chunk, back) in data.chunks(256 << 10).zip(got.chunks_mut(256 << 10)) {
+        let pieces = data.chunks(256 << 10).zip(got.chunks_mut(256 << 10));
+        let (mut half_done, mut reloaded) = (Some(half_done_tx), Some(reloaded_rx));
+        for (i, (chunk, back)) in pieces.enumerate() {
+            if i == 8 {
+                let _ = half_done.take().unwrap().send(());
+                reloaded.take().unwrap().await.unwrap();
+            }
             long.write_all(chunk).await.unwrap();
             long.read_exact(back).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         long.shutdown().await.unwrap();
         let mut rest = Vec::new();
         long.read_to_end(&mut rest).await.unwrap();
         (data == got, rest.is_empty())
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    half_done_rx.await.unwrap();
     env.write_config("", &[svc(KeyKind::Rsa2048)]);
     let out = env.cli(&["reload"]);
     assert!(
@@ -260,6 +201,7 @@ async fn reload_changes_the_certificate_for_new_connections_only() {
         "reload: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    reloaded_tx.send(()).unwrap();
     let (_new, cert) = tls_connect(front, &env.pki.ca).await;
     assert_eq!(
         cert,
@@ -443,18 +385,20 @@ fn s_client(addr: SocketAddr, ca: &Path, session: &Path, resume: bool) -> bool {
     .stderr(Stdio::null());
     let mut child = cmd.spawn().unwrap();
     let mut stdin = child.stdin.take().unwrap();
-    // Wait for the session ticket (sent after the handshake in TLS 1.3) before closing.
-    stdin.write_all(b"ECHO\nping").unwrap();
-    let mut stdout = child.stdout.take().unwrap();
+    stdin.write_all(b"ECHO\nping\n").unwrap();
+    // The echo comes after the session tickets (sent right after a TLS 1.3 handshake): once
+    // it is back, the session is saved and s_client may go.
     let mut out = String::new();
-    let reader = std::thread::spawn(move || {
-        let _ = stdout.read_to_string(&mut out);
-        out
-    });
-    std::thread::sleep(Duration::from_millis(300));
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let Ok(line) = line else { break };
+        out.push_str(&line);
+        out.push('\n');
+        if line == "ping" {
+            break;
+        }
+    }
     drop(stdin);
     let _ = child.wait();
-    let out = reader.join().unwrap();
     out.contains("Reused, TLSv1.3")
 }
 
@@ -550,12 +494,190 @@ async fn control_socket_is_root_only_and_survives_bad_requests() {
         "{}",
         &answer[..answer.len().min(200)]
     );
-    // A client that says nothing is cut off, and does not block others for long.
-    let _silent = UnixStream::connect(env.socket()).unwrap();
-    let t = Instant::now();
-    assert_eq!(env.status()["services"][0]["name"], "shop");
-    assert!(t.elapsed() < Duration::from_secs(8));
     let s = client::connect(front, &ClientLevel::Plain).await.unwrap();
     client::sink(s, b"serving all along").await.unwrap();
     assert!(!relay.has_log("panicked"));
+}
+
+/// `relay status` answers within a second, five times over, and SIGTERM stops the relay
+/// within two: whatever the supervisor has to deal with meanwhile.
+fn answers_and_stops(env: &Env, mut relay: Relay, situation: &str) {
+    for _ in 0..5 {
+        let t = Instant::now();
+        let status = env.try_status();
+        let took = t.elapsed();
+        assert!(status.is_ok(), "{situation}: status: {status:?}");
+        assert!(
+            took < Duration::from_secs(1),
+            "{situation}: status took {took:?}"
+        );
+    }
+    let t = Instant::now();
+    let exit = relay.terminate(Duration::from_secs(10));
+    assert!(exit.is_some(), "{situation}: no exit after SIGTERM");
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "{situation}: SIGTERM took {:?}",
+        t.elapsed()
+    );
+}
+
+fn plain_service(env: &Env, backend: SocketAddr) -> String {
+    service(
+        "shop",
+        listen(),
+        backend,
+        &inbound("plain", &env.pki),
+        &outbound("plain", &env.pki),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_control_client_holds_up_nothing() {
+    let env = Env::new();
+    let backend = Backend::plain().await;
+    env.write_config("", &[plain_service(&env, backend.addr)]);
+    let relay = env.start();
+    // Connected, and never a byte: the old loop waited up to 5 s on such a client.
+    let _silent: Vec<UnixStream> = (0..3)
+        .map(|_| UnixStream::connect(env.socket()).unwrap())
+        .collect();
+    answers_and_stops(&env, relay, "silent control clients");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_that_dies_at_every_start_holds_up_nothing() {
+    let env = Env::new();
+    let backend = Backend::plain().await;
+    env.write_config("", &[plain_service(&env, backend.addr)]);
+    // A debug build's worker exits at once when this is set: a crash loop.
+    let relay = Relay::launch(
+        Command::new(binary())
+            .args(["run", "--config"])
+            .arg(env.config_path())
+            .env("RELAY_DEBUG_WORKER_EXITS", "1"),
+    )
+    .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || env
+            .try_status()
+            .is_ok_and(|s| s.worker_restarts >= 3)),
+        "the worker keeps being restarted: {:?}\n{}",
+        env.try_status(),
+        relay.logs().join("\n")
+    );
+    assert!(env.status().worker.is_none(), "no worker is serving");
+    answers_and_stops(&env, relay, "a worker that dies at every start");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_certificate_removed_after_start_does_not_stop_a_new_worker() {
+    let env = Env::new();
+    let backend = Backend::plain().await;
+    let front = listen();
+    env.write_config(
+        "",
+        &[service(
+            "shop",
+            front,
+            backend.addr,
+            &inbound("tls", &env.pki),
+            &outbound("plain", &env.pki),
+        )],
+    );
+    let relay = env.start();
+    std::fs::remove_file(&env.pki.server().cert).unwrap();
+    // The next worker gets the bytes the supervisor read when the configuration was checked.
+    env.kill_worker();
+    let s = client::connect(front, &ClientLevel::Tls { ca: &env.pki.ca })
+        .await
+        .unwrap();
+    client::sink(s, b"served by the new worker").await.unwrap();
+    answers_and_stops(&env, relay, "a removed certificate file");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_worker_answer_is_never_taken_for_the_next_one() {
+    let env = Env::new();
+    let backend = Backend::plain().await;
+    let front = listen();
+    let metrics = listen();
+    env.write_config(
+        &format!("metrics = \"{metrics}\""),
+        &[service(
+            "shop",
+            front,
+            backend.addr,
+            &inbound("plain", &env.pki),
+            &outbound("plain", &env.pki),
+        )],
+    );
+    let relay = env.start();
+    let s = client::connect(front, &ClientLevel::Plain).await.unwrap();
+    client::sink(s, b"one connection").await.unwrap();
+    // The worker's next answer comes 1.5 s late, after the status that asked gave up.
+    env.debug(relay::handoff::DebugOp::StallNext(1500));
+    let t = Instant::now();
+    let first = env.status();
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert!(
+        first.connections.is_none(),
+        "the worker did not answer in time"
+    );
+    // Its late answer arrives and is dropped (nothing else asks the worker meanwhile: it
+    // answers in order, so a scrape now would be late too)...
+    assert!(
+        relay.wait_logs(
+            &["late answer from the worker dropped"],
+            1,
+            Duration::from_secs(5)
+        ),
+        "{}",
+        relay.logs().join("\n")
+    );
+    // ...and the next status gets its own answer, not that one.
+    let second = env.status();
+    let counters = second.connections.expect("an answer this time");
+    assert_eq!(counters[0].accepted, 1, "{counters:?}");
+    let late = relay_tests::metrics::sample(metrics, "relay_worker_late_answers_total");
+    assert_eq!(late, 1.0, "counted");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_worker_can_neither_read_a_file_nor_run_a_program() {
+    let env = Env::new();
+    let backend = Backend::plain().await;
+    env.write_config("", &[plain_service(&env, backend.addr)]);
+    let _relay = env.start();
+    let report = env.debug(relay::handoff::DebugOp::Escape);
+    // Landlock refuses the open (EACCES); seccomp refuses the fork and the exec (EPERM).
+    assert!(
+        report.contains("read /etc/hostname: Err") && report.contains("exec /bin/true: Err"),
+        "{report}"
+    );
+    assert!(report.contains("PermissionDenied"), "{report}");
+    let worker = env.worker_pid();
+    let proc_status = std::fs::read_to_string(format!("/proc/{worker}/status")).unwrap();
+    let field = |name: &str| {
+        proc_status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(field("Seccomp"), "2", "seccomp filter mode:\n{proc_status}");
+    assert_eq!(field("NoNewPrivs"), "1");
+    assert_eq!(field("CapEff"), "0000000000000000", "no capability left");
+    // As root, the worker is `relay.user` (nobody by default), not root.
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let uid: u32 = field("Uid")
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_ne!(uid, 0, "the worker runs as root");
+    }
 }

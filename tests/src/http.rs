@@ -11,6 +11,15 @@ use anyhow::{Context as _, bail};
 
 use crate::wait_until;
 
+/// The loopback address of `ip`'s family (a server bound to `::` answers there too).
+fn loopback(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(a) if a.is_unspecified() => IpAddr::from([127, 0, 0, 1]),
+        IpAddr::V6(a) if a.is_unspecified() => IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+        other => other,
+    }
+}
+
 pub struct HttpServer {
     child: Child,
     pub addr: SocketAddr,
@@ -46,13 +55,19 @@ impl HttpServer {
             child,
             addr: SocketAddr::new(ip, port),
         };
-        if !wrap.is_empty() {
-            // Inside another namespace we cannot probe it from here; the caller checks.
-            std::thread::sleep(Duration::from_millis(500));
-            return Ok(server);
-        }
+        // Probed where it runs: from here, or inside its namespace (bash's /dev/tcp).
         let up = wait_until(Duration::from_secs(10), || {
-            TcpStream::connect_timeout(&server.addr, Duration::from_millis(200)).is_ok()
+            if wrap.is_empty() {
+                return TcpStream::connect_timeout(&server.addr, Duration::from_millis(200))
+                    .is_ok();
+            }
+            let probe = format!("exec 3<>/dev/tcp/{}/{}", loopback(ip), port);
+            std::process::Command::new(wrap[0])
+                .args(&wrap[1..])
+                .args(["bash", "-c", &probe])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
         });
         if !up {
             let _ = server.child.kill();

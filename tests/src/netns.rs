@@ -58,6 +58,14 @@ fn ip(args: &[&str]) -> anyhow::Result<Output> {
     run(Command::new("ip").args(args))
 }
 
+/// Gives `dev` in `ns` its IPv4 and IPv6 addresses and brings it up.
+fn address(ns: &str, dev: &str, v4: &str, v6: &str) -> anyhow::Result<()> {
+    ip(&["-n", ns, "addr", "add", v4, "dev", dev])?;
+    ip(&["-n", ns, "addr", "add", v6, "dev", dev, "nodad"])?;
+    ip(&["-n", ns, "link", "set", dev, "up"])?;
+    Ok(())
+}
+
 impl Topology {
     /// Creates the namespaces, veths, addresses and routes. `tag` names the test (short).
     pub fn create(tag: &str) -> anyhow::Result<Topology> {
@@ -81,6 +89,44 @@ impl Topology {
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
         ip(&[
+            "-n", gw, "link", "add", "gw-srv", "type", "veth", "peer", "name", "srv0", "netns", srv,
+        ])?;
+        for (ns, dev, v4, v6) in [
+            (gw, "gw-srv", "198.51.100.1/24", "2001:db8:b::1/64"),
+            (srv, "srv0", "198.51.100.10/24", "2001:db8:b::10/64"),
+        ] {
+            address(ns, dev, v4, v6)?;
+        }
+        ip(&["-n", srv, "route", "add", "default", "via", "198.51.100.1"])?;
+        ip(&[
+            "-n",
+            srv,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            "2001:db8:b::1",
+        ])?;
+        self.client_link()?;
+        run(self
+            .exec(gw, "sysctl")
+            .args(["-qw", "net.ipv4.ip_forward=1"]))?;
+        run(self
+            .exec(gw, "sysctl")
+            .args(["-qw", "net.ipv6.conf.all.forwarding=1"]))?;
+        for gateway in ["198.51.100.1", "2001:db8:b::1"] {
+            run(self.exec(srv, "ping").args(["-c", "1", "-W", "2", gateway]))?;
+        }
+        Ok(())
+    }
+
+    /// The gateway's client-facing veth and the client's end of it, with addresses and the
+    /// client's routes. Called again after [`Topology::delete_client_link`], it re-creates the
+    /// interface under the same name, as a VLAN or container restart would.
+    pub fn client_link(&self) -> anyhow::Result<()> {
+        let (cli, gw) = (self.cli.as_str(), self.gw.as_str());
+        ip(&[
             "-n",
             gw,
             "link",
@@ -94,19 +140,11 @@ impl Topology {
             "netns",
             cli,
         ])?;
-        ip(&[
-            "-n", gw, "link", "add", "gw-srv", "type", "veth", "peer", "name", "srv0", "netns", srv,
-        ])?;
-        let addrs = [
+        for (ns, dev, v4, v6) in [
             (cli, "cli0", "192.0.2.2/24", "2001:db8:a::2/64"),
             (gw, GW_CLIENT_IF, "192.0.2.1/24", "2001:db8:a::1/64"),
-            (gw, "gw-srv", "198.51.100.1/24", "2001:db8:b::1/64"),
-            (srv, "srv0", "198.51.100.10/24", "2001:db8:b::10/64"),
-        ];
-        for (ns, dev, v4, v6) in addrs {
-            ip(&["-n", ns, "addr", "add", v4, "dev", dev])?;
-            ip(&["-n", ns, "addr", "add", v6, "dev", dev, "nodad"])?;
-            ip(&["-n", ns, "link", "set", dev, "up"])?;
+        ] {
+            address(ns, dev, v4, v6)?;
         }
         ip(&["-n", cli, "route", "add", "default", "via", "192.0.2.1"])?;
         ip(&[
@@ -119,35 +157,18 @@ impl Topology {
             "via",
             "2001:db8:a::1",
         ])?;
-        ip(&["-n", srv, "route", "add", "default", "via", "198.51.100.1"])?;
-        ip(&[
-            "-n",
-            srv,
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            "2001:db8:b::1",
-        ])?;
-        run(self
-            .exec(gw, "sysctl")
-            .args(["-qw", "net.ipv4.ip_forward=1"]))?;
-        run(self
-            .exec(gw, "sysctl")
-            .args(["-qw", "net.ipv6.conf.all.forwarding=1"]))?;
         // Resolve the neighbours now: in a fresh topology the first IPv6 connection through
         // the gateway otherwise takes 1-2 s (measured without any relay: 3 of 3 runs; with
         // these pings 3 of 3 under a millisecond), which would blur every timing taken here.
-        for (ns, gateway) in [
-            (cli, "192.0.2.1"),
-            (cli, "2001:db8:a::1"),
-            (srv, "198.51.100.1"),
-            (srv, "2001:db8:b::1"),
-        ] {
-            run(self.exec(ns, "ping").args(["-c", "1", "-W", "2", gateway]))?;
+        for gateway in ["192.0.2.1", "2001:db8:a::1"] {
+            run(self.exec(cli, "ping").args(["-c", "1", "-W", "2", gateway]))?;
         }
         Ok(())
+    }
+
+    /// Deletes the gateway's client-facing veth (its peer in the client namespace goes too).
+    pub fn delete_client_link(&self) -> anyhow::Result<()> {
+        ip(&["-n", &self.gw, "link", "del", GW_CLIENT_IF]).map(drop)
     }
 
     /// `ip netns exec <ns> <program>`: a command in a namespace (own mount namespace too).

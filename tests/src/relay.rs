@@ -59,8 +59,21 @@ impl Relay {
         )
     }
 
-    /// Starts a prepared command (e.g. wrapped in `ip netns exec`) whose stderr is relay's log.
+    /// Starts a prepared command (e.g. wrapped in `ip netns exec`) whose stderr is relay's log,
+    /// and waits until it logs that it is ready.
     pub fn start_with(cmd: &mut Command) -> anyhow::Result<Relay> {
+        let mut relay = Self::launch(cmd)?;
+        let ready = wait_until(Duration::from_secs(30), || {
+            relay.has_log("relay ready") || relay.exited()
+        });
+        if !ready || relay.exited() || !relay.has_log("relay ready") {
+            bail!("relay did not become ready:\n{}", relay.logs().join("\n"));
+        }
+        Ok(relay)
+    }
+
+    /// Starts a prepared command and returns at once, without waiting for it to be ready.
+    pub fn launch(cmd: &mut Command) -> anyhow::Result<Relay> {
         let mut child = cmd
             .env(
                 "RUST_LOG",
@@ -85,14 +98,7 @@ impl Relay {
                 sink.lock().unwrap().push(line);
             }
         });
-        let mut relay = Relay { child, logs };
-        let ready = wait_until(Duration::from_secs(30), || {
-            relay.has_log("relay ready") || relay.exited()
-        });
-        if !ready || relay.exited() || !relay.has_log("relay ready") {
-            bail!("relay did not become ready:\n{}", relay.logs().join("\n"));
-        }
-        Ok(relay)
+        Ok(Relay { child, logs })
     }
 
     /// The worker: the supervisor's child process that relays connections.

@@ -29,10 +29,12 @@ impl Fixture {
         Self { dir }
     }
 
+    /// Checks `text` in full, as `relay check` does: the schema here, the files they name
+    /// in `service`, errors located in the file either way.
     fn parse(&self, text: &str) -> Result<Config, ConfigError> {
         let file = self.dir.path().join("relay.toml");
         fs::write(&file, text).unwrap();
-        Config::load(&file)
+        crate::service::check_file(&file).map(|c| c.config)
     }
 
     /// Parses `text`, expects an error, returns (line, key, message).

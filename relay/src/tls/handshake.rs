@@ -30,7 +30,7 @@ use super::{
     record::{Keys, Opener, RecordError, Sealer, Session, record_len},
     verify::{self, Refusal},
 };
-use crate::{copy::write_all, proxy_protocol::TlsFacts};
+use crate::{net::io::write_all, tls::facts::TlsFacts};
 
 /// The most handshake bytes held at once: rustls accepts handshake messages up to 64 KiB, and a
 /// record more may be in flight behind them.

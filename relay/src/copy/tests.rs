@@ -1,0 +1,445 @@
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use super::*;
+use crate::net::pool;
+use crate::tls::{
+    ServerSide, handshake,
+    testing::{SUITES, Tls, name, tcp_pair},
+};
+
+/// A TLS client (tokio-rustls) connected to the relay's TLS server side.
+async fn inbound(tls: &Tls) -> (tokio_rustls::client::TlsStream<TcpStream>, Side) {
+    let (peer, ours) = tcp_pair().await;
+    let server = ServerSide::with_config(tls.server(true));
+    let (peer, accepted) = tokio::join!(
+        TlsConnector::from(tls.client(false)).connect(name(), peer),
+        handshake::accept(&ours, &server)
+    );
+    let accepted = accepted.unwrap();
+    (
+        peer.unwrap(),
+        Side::Tls(ours, Box::new(accepted.established)),
+    )
+}
+
+/// The relay's TLS client side connected to a TLS server (tokio-rustls).
+async fn outbound(
+    tls: &Tls,
+    config: Arc<rustls::ClientConfig>,
+) -> (tokio_rustls::server::TlsStream<TcpStream>, Side) {
+    let (ours, peer) = tcp_pair().await;
+    let (established, peer) = tokio::join!(
+        handshake::connect(&ours, config, name()),
+        TlsAcceptor::from(tls.server(false)).accept(peer)
+    );
+    (
+        peer.unwrap(),
+        Side::Tls(ours, Box::new(established.unwrap())),
+    )
+}
+
+/// Sends `up` from the client, half-closes, checks the backend got exactly that, then sends
+/// `down` from the backend after the half-close and checks the client got exactly that.
+async fn exchange(
+    mut client: impl AsyncRead + AsyncWrite + Unpin,
+    mut backend: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    relay: tokio::task::JoinHandle<(Transfer, Result<(), CopyError>)>,
+    up: usize,
+    down: usize,
+) {
+    let request: Vec<u8> = (0..up).map(|i| (i * 7 + i / 251) as u8).collect();
+    let answer: Vec<u8> = (0..down).map(|i| (i * 13 + i / 241) as u8).collect();
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        backend.read_to_end(&mut got).await.map(|_| (backend, got))
+    });
+    client.write_all(&request).await.unwrap();
+    client.shutdown().await.unwrap();
+    let (mut backend, got) = reader.await.unwrap().unwrap();
+    assert!(
+        got == request,
+        "client → backend: {} of {up} bytes, or different",
+        got.len()
+    );
+    backend.write_all(&answer).await.unwrap();
+    backend.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    client.read_to_end(&mut got).await.unwrap();
+    assert!(
+        got == answer,
+        "backend → client: {} of {down} bytes, or different",
+        got.len()
+    );
+    let (transfer, result) = relay.await.unwrap();
+    result.unwrap();
+    assert_eq!(
+        transfer,
+        Transfer {
+            up: up as u64,
+            down: down as u64
+        }
+    );
+}
+
+fn spawn_relay(
+    client: Side,
+    backend: Side,
+) -> tokio::task::JoinHandle<(Transfer, Result<(), CopyError>)> {
+    tokio::spawn(relay(
+        client,
+        backend,
+        Limits::idle(Duration::from_secs(10)),
+    ))
+}
+
+#[tokio::test]
+async fn tls_to_plain_keeps_every_byte_with_every_suite() {
+    for suite in SUITES {
+        let tls = Tls::new(suite);
+        let (client, client_side) = inbound(&tls).await;
+        let (backend_side, backend) = tcp_pair().await;
+        let relay = spawn_relay(client_side, Side::Plain(backend_side));
+        exchange(client, backend, relay, 3_000_000, 1_000_000).await;
+    }
+}
+
+#[tokio::test]
+async fn plain_to_tls_keeps_every_byte_with_every_suite() {
+    for suite in SUITES {
+        let tls = Tls::new(suite);
+        let (client, client_side) = tcp_pair().await;
+        let (backend, backend_side) = outbound(&tls, tls.client(true)).await;
+        let relay = spawn_relay(Side::Plain(client_side), backend_side);
+        exchange(client, backend, relay, 1_000_000, 3_000_000).await;
+    }
+}
+
+#[tokio::test]
+async fn tls_to_tls_keeps_every_byte_across_versions() {
+    // TLS 1.3 toward the client, TLS 1.2 toward the backend, and the other way round.
+    for (front, back) in [(SUITES[1], SUITES[3]), (SUITES[5], SUITES[2])] {
+        let (front, back) = (Tls::new(front), Tls::new(back));
+        let (client, client_side) = inbound(&front).await;
+        let (backend, backend_side) = outbound(&back, back.client(true)).await;
+        let relay = spawn_relay(client_side, backend_side);
+        exchange(client, backend, relay, 2_000_000, 2_000_000).await;
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_half_closes_right_after_resuming_gets_its_answer() {
+    let tls = Tls::new(SUITES[0]);
+    let client_config = tls.client(false);
+    let server = Arc::new(ServerSide::with_config(tls.server(true)));
+    for round in 0..3 {
+        let (peer, ours) = tcp_pair().await;
+        let server = Arc::clone(&server);
+        let accept = tokio::spawn(async move {
+            let accepted = handshake::accept(&ours, &server).await;
+            (ours, accepted)
+        });
+        let mut client = TlsConnector::from(Arc::clone(&client_config))
+            .connect(name(), peer)
+            .await
+            .unwrap();
+        // close_notify right behind the Finished, often in the same read of the relay's.
+        client.shutdown().await.unwrap();
+        let (ours, accepted) = accept.await.unwrap();
+        let accepted = accepted.unwrap();
+        assert_eq!(accepted.facts.resumed, round > 0, "connection {round}");
+        let (backend_side, backend) = tcp_pair().await;
+        let relay = spawn_relay(
+            Side::Tls(ours, Box::new(accepted.established)),
+            Side::Plain(backend_side),
+        );
+        exchange(client, backend, relay, 0, 70_000).await;
+    }
+}
+
+#[tokio::test]
+async fn small_messages_cross_one_by_one() {
+    // Interactive traffic: each message must arrive before the next is sent.
+    let tls = Tls::new(SUITES[0]);
+    let (mut client, client_side) = inbound(&tls).await;
+    let (backend_side, mut backend) = tcp_pair().await;
+    let relay = spawn_relay(client_side, Side::Plain(backend_side));
+    for i in 0..50u8 {
+        let message = vec![i; 1 + usize::from(i) * 37];
+        client.write_all(&message).await.unwrap();
+        client.flush().await.unwrap();
+        let mut got = vec![0; message.len()];
+        backend.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, message);
+        backend.write_all(&message).await.unwrap();
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, message);
+    }
+    drop((client, backend));
+    let _ = relay.await;
+}
+
+#[tokio::test]
+async fn key_updates_are_followed_both_ways() {
+    let tls = Tls::new(SUITES[0]);
+    let (mut client, client_side) = inbound(&tls).await;
+    let (mut backend, backend_side) = outbound(&tls, tls.client(true)).await;
+    let relay = spawn_relay(client_side, backend_side);
+    for round in 0..4u8 {
+        // Each peer asks for a KeyUpdate: the relay must renew its receiving key, and its
+        // sending key before its next record, or the peer fails to decrypt.
+        if round % 2 == 0 {
+            client.get_mut().1.refresh_traffic_keys().unwrap();
+        } else {
+            backend.get_mut().1.refresh_traffic_keys().unwrap();
+        }
+        let message = vec![round; 100_000];
+        client.write_all(&message).await.unwrap();
+        let mut got = vec![0; message.len()];
+        backend.read_exact(&mut got).await.unwrap();
+        assert!(got == message, "round {round}: client → backend");
+        backend.write_all(&message).await.unwrap();
+        client.read_exact(&mut got).await.unwrap();
+        assert!(got == message, "round {round}: backend → client");
+    }
+    client.shutdown().await.unwrap();
+    backend.shutdown().await.unwrap();
+    let (_, result) = relay.await.unwrap();
+    result.unwrap();
+}
+
+#[tokio::test]
+async fn tickets_from_the_backend_resume_the_next_connection() {
+    let tls = Tls::new(SUITES[0]);
+    let config = tls.client(true);
+    let server = tls.server(false);
+    for round in 0..2 {
+        let (ours, peer) = tcp_pair().await;
+        let (established, peer) = tokio::join!(
+            handshake::connect(&ours, Arc::clone(&config), name()),
+            TlsAcceptor::from(Arc::clone(&server)).accept(peer)
+        );
+        let mut backend = peer.unwrap();
+        let kind = backend.get_ref().1.handshake_kind();
+        let expected = [rustls::HandshakeKind::Full, rustls::HandshakeKind::Resumed][round];
+        assert_eq!(kind, Some(expected), "connection {round}");
+        let (mut client, client_side) = tcp_pair().await;
+        let relay = spawn_relay(
+            Side::Plain(client_side),
+            Side::Tls(ours, Box::new(established.unwrap())),
+        );
+        // The tickets travel ahead of this answer: the relay hands them to rustls.
+        backend.write_all(b"hello").await.unwrap();
+        backend.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        client.shutdown().await.unwrap();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"hello");
+        relay.await.unwrap().1.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_forged_record_is_answered_with_bad_record_mac_and_the_backend_is_reset() {
+    let tls = Tls::new(SUITES[0]);
+    let (mut client, client_side) = inbound(&tls).await;
+    let (backend_side, mut backend) = tcp_pair().await;
+    let relay = spawn_relay(client_side, Side::Plain(backend_side));
+    client.write_all(b"genuine").await.unwrap();
+    client.flush().await.unwrap();
+    let mut got = [0; 7];
+    backend.read_exact(&mut got).await.unwrap();
+    // A well-formed record whose tag cannot verify.
+    let mut forged = vec![23, 3, 3, 0, 40];
+    forged.extend([0x5a; 40]);
+    client.get_mut().0.write_all(&forged).await.unwrap();
+    let (_, result) = relay.await.unwrap();
+    let error = result.unwrap_err();
+    assert!(
+        matches!(
+            &error,
+            CopyError::Tls {
+                peer: Peer::Client,
+                error,
+                answered: Some(AlertDescription::BadRecordMac),
+            } if matches!(**error, RecordError::Decrypt)
+        ),
+        "{error}"
+    );
+    // The client was told, under the relay's current key.
+    let told = client.read(&mut [0; 16]).await.unwrap_err().to_string();
+    assert!(told.contains("BadRecordMac"), "{told}");
+    // Nothing of the forged record reached the backend, and it sees an abort, not an end.
+    let mut rest = Vec::new();
+    let end = backend.read_to_end(&mut rest).await;
+    assert!(rest.is_empty(), "{rest:?}");
+    assert_eq!(end.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+}
+
+#[tokio::test]
+async fn a_tls_client_that_closes_without_close_notify_gets_the_backend_reset() {
+    let tls = Tls::new(SUITES[3]);
+    let (mut client, client_side) = inbound(&tls).await;
+    let (backend_side, mut backend) = tcp_pair().await;
+    let relay = spawn_relay(client_side, Side::Plain(backend_side));
+    // Half a request, then a FIN that an attacker on the path could have forged.
+    let half = b"POST /transfer HTTP/1.1\r\nContent-Le";
+    client.write_all(half).await.unwrap();
+    client.flush().await.unwrap();
+    client.get_mut().0.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    let end = backend.read_to_end(&mut got).await;
+    // Every byte forwarded arrives (the relay waits for the backend's acknowledgement)...
+    assert_eq!(got, half);
+    // ...and then a reset, never the EOF a complete request would end with.
+    assert_eq!(end.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+    let (transfer, result) = relay.await.unwrap();
+    assert!(
+        matches!(
+            result,
+            Err(CopyError::Truncated {
+                peer: Peer::Client,
+                mid_record: false
+            })
+        ),
+        "{result:?}"
+    );
+    assert_eq!(transfer.up, half.len() as u64);
+}
+
+#[tokio::test]
+async fn a_backend_reset_resets_the_client_after_what_was_sent() {
+    let tls = Tls::new(SUITES[0]);
+    let (mut client, client_side) = tcp_pair().await;
+    let (mut backend, backend_side) = outbound(&tls, tls.client(true)).await;
+    let relay = spawn_relay(Side::Plain(client_side), backend_side);
+    backend.write_all(&[9; 100_000]).await.unwrap();
+    backend.flush().await.unwrap();
+    // The backend's TLS ends without close_notify: a truncation toward a plain client.
+    backend.get_mut().0.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    let end = client.read_to_end(&mut got).await;
+    assert_eq!(got.len(), 100_000, "every byte before the abort arrives");
+    assert_eq!(end.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+    let (_, result) = relay.await.unwrap();
+    assert!(
+        matches!(
+            result,
+            Err(CopyError::Truncated {
+                peer: Peer::Backend,
+                ..
+            })
+        ),
+        "{result:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_worn_tls12_key_ends_the_connection_with_close_notify() {
+    let tls = Tls::new(SUITES[4]);
+    let (mut client, client_side) = inbound(&tls).await;
+    let Side::Tls(socket, mut established) = client_side else {
+        unreachable!()
+    };
+    established.sealer.get_mut().wear_out_after(3);
+    let (backend_side, mut backend) = tcp_pair().await;
+    let relay = spawn_relay(Side::Tls(socket, established), Side::Plain(backend_side));
+    // One record per chunk, each read before the next is sent: three arrive...
+    for i in 0..3u8 {
+        backend.write_all(&[i; 100]).await.unwrap();
+        let mut got = [0; 100];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, [i; 100]);
+    }
+    // ...then the key may not seal another: a close_notify instead.
+    backend.write_all(&[3; 100]).await.unwrap();
+    let mut rest = Vec::new();
+    client
+        .read_to_end(&mut rest)
+        .await
+        .expect("a clean close_notify");
+    assert!(rest.is_empty(), "{} bytes after the limit", rest.len());
+    let (_, result) = relay.await.unwrap();
+    assert!(
+        matches!(
+            &result,
+            Err(CopyError::Tls {
+                error,
+                answered: Some(AlertDescription::CloseNotify),
+                ..
+            }) if matches!(**error, RecordError::Exhausted)
+        ),
+        "{result:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_quiet_tls_connection_holds_no_buffer() {
+    let tls = Tls::new(SUITES[0]);
+    let (mut client, client_side) = inbound(&tls).await;
+    let (mut backend, backend_side) = outbound(&tls, tls.client(true)).await;
+    let relay = spawn_relay(client_side, backend_side);
+    let chunk = vec![7u8; 300_000];
+    client.write_all(&chunk).await.unwrap();
+    let mut got = vec![0u8; chunk.len()];
+    backend.read_exact(&mut got).await.unwrap();
+    backend.write_all(&chunk).await.unwrap();
+    client.read_exact(&mut got).await.unwrap();
+    // Both directions now wait for data: neither may keep a buffer meanwhile.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(pool::in_use(), 0, "buffers held by an idle connection");
+    drop((client, backend));
+    let _ = relay.await.unwrap();
+    assert_eq!(pool::in_use(), 0);
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed() {
+    let (_client, client_side) = tcp_pair().await;
+    let (backend_side, _backend) = tcp_pair().await;
+    let (transfer, result) = relay(
+        Side::Plain(client_side),
+        Side::Plain(backend_side),
+        Limits::idle(Duration::from_millis(200)),
+    )
+    .await;
+    assert!(matches!(result, Err(CopyError::Idle(_))), "{result:?}");
+    assert_eq!(transfer, Transfer::default());
+}
+
+#[tokio::test]
+async fn splice_keeps_every_byte_and_half_closes_both_ways() {
+    let (client, client_side) = tcp_pair().await;
+    let (backend_side, backend) = tcp_pair().await;
+    let relay = spawn_relay(Side::Plain(client_side), Side::Plain(backend_side));
+    exchange(client, backend, relay, 5_000_000, 11).await;
+}
+
+#[tokio::test]
+async fn splice_reports_a_reset() {
+    let (client, client_side) = tcp_pair().await;
+    let (backend_side, backend) = tcp_pair().await;
+    let task = spawn_relay(Side::Plain(client_side), Side::Plain(backend_side));
+    // SO_LINGER 0: close sends a reset instead of a FIN.
+    socket2::SockRef::from(&backend)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(backend);
+    let (_, result) = task.await.unwrap();
+    assert!(
+        matches!(
+            result,
+            Err(CopyError::Io {
+                peer: Peer::Backend,
+                ..
+            })
+        ),
+        "{result:?}"
+    );
+    // The backend's abort reaches the client as an abort.
+    let mut client = client;
+    let end = client.read(&mut [0; 16]).await;
+    assert_eq!(end.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+}

@@ -1,0 +1,137 @@
+//! Compile once: a configuration and the bytes of every file it names become the services the
+//! relay runs — rustls configurations, client policies, backends — checked in full.
+//!
+//! A change (start, reload, `service add`, a CRL replaced on disk) goes through here once in
+//! the supervisor: it reads each file once ([`read`]), compiles from those bytes ([`compile`])
+//! to know the change is sound, with errors on the line of the key they are about, and sends
+//! the same bytes to the worker, which compiles them again without touching the disk.
+
+use std::{path::Path, sync::Arc};
+
+use rustls::{ClientConfig, pki_types::ServerName};
+
+use crate::{
+    config::{self, Config, ConfigError, Level, Seg, Service, Source},
+    tls::{self, Files, OnDeclined, Resumption, TlsError},
+};
+
+/// A service ready to relay: its config with the TLS state built from its files.
+pub struct Compiled {
+    pub config: Service,
+    /// Inbound `tls` or `mtls`.
+    pub server_side: Option<tls::ServerSide>,
+    /// Outbound `tls` or `mtls`: the client configuration and the name the backend's
+    /// certificate must carry.
+    pub connector: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+}
+
+/// A problem with the material of the service at `index`, at the key `path`.
+#[derive(Debug)]
+pub struct CompileError {
+    pub path: Vec<Seg>,
+    pub message: String,
+}
+
+impl CompileError {
+    fn new(index: usize, e: TlsError) -> CompileError {
+        let mut path = vec![Seg::Key("service"), Seg::Index(index)];
+        if let Some(n) = e.sni() {
+            path.extend([Seg::Key("inbound"), Seg::Key("sni"), Seg::Index(n)]);
+        }
+        path.extend(e.field().split('.').map(Seg::Key));
+        CompileError {
+            path,
+            message: e.to_string(),
+        }
+    }
+
+    /// Located in `source` (the config file) when the change came from one.
+    pub fn locate(self, source: Option<&Source>) -> ConfigError {
+        config::locate(source, &self.path, self.message)
+    }
+}
+
+/// Reads every file `services` name, each once.
+pub fn read(services: &[Service]) -> Result<Files, CompileError> {
+    let mut files = Files::new();
+    for (i, s) in services.iter().enumerate() {
+        tls::material::read_into(&mut files, s).map_err(|e| CompileError::new(i, e))?;
+    }
+    Ok(files)
+}
+
+/// Builds every service from `files`. `declined` gives each service what to tell of the
+/// sessions it declines to resume (see `tls::verify`).
+pub fn compile(
+    services: &[Service],
+    files: &Files,
+    resumption: &Resumption,
+    declined: &dyn Fn(&Service) -> OnDeclined,
+) -> Result<Vec<Compiled>, CompileError> {
+    services
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            compile_one(s, files, resumption, declined(s)).map_err(|e| CompileError::new(i, e))
+        })
+        .collect()
+}
+
+fn compile_one(
+    s: &Service,
+    files: &Files,
+    resumption: &Resumption,
+    declined: OnDeclined,
+) -> Result<Compiled, TlsError> {
+    let server_side = match s.inbound.level {
+        Level::Plain => None,
+        _ => Some(tls::server_side(
+            &s.name, &s.inbound, files, resumption, declined,
+        )?),
+    };
+    let connector = match s.outbound.level {
+        Level::Plain => None,
+        _ => Some((
+            tls::client_config(&s.outbound, files)?,
+            tls::server_name(s)?,
+        )),
+    };
+    Ok(Compiled {
+        config: s.clone(),
+        server_side,
+        connector,
+    })
+}
+
+/// A configuration checked in full, with the bytes of its files and what they warn of.
+pub struct Checked {
+    pub config: Config,
+    pub files: Files,
+    pub warnings: Vec<String>,
+}
+
+/// Reads and compiles `config`'s files (not needed afterwards: the worker compiles its own);
+/// errors are located in `source` when the configuration came from a file.
+pub fn check(config: Config, source: Option<&Source>) -> Result<Checked, ConfigError> {
+    let files = read(&config.services).map_err(|e| e.locate(source))?;
+    let quiet: &dyn Fn(&Service) -> OnDeclined = &|_| Arc::new(|_| {});
+    compile(&config.services, &files, &Resumption::default(), quiet)
+        .map_err(|e| e.locate(source))?;
+    let warnings = config
+        .services
+        .iter()
+        .flat_map(|s| tls::material::warnings(s, &files))
+        .collect();
+    Ok(Checked {
+        config,
+        files,
+        warnings,
+    })
+}
+
+/// A config file, parsed and checked in full.
+pub fn check_file(file: &Path) -> Result<Checked, ConfigError> {
+    let source = Source::read(file)?;
+    let config = source.parse()?;
+    check(config, Some(&source))
+}

@@ -1,0 +1,126 @@
+//! The worker as the supervisor sees it: a child process started with one end of the handoff
+//! channel at [`handoff::WORKER_FD`], an [`Asker`] to talk to it, a task that reports its exit
+//! to the loop, and the backoff that paces restarts of a worker that keeps dying.
+
+use std::{
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use tokio::sync::mpsc;
+
+use super::Event;
+use crate::{
+    cli::LogFormat,
+    handoff::{self, Asker, Channel},
+    worker::Identity,
+};
+
+/// A worker that lived this long is healthy again: the next restart is immediate.
+const HEALTHY_AFTER: Duration = Duration::from_secs(30);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+pub struct WorkerProc {
+    pub pid: u32,
+    pub asker: Arc<Asker>,
+    pub started: Instant,
+}
+
+impl WorkerProc {
+    /// Starts `relay worker`; its exit arrives in the loop as [`Event::WorkerExited`].
+    pub fn spawn(
+        log_format: LogFormat,
+        identity: Option<Identity>,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> anyhow::Result<WorkerProc> {
+        let (ours, theirs) = handoff::pair()?;
+        let exe = std::env::current_exe().context("locate the relay binary")?;
+        let mut cmd = tokio::process::Command::new(exe);
+        cmd.arg("--log-format")
+            .arg(match log_format {
+                LogFormat::Text => "text",
+                LogFormat::Json => "json",
+            })
+            .arg("worker");
+        if let Some(id) = identity {
+            cmd.arg("--uid")
+                .arg(id.uid.to_string())
+                .arg("--gid")
+                .arg(id.gid.to_string());
+        }
+        cmd.stdin(std::process::Stdio::null());
+        let raw = theirs.as_raw_fd();
+        // SAFETY: between fork and exec only async-signal-safe calls (dup2, fcntl), on a
+        // descriptor this process owns and keeps open until after the spawn.
+        unsafe {
+            cmd.pre_exec(move || {
+                // SAFETY: `raw` is open (owned by `theirs`); the OwnedFd made from it is
+                // forgotten, so it is never closed here.
+                let theirs = std::mem::ManuallyDrop::new(OwnedFd::from_raw_fd(raw));
+                if raw == handoff::WORKER_FD {
+                    nix::fcntl::fcntl(
+                        &*theirs,
+                        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+                    )?;
+                } else {
+                    // SAFETY: WORKER_FD is free in the child: std opened nothing else there.
+                    let mut target =
+                        std::mem::ManuallyDrop::new(OwnedFd::from_raw_fd(handoff::WORKER_FD));
+                    nix::unistd::dup2(&*theirs, &mut target)?;
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().context("start the worker")?;
+        drop(theirs);
+        let pid = child.id().context("worker pid")?;
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            let _ = events.send(Event::WorkerExited { pid, status });
+        });
+        let asker = Asker::new(Channel::new(ours)?);
+        tokio::spawn({
+            let asker = Arc::clone(&asker);
+            async move { asker.answers().await }
+        });
+        Ok(WorkerProc {
+            pid,
+            asker,
+            started: Instant::now(),
+        })
+    }
+}
+
+/// How soon a dead worker is replaced: at once after a healthy life, then 100 ms, doubling
+/// up to [`MAX_BACKOFF`] while workers keep dying young.
+#[derive(Debug, Default)]
+pub struct Backoff {
+    quick_deaths: u32,
+}
+
+impl Backoff {
+    /// A worker died after `lived`: the wait before the next one.
+    pub fn died(&mut self, lived: Duration) -> Duration {
+        self.quick_deaths = if lived > HEALTHY_AFTER {
+            0
+        } else {
+            self.quick_deaths + 1
+        };
+        self.wait()
+    }
+
+    /// A worker could not even start.
+    pub fn failed(&mut self) -> Duration {
+        self.quick_deaths += 1;
+        self.wait()
+    }
+
+    fn wait(&self) -> Duration {
+        match self.quick_deaths {
+            0 | 1 => Duration::ZERO,
+            n => (Duration::from_millis(100) * 2u32.saturating_pow(n - 2)).min(MAX_BACKOFF),
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! The files a service's TLS configuration is made of: certificates, keys, CAs and CRLs.
+//!
+//! They are read from disk once per change, by the supervisor (which may read them), into
+//! [`Files`]; the same bytes travel to the worker (which may not read anything), and both parse
+//! them from there. A file is read at most [`MAX_FILE`] bytes. Errors name the config key they
+//! belong to ([`TlsError::field`], and the `inbound.sni` entry), so callers can point at the
+//! line; warnings are about what the files say (a key every user may read, a stale CRL).
+
+use std::{
+    collections::HashMap,
+    io::Read as _,
+    path::{Path, PathBuf},
+};
+
+use rustls::{
+    RootCertStore,
+    pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, pem::PemObject as _},
+};
+
+use crate::config::{CrlExpired, Service};
+
+/// Largest certificate, key, CA or CRL file read: far above any real PEM bundle, and a bound
+/// on what a mistaken path (a log file, `/dev/zero`) can make the relay read.
+pub const MAX_FILE: u64 = 16 << 20;
+
+/// The bytes of every file of a set of services, by path.
+pub type Files = HashMap<PathBuf, Vec<u8>>;
+
+/// A problem with a service's TLS material, and the config key it belongs to.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct TlsError {
+    field: &'static str,
+    /// Set when the error is about entry N of `inbound.sni`.
+    sni: Option<usize>,
+    message: String,
+}
+
+impl TlsError {
+    pub(super) fn new(field: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            field,
+            sni: None,
+            message: message.into(),
+        }
+    }
+
+    pub(super) fn in_sni(mut self, n: usize) -> Self {
+        self.sni = Some(n);
+        self
+    }
+
+    /// The config key the error is about, inside the service (`inbound.cert`, `outbound.ca`),
+    /// or inside its `inbound.sni` entry ([`TlsError::sni`]: `cert`, `key`).
+    pub fn field(&self) -> &'static str {
+        self.field
+    }
+
+    /// Which `inbound.sni` entry the error is about, if any.
+    pub fn sni(&self) -> Option<usize> {
+        self.sni
+    }
+}
+
+/// Every file a service's TLS configuration reads, with its key.
+pub fn files_of(s: &Service) -> Vec<(&'static str, Option<usize>, &Path)> {
+    let mut files: Vec<(&'static str, Option<usize>, &Path)> = [
+        ("inbound.cert", &s.inbound.cert),
+        ("inbound.key", &s.inbound.key),
+        ("inbound.client_ca", &s.inbound.client_ca),
+        ("inbound.crl", &s.inbound.crl),
+        ("outbound.ca", &s.outbound.ca),
+        ("outbound.cert", &s.outbound.cert),
+        ("outbound.key", &s.outbound.key),
+    ]
+    .into_iter()
+    .filter_map(|(k, p)| Some((k, None, p.as_deref()?)))
+    .collect();
+    for (n, e) in s.inbound.sni.iter().enumerate() {
+        files.extend([
+            ("cert", Some(n), e.cert.as_path()),
+            ("key", Some(n), e.key.as_path()),
+        ]);
+    }
+    files
+}
+
+/// Reads every file of `s` not in `files` yet. The error names the key of the file that could
+/// not be read (`inbound.cert`, or `cert` of `inbound.sni[N]`).
+pub fn read_into(files: &mut Files, s: &Service) -> Result<(), TlsError> {
+    for (field, sni, path) in files_of(s) {
+        if files.contains_key(path) {
+            continue;
+        }
+        let bytes = read(path).map_err(|e| {
+            let error = TlsError::new(field, format!("{}: cannot read: {e}", path.display()));
+            match sni {
+                Some(n) => error.in_sni(n),
+                None => error,
+            }
+        })?;
+        files.insert(path.to_path_buf(), bytes);
+    }
+    Ok(())
+}
+
+fn read(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_FILE + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE {
+        return Err(std::io::Error::other(format!(
+            "larger than {} MiB: not a PEM file",
+            MAX_FILE >> 20
+        )));
+    }
+    Ok(bytes)
+}
+
+/// The bytes of `path`, read earlier.
+fn bytes<'f>(files: &'f Files, field: &'static str, path: &Path) -> Result<&'f [u8], TlsError> {
+    files
+        .get(path)
+        .map(Vec::as_slice)
+        .ok_or_else(|| TlsError::new(field, format!("{}: not read", path.display())))
+}
+
+pub(super) fn certs(
+    files: &Files,
+    field: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = bytes(files, field, path)?;
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::new(field, format!("{}: {}", path.display(), pem_error(e))))?;
+    if certs.is_empty() {
+        return Err(TlsError::new(
+            field,
+            format!("{}: no CERTIFICATE in PEM file", path.display()),
+        ));
+    }
+    Ok(certs)
+}
+
+pub(super) fn key(
+    files: &Files,
+    field: &'static str,
+    path: &Path,
+) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let pem = bytes(files, field, path)?;
+    PrivateKeyDer::from_pem_slice(pem)
+        .map_err(|e| TlsError::new(field, format!("{}: {}", path.display(), pem_error(e))))
+}
+
+pub(super) fn roots(
+    files: &Files,
+    field: &'static str,
+    path: &Path,
+) -> Result<RootCertStore, TlsError> {
+    let mut store = RootCertStore::empty();
+    for cert in certs(files, field, path)? {
+        store
+            .add(cert)
+            .map_err(|e| TlsError::new(field, format!("{}: {e}", path.display())))?;
+    }
+    Ok(store)
+}
+
+/// The CRLs of a PEM file; at least one.
+pub(super) fn crls(
+    files: &Files,
+    path: &Path,
+) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let field = "inbound.crl";
+    let pem = bytes(files, field, path)?;
+    let crls = CertificateRevocationListDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::new(field, format!("{}: {}", path.display(), pem_error(e))))?;
+    if crls.is_empty() {
+        return Err(TlsError::new(
+            field,
+            format!("{}: no X509 CRL in PEM file", path.display()),
+        ));
+    }
+    Ok(crls)
+}
+
+fn pem_error(e: rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error;
+    match e {
+        Error::Io(e) => format!("cannot read: {e}"),
+        Error::NoItemsFound => "no matching PEM section (expected a certificate or a private \
+                                key in PEM format)"
+            .into(),
+        other => format!("invalid PEM: {other:?}"),
+    }
+}
+
+pub(super) fn required<'a>(
+    field: &'static str,
+    p: &'a Option<PathBuf>,
+) -> Result<&'a Path, TlsError> {
+    p.as_deref()
+        .ok_or_else(|| TlsError::new(field, "required for this level"))
+}
+
+/// Warnings about what the files of `s` say: a private key that every user of this machine may
+/// read (a leaked key lets anyone impersonate the service; owner- and group-only keys pass, a
+/// group such as `ssl-cert` being a common way to share them), and a CRL past its nextUpdate.
+pub fn warnings(s: &Service, files: &Files) -> Vec<String> {
+    let mut out = key_warnings(s);
+    if let Some(crl) = s.inbound.crl.as_deref()
+        && let Some(pem) = files.get(crl)
+    {
+        out.extend(crl_warnings(s, pem));
+    }
+    out
+}
+
+fn key_warnings(s: &Service) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut keys = vec![("inbound.key", s.inbound.key.as_deref())];
+    keys.push(("outbound.key", s.outbound.key.as_deref()));
+    keys.extend(
+        s.inbound
+            .sni
+            .iter()
+            .map(|e| ("inbound.sni.key", Some(e.key.as_path()))),
+    );
+    keys.into_iter()
+        .filter_map(|(key, path)| {
+            let path = path?;
+            let mode = std::fs::metadata(path).ok()?.permissions().mode();
+            (mode & 0o004 != 0).then(|| {
+                format!(
+                    "service {}: {key} {} is readable by every user (mode {:o}); chmod o-r it",
+                    s.name,
+                    path.display(),
+                    mode & 0o777
+                )
+            })
+        })
+        .collect()
+}
+
+/// A warning for every CRL in `pem` (the bytes of `inbound.crl`) past its nextUpdate: with
+/// `crl_expired = "reject"` its clients are refused until it is renewed.
+fn crl_warnings(s: &Service, pem: &[u8]) -> Vec<String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let policy = match s.inbound.crl_expired.unwrap_or_default() {
+        CrlExpired::Reject => "its clients are refused until it is renewed",
+        CrlExpired::Accept => "accepted anyway (crl_expired = \"accept\")",
+    };
+    CertificateRevocationListDer::pem_slice_iter(pem)
+        .filter_map(Result::ok)
+        .filter_map(|der| {
+            use x509_parser::prelude::FromDer as _;
+            let (_, crl) =
+                x509_parser::revocation_list::CertificateRevocationList::from_der(&der).ok()?;
+            let next = crl.next_update()?;
+            (next.timestamp() < now).then(|| {
+                format!(
+                    "service {}: the CRL of {} in {} was due for renewal at {next}: {policy}",
+                    s.name,
+                    crl.issuer(),
+                    s.inbound.crl.as_deref().unwrap_or(Path::new("?")).display(),
+                )
+            })
+        })
+        .collect()
+}
