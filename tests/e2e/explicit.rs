@@ -4,7 +4,7 @@
 use std::{
     net::SocketAddr,
     path::Path,
-    process::{Command, Output, Stdio},
+    process::{Command, Output},
     time::Duration,
 };
 
@@ -94,31 +94,9 @@ fn resolve(addr: SocketAddr) -> String {
 }
 
 fn s_client(addr: SocketAddr, ca: &Path, extra: &[&str]) -> Output {
-    let mut child = Command::new("openssl")
-        .args([
-            "s_client",
-            "-connect",
-            &addr.to_string(),
-            "-servername",
-            "localhost",
-        ])
-        .arg("-CAfile")
-        .arg(ca)
-        .args(["-verify_return_error", "-ign_eof"])
-        .args(extra)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("openssl is installed (`cargo xtask setup`)");
-    use std::io::Write as _;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"GET /hello.txt HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .unwrap();
-    child.wait_with_output().unwrap()
+    let mut args = vec!["-verify_return_error"];
+    args.extend(extra);
+    client::openssl_get(addr, ca, "/hello.txt", &args)
 }
 
 fn text(b: &[u8]) -> String {
@@ -132,13 +110,7 @@ async fn curl_over_tls_reaches_a_real_http_backend() {
     let front = listen();
     let relay = env.start_relay(
         "",
-        &[service(
-            "web",
-            front,
-            http.addr,
-            &inbound("tls", &env.pki),
-            &outbound("plain", &env.pki),
-        )],
+        &[env.service("web", front, http.addr, ("tls", "plain"), ("", ""))],
     );
     let out = curl(&[
         "--cacert",
@@ -289,19 +261,19 @@ async fn sixty_four_mib_each_way_with_half_close() {
     let _relay = env.start_relay(
         "",
         &[
-            service(
+            env.service(
                 "tls-in",
                 tls_in,
                 plain_backend.addr,
-                &inbound("tls", &env.pki),
-                &outbound("plain", &env.pki),
+                ("tls", "plain"),
+                ("", ""),
             ),
-            service(
+            env.service(
                 "tls-out",
                 tls_out,
                 tls_backend.addr,
-                &inbound("plain", &env.pki),
-                &outbound("tls", &env.pki),
+                ("plain", "tls"),
+                ("", ""),
             ),
         ],
     );
@@ -329,13 +301,7 @@ async fn mtls_accepts_the_client_ca_and_rejects_others() {
     let front = listen();
     let relay = env.start_relay(
         "",
-        &[service(
-            "api",
-            front,
-            http.addr,
-            &inbound("mtls", &env.pki),
-            &outbound("plain", &env.pki),
-        )],
+        &[env.service("api", front, http.addr, ("mtls", "plain"), ("", ""))],
     );
     let ca = env.pki.ca.to_str().unwrap();
     let (url, res) = (https_url(front), resolve(front));
@@ -392,13 +358,7 @@ async fn wrong_protocol_on_a_tls_port_is_closed_and_the_relay_keeps_serving() {
     let front = listen();
     let relay = env.start_relay(
         "handshake_timeout = \"1s\"",
-        &[service(
-            "shop",
-            front,
-            backend.addr,
-            &inbound("tls", &env.pki),
-            &outbound("plain", &env.pki),
-        )],
+        &[env.service("shop", front, backend.addr, ("tls", "plain"), ("", ""))],
     );
     let attempts: [(&str, Vec<u8>, bool); 4] = [
         ("random bytes", pattern(1, 2000), true),
@@ -462,27 +422,9 @@ async fn backend_down_closes_the_client_promptly() {
     let relay = env.start_relay(
         "",
         &[
-            service(
-                "dead",
-                f_dead,
-                dead,
-                &inbound("plain", &env.pki),
-                &outbound("plain", &env.pki),
-            ),
-            service(
-                "dead-tls",
-                f_tls_dead,
-                dead,
-                &inbound("plain", &env.pki),
-                &outbound("tls", &env.pki),
-            ),
-            service(
-                "live",
-                f_live,
-                live.addr,
-                &inbound("plain", &env.pki),
-                &outbound("plain", &env.pki),
-            ),
+            env.service("dead", f_dead, dead, ("plain", "plain"), ("", "")),
+            env.service("dead-tls", f_tls_dead, dead, ("plain", "tls"), ("", "")),
+            env.service("live", f_live, live.addr, ("plain", "plain"), ("", "")),
         ],
     );
     for front in [f_dead, f_tls_dead] {
@@ -506,14 +448,9 @@ async fn idle_timeout_and_connection_limit() {
     let env = env();
     let backend = env.backend("plain").await;
     let front = listen();
-    let svc = service(
-        "small",
-        front,
-        backend.addr,
-        &inbound("plain", &env.pki),
-        &outbound("plain", &env.pki),
-    )
-    .replace("listen =", "max_connections = 2\nlisten =");
+    let svc = env
+        .service("small", front, backend.addr, ("plain", "plain"), ("", ""))
+        .replace("listen =", "max_connections = 2\nlisten =");
     let relay = env.start_relay("idle_timeout = \"1s\"", &[svc]);
     let mut held = Vec::new();
     for _ in 0..2 {
@@ -552,13 +489,7 @@ async fn sigterm_stops_accepting_and_lets_connections_finish() {
     let front = listen();
     let mut relay = env.start_relay(
         "shutdown_grace = \"20s\"",
-        &[service(
-            "echo",
-            front,
-            backend.addr,
-            &inbound("plain", &env.pki),
-            &outbound("plain", &env.pki),
-        )],
+        &[env.service("echo", front, backend.addr, ("plain", "plain"), ("", ""))],
     );
     let mut s = tokio::net::TcpStream::connect(front).await.unwrap();
     s.write_all(b"ECHO\nbefore").await.unwrap();

@@ -6,9 +6,8 @@ use std::{collections::HashMap, net::SocketAddr, process::Command, time::Duratio
 use relay_tests::{
     backend::Backend,
     client::{self, ClientLevel},
-    config::{inbound, outbound, relay_section, service},
+    env::TestDir,
     free_port,
-    pki::Pki,
     relay::{Relay, binary},
 };
 use tokio::io::AsyncWriteExt as _;
@@ -73,28 +72,18 @@ fn scrape(addr: SocketAddr, path: &str) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_scraped_and_parsed_and_status_for_humans() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::generate(&dir.path().join("pki")).unwrap();
+    let env = TestDir::new();
     let backend = Backend::plain().await;
     let front = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let config = dir.path().join("relay.toml");
-    std::fs::write(
-        &config,
-        relay_section(dir.path(), &format!("metrics = \"{metrics}\""))
-            + &service(
-                "shop",
-                front,
-                backend.addr,
-                &inbound("tls", &pki),
-                &outbound("plain", &pki),
-            ),
-    )
-    .unwrap();
+    let config = env.write_config(
+        &format!("metrics = \"{metrics}\""),
+        &[env.service("shop", front, backend.addr, ("tls", "plain"), ("", ""))],
+    );
     let relay = Relay::start(&config).unwrap();
 
     for _ in 0..2 {
-        let s = client::connect(front, &ClientLevel::Tls { ca: &pki.ca })
+        let s = client::connect(front, &ClientLevel::Tls { ca: &env.pki.ca })
             .await
             .unwrap();
         client::sink(s, &[7u8; 1000]).await.unwrap();
@@ -168,36 +157,26 @@ async fn metrics_scraped_and_parsed_and_status_for_humans() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn json_logs_one_object_per_line_without_key_material() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::generate(&dir.path().join("pki")).unwrap();
+    let env = TestDir::new();
     let backend = Backend::plain().await;
     let front = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let config = dir.path().join("relay.toml");
-    std::fs::write(
-        &config,
-        relay_section(dir.path(), "")
-            + &service(
-                "shop",
-                front,
-                backend.addr,
-                &inbound("tls", &pki),
-                &outbound("plain", &pki),
-            ),
-    )
-    .unwrap();
+    let config = env.write_config(
+        "",
+        &[env.service("shop", front, backend.addr, ("tls", "plain"), ("", ""))],
+    );
     let mut relay = Relay::start_with(
         Command::new(binary())
             .args(["--log-format", "json", "run", "--config"])
             .arg(&config),
     )
     .unwrap();
-    let s = client::connect(front, &ClientLevel::Tls { ca: &pki.ca })
+    let s = client::connect(front, &ClientLevel::Tls { ca: &env.pki.ca })
         .await
         .unwrap();
     client::sink(s, b"logged").await.unwrap();
     assert!(relay.wait_logs(&["connection closed"], 1, Duration::from_secs(5)));
     relay.terminate(Duration::from_secs(10)).unwrap();
-    let key = std::fs::read_to_string(&pki.server().key).unwrap();
+    let key = std::fs::read_to_string(&env.pki.server().key).unwrap();
     let key_body: String = key.lines().nth(1).unwrap().to_string();
     for line in relay.logs() {
         let v: serde_json::Value =
@@ -218,24 +197,14 @@ async fn json_logs_one_object_per_line_without_key_material() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn systemd_readiness_and_stopping_are_notified() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::generate(&dir.path().join("pki")).unwrap();
+    let env = TestDir::new();
     let backend = Backend::plain().await;
     let front = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let config = dir.path().join("relay.toml");
-    std::fs::write(
-        &config,
-        relay_section(dir.path(), "")
-            + &service(
-                "shop",
-                front,
-                backend.addr,
-                &inbound("plain", &pki),
-                &outbound("plain", &pki),
-            ),
-    )
-    .unwrap();
-    let notify = dir.path().join("notify.sock");
+    let config = env.write_config(
+        "",
+        &[env.service("shop", front, backend.addr, ("plain", "plain"), ("", ""))],
+    );
+    let notify = env.path().join("notify.sock");
     let socket = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
     socket
         .set_read_timeout(Some(Duration::from_secs(20)))

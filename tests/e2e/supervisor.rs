@@ -15,7 +15,7 @@ use std::{
 use relay_tests::{
     backend::Backend,
     client::{self, ClientLevel},
-    config::{inbound, outbound, service},
+    config::{outbound, service},
     env::TestDir,
     free_port,
     pki::KeyKind,
@@ -49,13 +49,7 @@ async fn killing_the_worker_under_load_refuses_no_connection() {
     let front = listen();
     env.write_config(
         "",
-        &[service(
-            "load",
-            front,
-            backend.addr,
-            &inbound("plain", &env.pki),
-            &outbound("plain", &env.pki),
-        )],
+        &[env.service("load", front, backend.addr, ("plain", "plain"), ("", ""))],
     );
     let relay = env.start();
 
@@ -244,13 +238,7 @@ async fn services_are_added_and_removed_at_run_time() {
     let first = listen();
     env.write_config(
         "",
-        &[service(
-            "first",
-            first,
-            backend.addr,
-            &inbound("plain", &env.pki),
-            &outbound("plain", &env.pki),
-        )],
+        &[env.service("first", first, backend.addr, ("plain", "plain"), ("", ""))],
     );
     let _relay = env.start();
     let second = listen();
@@ -409,13 +397,7 @@ async fn tls_resumption_survives_a_worker_restart() {
     let front = listen();
     env.write_config(
         "",
-        &[service(
-            "shop",
-            front,
-            backend.addr,
-            &inbound("tls", &env.pki),
-            &outbound("plain", &env.pki),
-        )],
+        &[env.service("shop", front, backend.addr, ("tls", "plain"), ("", ""))],
     );
     let _relay = env.start();
     let session = env.dir.path().join("session.pem");
@@ -453,13 +435,7 @@ async fn control_socket_is_root_only_and_survives_bad_requests() {
     let front = listen();
     env.write_config(
         "",
-        &[service(
-            "shop",
-            front,
-            backend.addr,
-            &inbound("plain", &env.pki),
-            &outbound("plain", &env.pki),
-        )],
+        &[env.service("shop", front, backend.addr, ("plain", "plain"), ("", ""))],
     );
     let relay = env.start();
     let mode = std::fs::metadata(env.socket())
@@ -523,13 +499,7 @@ fn answers_and_stops(env: &Env, mut relay: Relay, situation: &str) {
 }
 
 fn plain_service(env: &Env, backend: SocketAddr) -> String {
-    service(
-        "shop",
-        listen(),
-        backend,
-        &inbound("plain", &env.pki),
-        &outbound("plain", &env.pki),
-    )
+    env.service("shop", listen(), backend, ("plain", "plain"), ("", ""))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -577,13 +547,7 @@ async fn a_certificate_removed_after_start_does_not_stop_a_new_worker() {
     let front = listen();
     env.write_config(
         "",
-        &[service(
-            "shop",
-            front,
-            backend.addr,
-            &inbound("tls", &env.pki),
-            &outbound("plain", &env.pki),
-        )],
+        &[env.service("shop", front, backend.addr, ("tls", "plain"), ("", ""))],
     );
     let relay = env.start();
     std::fs::remove_file(&env.pki.server().cert).unwrap();
@@ -604,13 +568,7 @@ async fn a_late_worker_answer_is_never_taken_for_the_next_one() {
     let metrics = listen();
     env.write_config(
         &format!("metrics = \"{metrics}\""),
-        &[service(
-            "shop",
-            front,
-            backend.addr,
-            &inbound("plain", &env.pki),
-            &outbound("plain", &env.pki),
-        )],
+        &[env.service("shop", front, backend.addr, ("plain", "plain"), ("", ""))],
     );
     let relay = env.start();
     let s = client::connect(front, &ClientLevel::Plain).await.unwrap();

@@ -7,10 +7,9 @@
 //! was authorised.
 
 use std::{
-    io::{Read as _, Write as _},
+    io::Read as _,
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
     time::{Duration, SystemTime},
 };
 
@@ -69,37 +68,23 @@ fn visit(
     session: &Path,
     resume: bool,
 ) -> Visit {
-    let mut cmd = Command::new("openssl");
-    cmd.args(["s_client", "-connect", &front.to_string()])
-        .args(["-servername", "localhost", "-ign_eof"])
-        .arg("-CAfile")
-        .arg(ca)
-        .args(flags)
-        .arg(if resume { "-sess_in" } else { "-sess_out" })
-        .arg(session);
+    let mut args: Vec<std::ffi::OsString> = flags.iter().map(Into::into).collect();
+    args.push(if resume { "-sess_in" } else { "-sess_out" }.into());
+    args.push(session.into());
     if let Some(c) = cert {
-        cmd.arg("-cert").arg(&c.cert).arg("-key").arg(&c.key);
+        args.extend([
+            "-cert".into(),
+            c.cert.clone().into(),
+            "-key".into(),
+            c.key.clone().into(),
+        ]);
         // A chain in the file (a certificate from an intermediate): send all of it.
         let pem = std::fs::read_to_string(&c.cert).unwrap();
         if pem.matches("BEGIN CERTIFICATE").count() > 1 {
-            cmd.arg("-cert_chain").arg(&c.cert);
+            args.extend(["-cert_chain".into(), c.cert.clone().into()]);
         }
     }
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("openssl is installed (`cargo xtask setup`)");
-    // HTTP/1.0: the backend closes after its answer, and the relay passes the end on as a
-    // close_notify; with -ign_eof, s_client reads (TLS 1.3 tickets included) until then.
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"GET /page.txt HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = relay_tests::client::openssl_get(front, ca, "/page.txt", &args);
     let stdout = String::from_utf8_lossy(&out.stdout);
     Visit {
         reused: stdout.contains("Reused, TLSv1."),
@@ -288,11 +273,7 @@ fn a_client_dropped_from_allow_cannot_resume_and_one_still_allowed_does() {
     let config = gate.env.path().join("relay.toml");
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, text.replace("\"dns:client-a.example\", ", "")).unwrap();
-    let out = Command::new(relay_tests::relay::binary())
-        .args(["reload", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = gate.env.cli(&["reload"]);
     assert!(
         out.status.success(),
         "{}",
@@ -455,11 +436,7 @@ fn a_stale_crl_fails_closed_unless_the_operator_accepts_it() {
     let text = std::fs::read_to_string(&config).unwrap();
     let relaxed = text.replace("crl = ", "crl_expired = \"accept\"\ncrl = ");
     std::fs::write(&config, relaxed).unwrap();
-    let out = Command::new(relay_tests::relay::binary())
-        .args(["reload", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = gate.env.cli(&["reload"]);
     assert!(
         out.status.success(),
         "{}",

@@ -176,3 +176,37 @@ pub async fn read_until_closed(
         }
     }
 }
+
+/// `openssl s_client` to `addr` (server name `localhost`, trusting `ca`), asking for `path` in
+/// HTTP/1.0 and reading until the relay ends the connection (`-ign_eof`): the backend closes
+/// after its answer, and a TLS 1.3 session's tickets arrive before it. `extra` are more
+/// s_client arguments (`-tls1_2`, `-cert …`, `-sess_out …`).
+pub fn openssl_get<S: AsRef<std::ffi::OsStr>>(
+    addr: SocketAddr,
+    ca: &Path,
+    path: &str,
+    extra: &[S],
+) -> std::process::Output {
+    use std::{
+        io::Write as _,
+        process::{Command, Stdio},
+    };
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-connect", &addr.to_string()])
+        .args(["-servername", "localhost", "-ign_eof", "-CAfile"])
+        .arg(ca)
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl is installed (`cargo xtask setup`)");
+    let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(request.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}

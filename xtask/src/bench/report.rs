@@ -146,7 +146,7 @@ fn level_pairs(md: &mut String, results: &Results) -> anyhow::Result<()> {
         None => {
             writeln!(
                 md,
-                "| pair | KiB per idle conn ↓ | copies per byte ↓ | MB/s ↑ |"
+                "| pair | KiB per idle conn ↓ | copies per byte ↓ | CPU-s per GB ↓ |"
             )?;
             writeln!(md, "|---|---:|---:|---:|")?;
         }
