@@ -31,6 +31,19 @@ fn listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
+/// A relay with one service `shop` on a fresh loopback port in front of a plain backend.
+async fn one_service(globals: &str, levels: (&str, &str)) -> (Env, Backend, SocketAddr, Relay) {
+    let env = Env::new();
+    let backend = Backend::plain().await;
+    let front = listen();
+    env.write_config(
+        globals,
+        &[env.service("shop", front, backend.addr, levels, ("", ""))],
+    );
+    let relay = env.start();
+    (env, backend, front, relay)
+}
+
 /// One raw line to the control socket; the raw answer line (empty if the relay hung up).
 fn control_raw(socket: &Path, request: &[u8]) -> String {
     let mut s = UnixStream::connect(socket).unwrap();
@@ -44,14 +57,7 @@ fn control_raw(socket: &Path, request: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn killing_the_worker_under_load_refuses_no_connection() {
-    let env = Env::new();
-    let backend = Backend::plain().await;
-    let front = listen();
-    env.write_config(
-        "",
-        &[env.service("load", front, backend.addr, ("plain", "plain"), ("", ""))],
-    );
-    let relay = env.start();
+    let (env, _backend, front, relay) = one_service("", ("plain", "plain")).await;
 
     // 200 connections per second for 10 seconds, each a full request; the worker is killed
     // twice meanwhile.
@@ -392,14 +398,7 @@ fn s_client(addr: SocketAddr, ca: &Path, session: &Path, resume: bool) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tls_resumption_survives_a_worker_restart() {
-    let env = Env::new();
-    let backend = Backend::plain().await;
-    let front = listen();
-    env.write_config(
-        "",
-        &[env.service("shop", front, backend.addr, ("tls", "plain"), ("", ""))],
-    );
-    let _relay = env.start();
+    let (env, _backend, front, _relay) = one_service("", ("tls", "plain")).await;
     let session = env.dir.path().join("session.pem");
     let (ca, sess) = (env.pki.ca.clone(), session.clone());
     let rate = move |n: usize| {
@@ -430,14 +429,7 @@ async fn tls_resumption_survives_a_worker_restart() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn control_socket_is_root_only_and_survives_bad_requests() {
-    let env = Env::new();
-    let backend = Backend::plain().await;
-    let front = listen();
-    env.write_config(
-        "",
-        &[env.service("shop", front, backend.addr, ("plain", "plain"), ("", ""))],
-    );
-    let relay = env.start();
+    let (env, _backend, front, relay) = one_service("", ("plain", "plain")).await;
     let mode = std::fs::metadata(env.socket())
         .unwrap()
         .permissions()
@@ -498,16 +490,9 @@ fn answers_and_stops(env: &Env, mut relay: Relay, situation: &str) {
     );
 }
 
-fn plain_service(env: &Env, backend: SocketAddr) -> String {
-    env.service("shop", listen(), backend, ("plain", "plain"), ("", ""))
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_silent_control_client_holds_up_nothing() {
-    let env = Env::new();
-    let backend = Backend::plain().await;
-    env.write_config("", &[plain_service(&env, backend.addr)]);
-    let relay = env.start();
+    let (env, _backend, _front, relay) = one_service("", ("plain", "plain")).await;
     // Connected, and never a byte: the old loop waited up to 5 s on such a client.
     let _silent: Vec<UnixStream> = (0..3)
         .map(|_| UnixStream::connect(env.socket()).unwrap())
@@ -519,7 +504,8 @@ async fn a_silent_control_client_holds_up_nothing() {
 async fn a_worker_that_dies_at_every_start_holds_up_nothing() {
     let env = Env::new();
     let backend = Backend::plain().await;
-    env.write_config("", &[plain_service(&env, backend.addr)]);
+    let svc = env.service("shop", listen(), backend.addr, ("plain", "plain"), ("", ""));
+    env.write_config("", &[svc]);
     // A debug build's worker exits at once when this is set: a crash loop.
     let relay = Relay::launch(
         Command::new(binary())
@@ -542,14 +528,7 @@ async fn a_worker_that_dies_at_every_start_holds_up_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_certificate_removed_after_start_does_not_stop_a_new_worker() {
-    let env = Env::new();
-    let backend = Backend::plain().await;
-    let front = listen();
-    env.write_config(
-        "",
-        &[env.service("shop", front, backend.addr, ("tls", "plain"), ("", ""))],
-    );
-    let relay = env.start();
+    let (env, _backend, front, relay) = one_service("", ("tls", "plain")).await;
     std::fs::remove_file(&env.pki.server().cert).unwrap();
     // The next worker gets the bytes the supervisor read when the configuration was checked.
     env.kill_worker();
@@ -562,15 +541,9 @@ async fn a_certificate_removed_after_start_does_not_stop_a_new_worker() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_late_worker_answer_is_never_taken_for_the_next_one() {
-    let env = Env::new();
-    let backend = Backend::plain().await;
-    let front = listen();
     let metrics = listen();
-    env.write_config(
-        &format!("metrics = \"{metrics}\""),
-        &[env.service("shop", front, backend.addr, ("plain", "plain"), ("", ""))],
-    );
-    let relay = env.start();
+    let (env, _backend, front, relay) =
+        one_service(&format!("metrics = \"{metrics}\""), ("plain", "plain")).await;
     let s = client::connect(front, &ClientLevel::Plain).await.unwrap();
     client::sink(s, b"one connection").await.unwrap();
     // The worker's next answer comes 1.5 s late, after the status that asked gave up.
@@ -603,10 +576,7 @@ async fn a_late_worker_answer_is_never_taken_for_the_next_one() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_worker_can_neither_read_a_file_nor_run_a_program() {
-    let env = Env::new();
-    let backend = Backend::plain().await;
-    env.write_config("", &[plain_service(&env, backend.addr)]);
-    let _relay = env.start();
+    let (env, _backend, _front, _relay) = one_service("", ("plain", "plain")).await;
     let report = env.debug(relay::handoff::DebugOp::Escape);
     // Landlock refuses the open (EACCES); seccomp refuses the fork and the exec (EPERM).
     assert!(
