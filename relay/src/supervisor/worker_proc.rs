@@ -3,12 +3,12 @@
 //! to the loop, and the backoff that paces restarts of a worker that keeps dying.
 
 use std::{
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
+use command_fds::{CommandFdExt as _, FdMapping};
 use tokio::sync::mpsc;
 
 use super::Event;
@@ -51,30 +51,16 @@ impl WorkerProc {
                 .arg(id.gid.to_string());
         }
         cmd.stdin(std::process::Stdio::null());
-        let raw = theirs.as_raw_fd();
-        // SAFETY: between fork and exec only async-signal-safe calls (dup2, fcntl), on a
-        // descriptor this process owns and keeps open until after the spawn.
-        unsafe {
-            cmd.pre_exec(move || {
-                // SAFETY: `raw` is open (owned by `theirs`); the OwnedFd made from it is
-                // forgotten, so it is never closed here.
-                let theirs = std::mem::ManuallyDrop::new(OwnedFd::from_raw_fd(raw));
-                if raw == handoff::WORKER_FD {
-                    nix::fcntl::fcntl(
-                        &*theirs,
-                        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
-                    )?;
-                } else {
-                    // SAFETY: WORKER_FD is free in the child: std opened nothing else there.
-                    let mut target =
-                        std::mem::ManuallyDrop::new(OwnedFd::from_raw_fd(handoff::WORKER_FD));
-                    nix::unistd::dup2(&*theirs, &mut target)?;
-                }
-                Ok(())
-            });
-        }
+        // The worker finds its end of the channel at WORKER_FD (dup2'd between fork and exec).
+        cmd.fd_mappings(vec![FdMapping {
+            parent_fd: theirs,
+            child_fd: handoff::WORKER_FD,
+        }])
+        .context("map the handoff channel")?;
         let mut child = cmd.spawn().context("start the worker")?;
-        drop(theirs);
+        // The command holds our copy of the worker's end: closed now, so that the channel ends
+        // when the worker does.
+        drop(cmd);
         let pid = child.id().context("worker pid")?;
         tokio::spawn(async move {
             let status = child.wait().await;
