@@ -405,11 +405,14 @@ impl Datapath {
                     }
                     // The interface was deleted (and maybe re-created) while the relay was
                     // down: the link is severed. A new one is attached below.
-                    Err(e) => warn!(
+                    Err(e) if severed(&e) => warn!(
                         interface,
                         error = %format!("{e:#}"),
-                        "pinned XDP link unusable (interface re-created?): attaching anew"
+                        "pinned XDP link severed (interface re-created?): attaching anew"
                     ),
+                    // A live link that will not take this program: keep it (it still drops
+                    // the backend ports) rather than open them while trying another way.
+                    Err(e) => return Err(e).with_context(|| keep_link(interface, &pin)),
                 }
             } else {
                 warn!(interface, "XDP mode changes from {existing}: re-attaching");
@@ -455,11 +458,12 @@ impl Datapath {
                 .and_then(|link| Ok(prog.attach_to_link(link).map(drop)?));
             match replaced {
                 Ok(()) => return Ok(()),
-                Err(e) => warn!(
+                Err(e) if severed(&e) => warn!(
                     interface,
                     error = %format!("{e:#}"),
-                    "pinned TC link unusable (interface re-created?): attaching anew"
+                    "pinned TC link severed (interface re-created?): attaching anew"
                 ),
+                Err(e) => return Err(e).with_context(|| keep_link(interface, &pin)),
             }
             std::fs::remove_file(&pin)
                 .with_context(|| format!("remove the stale pin {}", pin.display()))?;
@@ -504,6 +508,23 @@ pub fn prepare_pin_dir(pin_dir: &Path) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(pin_dir)
         .with_context(|| format!("create pin directory {}", pin_dir.display()))
+}
+
+/// Whether a pinned link failed because its interface is gone (`ENOLINK`): deleted, maybe
+/// created again under the same name, while the relay was down.
+fn severed(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::ENOLINK))
+    })
+}
+
+fn keep_link(interface: &str, pin: &Path) -> String {
+    format!(
+        "the pinned link {} on {interface} does not take this relay's program; it stays attached \
+         (backend ports stay dropped): `relay detach`, then start again, to replace it",
+        pin.display()
+    )
 }
 
 fn is_bpffs(path: &Path) -> bool {

@@ -6,8 +6,10 @@
 //! survive a worker that dies, and the next worker accepts them).
 //!
 //! Messages are encoded with postcard (binary; certificate bytes travel as bytes) and sent as
-//! datagrams of at most [`CHUNK`] bytes, a message of [`MAX_MESSAGE`] at most: no buffer is
-//! larger than what arrives, and no message is larger than the kernel lets one datagram be.
+//! datagrams of at most [`CHUNK`] bytes, a message of [`MAX_MESSAGE`] at most: a receiver's
+//! buffer grows with what arrives, and no datagram is larger than the kernel lets one be. A
+//! message cut in the middle (its sender or receiver given up on) would leave the next one
+//! unreadable, so the channel is shut down instead: the worker then ends and is restarted.
 //! Every message carries an id; an answer carries the id of its request. The supervisor's
 //! [`Asker`] matches answers to requests, so an answer that comes after its request gave up
 //! is dropped (and counted), never taken for the answer to the next request.
@@ -176,6 +178,7 @@ impl Channel {
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let len = (body.len() as u32).to_be_bytes();
         let _one_at_a_time = self.sending.lock().await;
+        let mut whole = Whole::new(self);
         for (i, chunk) in body.chunks(CHUNK).enumerate() {
             let first = i == 0;
             let parts = [
@@ -208,7 +211,9 @@ impl Channel {
                     Err(_would_block) => continue,
                 }
             }
+            whole.started();
         }
+        whole.done();
         Ok(())
     }
 
@@ -220,6 +225,8 @@ impl Channel {
         let Some(first) = self.datagram(&mut fds).await? else {
             return Ok(None);
         };
+        let mut whole = Whole::new(self);
+        whole.started();
         let Some((len, rest)) = first.split_first_chunk::<LEN>() else {
             return Err(io::Error::other("handoff datagram without a header"));
         };
@@ -227,7 +234,8 @@ impl Channel {
         if len > MAX_MESSAGE || rest.len() > len {
             return Err(io::Error::other("handoff message of a wrong length"));
         }
-        let mut body = Vec::with_capacity(len);
+        // Grown as datagrams arrive: the announced length is the peer's word, not memory yet.
+        let mut body = Vec::with_capacity(len.min(CHUNK));
         body.extend_from_slice(rest);
         while body.len() < len {
             let Some(more) = self.datagram(&mut fds).await? else {
@@ -238,6 +246,7 @@ impl Channel {
             }
             body.extend_from_slice(&more);
         }
+        whole.done();
         let msg = postcard::from_bytes(&body).map_err(io::Error::other)?;
         Ok(Some((msg, fds)))
     }
@@ -284,6 +293,42 @@ impl Channel {
                 Ok(result) => return result,
                 Err(_would_block) => continue,
             }
+        }
+    }
+}
+
+/// Shuts the channel down when dropped between a message's first datagram and its last: the
+/// other end can no longer tell where the next message starts.
+struct Whole<'a> {
+    channel: &'a Channel,
+    cut: bool,
+}
+
+impl<'a> Whole<'a> {
+    fn new(channel: &'a Channel) -> Whole<'a> {
+        Whole {
+            channel,
+            cut: false,
+        }
+    }
+
+    fn started(&mut self) {
+        self.cut = true;
+    }
+
+    fn done(&mut self) {
+        self.cut = false;
+    }
+}
+
+impl Drop for Whole<'_> {
+    fn drop(&mut self) {
+        if self.cut {
+            tracing::warn!("handoff message cut in the middle: closing the channel");
+            let _ = nix::sys::socket::shutdown(
+                self.channel.fd.get_ref().as_raw_fd(),
+                nix::sys::socket::Shutdown::Both,
+            );
         }
     }
 }
@@ -388,6 +433,28 @@ mod tests {
         assert_eq!(got.id, 9);
         assert!(matches!(got.body, FromWorker::Metrics(m) if m.as_bytes() == big));
         assert_eq!(fds.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_message_given_up_on_in_the_middle_closes_the_channel() {
+        let (a, b) = pair().unwrap();
+        let (a, b) = (Channel::new(a).unwrap(), Channel::new(b).unwrap());
+        // Far more than the socket buffers hold while nobody reads: the send stalls mid-way.
+        let msg = Envelope {
+            id: 1,
+            body: FromWorker::Metrics("x".repeat(64 * CHUNK)),
+        };
+        let sent = tokio::time::timeout(Duration::from_millis(100), a.send(&msg, &[])).await;
+        assert!(sent.is_err(), "the send was still under way");
+        // The receiver gets the message's beginning, then the end of the channel: never a
+        // next message read from the middle of this one.
+        let got = b.recv::<FromWorker>().await;
+        assert!(got.is_err(), "{got:?}");
+        let again = Envelope {
+            id: 2,
+            body: FromWorker::Metrics("next".into()),
+        };
+        assert!(a.send(&again, &[]).await.is_err(), "the channel is closed");
     }
 
     #[tokio::test]

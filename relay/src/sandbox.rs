@@ -70,7 +70,6 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_pread64,
     libc::SYS_close,
     libc::SYS_fcntl,
-    libc::SYS_ioctl,
     libc::SYS_fstat,
     libc::SYS_statx,
     libc::SYS_newfstatat,
@@ -81,8 +80,8 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_splice,
     libc::SYS_poll,
     libc::SYS_ppoll,
-    // Sockets: accepting, connecting to backends, the handoff channel.
-    libc::SYS_socket,
+    // Sockets: accepting, connecting to backends, the handoff channel (`socket` and `ioctl`
+    // are judged by their arguments below).
     libc::SYS_socketpair,
     libc::SYS_connect,
     libc::SYS_accept,
@@ -167,12 +166,45 @@ fn allow_list() -> anyhow::Result<SeccompFilter> {
         libc::CLONE_THREAD as u64,
     )?;
     rules.insert(libc::SYS_clone, vec![SeccompRule::new(vec![thread])?]);
+    // New sockets toward backends only: no UNIX socket to reach a local daemon (Landlock does
+    // not cover abstract ones), no netlink.
+    rules.insert(
+        libc::SYS_socket,
+        one_of(0, &[libc::AF_INET as u64, libc::AF_INET6 as u64])?,
+    );
+    // The few requests the worker makes; none on a terminal but asking if it is one (TIOCSTI
+    // on an inherited terminal would type into the shell that started the relay).
+    rules.insert(
+        libc::SYS_ioctl,
+        one_of(
+            1,
+            &[
+                libc::FIONBIO,
+                libc::FIOCLEX,
+                libc::FIONCLEX,
+                libc::TIOCOUTQ,
+                libc::FIONREAD,
+                libc::TCGETS,
+            ],
+        )?,
+    );
     Ok(SeccompFilter::new(
         rules,
         SeccompAction::Errno(libc::EPERM as u32),
         SeccompAction::Allow,
         arch()?,
     )?)
+}
+
+/// Rules that let a call through when its argument `arg` is one of `values`.
+fn one_of(arg: u8, values: &[u64]) -> anyhow::Result<Vec<SeccompRule>> {
+    values
+        .iter()
+        .map(|&v| {
+            let is = SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, v)?;
+            Ok(SeccompRule::new(vec![is])?)
+        })
+        .collect()
 }
 
 /// clone3 hides its flags in memory a filter cannot read: "not implemented" makes the C

@@ -51,11 +51,28 @@ impl CompileError {
     }
 }
 
+/// What the files of one configuration may add up to: they travel to the worker in one
+/// handoff message, with room to spare for the rest of it.
+const FILES_BUDGET: usize = crate::handoff::MAX_MESSAGE - (1 << 20);
+
 /// Reads every file `services` name, each once.
 pub fn read(services: &[Service]) -> Result<Files, CompileError> {
     let mut files = Files::new();
     for (i, s) in services.iter().enumerate() {
         tls::material::read_into(&mut files, s).map_err(|e| CompileError::new(i, e))?;
+        let total: usize = files.values().map(Vec::len).sum();
+        if total > FILES_BUDGET {
+            let e = TlsError::new(
+                "name",
+                format!(
+                    "the files of the services up to this one add up to {} MiB, more than the \
+                     {} MiB a configuration may carry to the worker",
+                    total >> 20,
+                    FILES_BUDGET >> 20
+                ),
+            );
+            return Err(CompileError::new(i, e));
+        }
     }
     Ok(files)
 }

@@ -11,7 +11,7 @@ use nix::{
         resource::{Resource, getrlimit, setrlimit},
         signal::{Signal, kill},
     },
-    unistd::{Gid, Pid, Uid, User, setgid, setgroups, setuid},
+    unistd::{Gid, Pid, Uid, User, getppid, setgid, setgroups, setuid},
 };
 
 /// (uid, gid) of a user name, from the system's user database (`getpwnam_r`).
@@ -42,9 +42,14 @@ pub fn become_user(uid: u32, gid: u32) -> anyhow::Result<()> {
     nix::sys::prctl::set_no_new_privs().context("PR_SET_NO_NEW_PRIVS")
 }
 
-/// Asks the kernel to send this process SIGTERM when its parent dies.
-pub fn terminate_with_parent() -> anyhow::Result<()> {
-    nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).context("PR_SET_PDEATHSIG")
+/// Asks the kernel to send this process SIGTERM when its parent (`parent`) dies.
+pub fn terminate_with_parent(parent: Pid) -> anyhow::Result<()> {
+    nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).context("PR_SET_PDEATHSIG")?;
+    // The parent may have died before the signal was asked for.
+    if getppid() != parent {
+        anyhow::bail!("the supervisor is gone");
+    }
+    Ok(())
 }
 
 /// Raises the soft limit on open files to the hard limit: an edge relay holds two descriptors

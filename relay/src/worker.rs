@@ -45,8 +45,7 @@ pub struct Identity {
 
 /// `relay worker`: drops privileges, enters the sandbox, then serves until told to stop.
 pub fn main(identity: Option<Identity>) -> anyhow::Result<()> {
-    // If the supervisor dies without a word, do not linger holding client connections' fate.
-    crate::sys::terminate_with_parent()?;
+    let supervisor = nix::unistd::getppid();
     // Tests (debug builds): a worker that dies at every start.
     if cfg!(debug_assertions) && std::env::var_os("RELAY_DEBUG_WORKER_EXITS").is_some() {
         anyhow::bail!("RELAY_DEBUG_WORKER_EXITS is set: exiting at start");
@@ -55,6 +54,9 @@ pub fn main(identity: Option<Identity>) -> anyhow::Result<()> {
     if let Some(id) = identity {
         crate::sys::become_user(id.uid, id.gid)?;
     }
+    // If the supervisor dies without a word, do not linger holding client connections' fate.
+    // After the uid change, which clears the parent-death signal.
+    crate::sys::terminate_with_parent(supervisor)?;
     // Before the runtime starts a thread: threads inherit the sandbox.
     match sandbox::enter().context("worker sandbox")? {
         sandbox::Enforced::Full => info!("worker sandboxed: no filesystem, system calls limited"),
@@ -75,14 +77,15 @@ async fn run(channel_fd: OwnedFd) -> anyhow::Result<()> {
     let mut worker: Option<Worker> = None;
     let mut term = signal(SignalKind::terminate())?;
     // Ctrl-C in a terminal reaches the whole process group; stopping is the supervisor's call.
+    // Taken apart from the loop below, whose receive must never be given up on mid-message.
     let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move { while int.recv().await.is_some() {} });
     // Tests (debug builds): the next answer goes out this late.
     let mut stall: Option<Duration> = None;
     loop {
         let msg = tokio::select! {
             m = channel.recv::<ToWorker>() => m,
             _ = term.recv() => { info!("worker: SIGTERM"); break; }
-            _ = int.recv() => continue,
         };
         let (Envelope { id, body }, fds) = match msg {
             Ok(Some(m)) => m,
@@ -146,7 +149,8 @@ fn debug(op: DebugOp, stall: &mut Option<Duration>) -> String {
         DebugOp::Escape => {
             let read = std::fs::read("/etc/hostname").map(|_| ());
             let exec = std::process::Command::new("/bin/true").status().map(|_| ());
-            format!("read /etc/hostname: {read:?}; exec /bin/true: {exec:?}")
+            let unix = std::os::unix::net::UnixDatagram::unbound().map(|_| ());
+            format!("read /etc/hostname: {read:?}; exec /bin/true: {exec:?}; unix socket: {unix:?}")
         }
         DebugOp::StallNext(ms) => {
             *stall = Some(Duration::from_millis(ms));
@@ -199,21 +203,44 @@ impl Worker {
         if add.len() != fds.len() {
             bail!("{} listeners announced, {} received", add.len(), fds.len());
         }
-        self.ticketer.set(&tickets);
+        // Everything that can fail comes before the swap: a refused change leaves the worker
+        // exactly as it was, as the supervisor assumes.
+        let listeners = fds
+            .into_iter()
+            .map(|fd| {
+                let l = std::net::TcpListener::from(fd);
+                l.set_nonblocking(true)?;
+                TcpListener::from_std(l)
+            })
+            .collect::<std::io::Result<Vec<_>>>()
+            .context("listeners received")?;
         let resumption = tls::Resumption {
             ticketer: Some(self.ticketer.clone()),
         };
         let registry = &self.registry;
-        for s in &services {
+        let fresh: Vec<String> = services
+            .iter()
+            .filter(|s| !self.metrics.contains_key(&s.name))
+            .map(|s| s.name.clone())
+            .collect();
+        for name in &fresh {
             self.metrics
-                .entry(s.name.clone())
-                .or_insert_with(|| Arc::new(registry.service(&s.name)));
+                .insert(name.clone(), Arc::new(registry.service(name)));
         }
         let metrics = &self.metrics;
         let declined =
             |s: &crate::config::Service| proxy::declined(&s.name, Arc::clone(&metrics[&s.name]));
-        let compiled = service::compile(&services, &files, &resumption, &declined)
-            .map_err(|e| anyhow::anyhow!("{}: {}", crate::config::render(&e.path), e.message))?;
+        let compiled = match service::compile(&services, &files, &resumption, &declined) {
+            Ok(c) => c,
+            Err(e) => {
+                for name in &fresh {
+                    self.metrics.remove(name);
+                    registry.remove(name);
+                }
+                bail!("{}: {}", crate::config::render(&e.path), e.message);
+            }
+        };
+        self.ticketer.set(&tickets);
         let mut by_name = HashMap::new();
         let mut by_destination: HashMap<(IpAddr, u16), Arc<ServiceRuntime>> = HashMap::new();
         for c in compiled {
@@ -245,16 +272,14 @@ impl Worker {
             by_name,
             by_destination,
         });
+        self.resize_total(relay.max_connections);
         self.relay = relay;
         for role in close {
             if let Some(stop) = self.listeners.remove(&role) {
                 stop.cancel();
             }
         }
-        for (role, fd) in add.into_iter().zip(fds) {
-            let std_listener = std::net::TcpListener::from(fd);
-            std_listener.set_nonblocking(true)?;
-            let listener = TcpListener::from_std(std_listener)?;
+        for (role, listener) in add.into_iter().zip(listeners) {
             let route = match &role {
                 Role::Service(name) => Route::Named(name.clone()),
                 Role::TransparentV4 | Role::TransparentV6 => Route::ByDestination,
@@ -272,6 +297,29 @@ impl Worker {
             ));
         }
         Ok(())
+    }
+
+    /// `[relay] max_connections` changed by a reload: the total limit follows, without
+    /// touching connections already admitted (a lower limit is reached as they end).
+    fn resize_total(&self, limit: usize) {
+        let before = self.relay.max_connections;
+        let total = &self.shared.total;
+        if limit > before {
+            total.add_permits(limit - before);
+        } else if limit < before {
+            let owed = (before - limit) - total.forget_permits(before - limit);
+            if owed > 0 {
+                let total = Arc::clone(total);
+                tokio::spawn(async move {
+                    if let Ok(permits) = total
+                        .acquire_many_owned(u32::try_from(owed).unwrap_or(u32::MAX))
+                        .await
+                    {
+                        permits.forget();
+                    }
+                });
+            }
+        }
     }
 
     fn status(&self) -> Vec<crate::metrics::ServiceStatus> {

@@ -704,7 +704,7 @@ fn an_interface_re_created_while_the_relay_was_down_is_attached_anew() {
     gw.topo.client_link().unwrap();
     let relay = gw.start_relay();
     assert!(
-        relay.has_log("pinned XDP link unusable") && relay.has_log("pinned TC link unusable"),
+        relay.has_log("pinned XDP link severed") && relay.has_log("pinned TC link severed"),
         "{}",
         relay.logs().join("\n")
     );

@@ -17,6 +17,7 @@ use relay_tests::{
     http::HttpServer,
     pattern,
     pki::KeyKind,
+    relay::{Relay, binary},
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -441,6 +442,58 @@ async fn backend_down_closes_the_client_promptly() {
     );
     let s = client::connect(f_live, &ClientLevel::Plain).await.unwrap();
     client::sink(s, b"other services unaffected").await.unwrap();
+}
+
+/// `relay run` on `env`'s config, with the system CA store (as OpenSSL finds it) being `store`.
+fn start_with_system_store(env: &Env, store: &Path) -> Relay {
+    Relay::start_with(
+        Command::new(binary())
+            .args(["run", "--config"])
+            .arg(env.config_path())
+            .env("SSL_CERT_FILE", store)
+            .env_remove("SSL_CERT_DIR"),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_without_ca_is_trusted_through_the_system_store() {
+    // No `ca` toward the backend: the relay trusts the system's CA store. The worker cannot
+    // read it (it reads no file): the supervisor reads it with the other files.
+    let env = env();
+    let backend = env.backend("tls").await;
+    let no_ca = |env: &Env, front| {
+        env.service("public", front, backend.addr, ("plain", "tls"), ("", ""))
+            .replace(&format!("ca = \"{}\"\n", env.pki.ca.display()), "")
+    };
+    let front = listen();
+    let svc = no_ca(&env, front);
+    assert!(!svc.contains("ca ="), "{svc}");
+    env.write_config("", &[svc]);
+    let _relay = start_with_system_store(&env, &env.pki.ca);
+    let s = client::connect(front, &ClientLevel::Plain).await.unwrap();
+    client::sink(s, b"trusted through the system store")
+        .await
+        .unwrap();
+
+    // A store without the backend's CA: the backend is not trusted, nothing reaches it.
+    let other = self::env();
+    let front = listen();
+    other.write_config("", &[no_ca(&other, front)]);
+    let relay = start_with_system_store(&other, &other.pki.ca);
+    let served = backend.served.load(std::sync::atomic::Ordering::SeqCst);
+    let s = client::connect(front, &ClientLevel::Plain).await.unwrap();
+    assert!(client::sink(s, b"untrusted").await.is_err());
+    assert!(
+        relay.wait_logs(&["backend_handshake_failed"], 1, Duration::from_secs(5)),
+        "{}",
+        relay.logs().join("\n")
+    );
+    assert_eq!(
+        backend.served.load(std::sync::atomic::Ordering::SeqCst),
+        served,
+        "nothing was served through an untrusted backend"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -578,9 +578,12 @@ async fn a_late_worker_answer_is_never_taken_for_the_next_one() {
 async fn the_worker_can_neither_read_a_file_nor_run_a_program() {
     let (env, _backend, _front, _relay) = one_service("", ("plain", "plain")).await;
     let report = env.debug(relay::handoff::DebugOp::Escape);
-    // Landlock refuses the open (EACCES); seccomp refuses the fork and the exec (EPERM).
+    // Landlock refuses the open (EACCES); seccomp refuses the fork, the exec and a UNIX socket
+    // (EPERM).
     assert!(
-        report.contains("read /etc/hostname: Err") && report.contains("exec /bin/true: Err"),
+        report.contains("read /etc/hostname: Err")
+            && report.contains("exec /bin/true: Err")
+            && report.contains("unix socket: Err"),
         "{report}"
     );
     assert!(report.contains("PermissionDenied"), "{report}");
@@ -608,4 +611,62 @@ async fn the_worker_can_neither_read_a_file_nor_run_a_program() {
             .unwrap();
         assert_ne!(uid, 0, "the worker runs as root");
     }
+}
+
+/// A connection through the echo backend, held open.
+async fn hold(front: SocketAddr) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(front).await.unwrap();
+    s.write_all(b"ECHO\nping").await.unwrap();
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+    s
+}
+
+/// A connection the relay closes at once, over its total limit (`refused` such closes so far).
+async fn refused(front: SocketAddr, relay: &Relay, refused: usize) {
+    let s = tokio::net::TcpStream::connect(front).await.unwrap();
+    client::read_until_closed(s, Duration::from_secs(2), "connection over the limit").await;
+    assert!(
+        relay.wait_logs(
+            &["connection limit reached"],
+            refused,
+            Duration::from_secs(2)
+        ),
+        "{}",
+        relay.logs().join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_changes_the_total_connection_limit() {
+    let (env, backend, front, relay) = one_service("max_connections = 1", ("plain", "plain")).await;
+    let svc = env.service("shop", front, backend.addr, ("plain", "plain"), ("", ""));
+    let reload = |limit: usize| {
+        env.write_config(
+            &format!("max_connections = {limit}"),
+            std::slice::from_ref(&svc),
+        );
+        let out = env.cli(&["reload"]);
+        assert!(out.status.success(), "{out:?}");
+    };
+    let first = hold(front).await;
+    refused(front, &relay, 1).await;
+
+    // Raised: a second connection is served, a third is not.
+    reload(2);
+    let second = hold(front).await;
+    refused(front, &relay, 2).await;
+
+    // Lowered below what is open: nothing open is cut, nothing new comes in until the open
+    // connections are under the new limit.
+    reload(1);
+    refused(front, &relay, 3).await;
+    drop(first);
+    assert!(relay.wait_logs(&["outcome=\"closed\""], 1, Duration::from_secs(5)));
+    refused(front, &relay, 4).await;
+    drop(second);
+    assert!(relay.wait_logs(&["outcome=\"closed\""], 2, Duration::from_secs(5)));
+    let _third = hold(front).await;
+    refused(front, &relay, 5).await;
 }

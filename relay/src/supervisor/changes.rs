@@ -6,10 +6,15 @@
 //! listeners bound, and then sent to the worker; the loop goes on meanwhile, and the worker's
 //! answer comes back as an event. Only when the worker took it does the supervisor commit:
 //! data path maps, listeners, the configuration and its files. An invalid change, or one the
-//! worker refuses, is answered with its error and leaves everything as it was. With no worker
-//! running, a valid change is committed at once: the next worker starts with it.
+//! worker refuses, is answered with its error and leaves everything as it was; one the worker
+//! does not answer in time also restarts the worker, which then starts with what the
+//! supervisor holds. With no worker running, a valid change is committed at once: the next
+//! worker starts with it.
 
-use std::{collections::HashMap, path::PathBuf};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, bail};
 use tokio::sync::oneshot;
@@ -24,12 +29,22 @@ use crate::{
     tls::Files,
 };
 
+/// What came of a change sent to the worker.
+pub enum Answer {
+    Taken,
+    /// The worker kept its previous services.
+    Refused(anyhow::Error),
+    /// No answer in time, or the channel failed: the worker's state is unknown.
+    Missing(anyhow::Error),
+}
+
 /// A change asked for, and who is waiting for its answer.
 pub struct Change {
     kind: Kind,
     reply: Option<oneshot::Sender<Response>>,
 }
 
+#[derive(Clone)]
 enum Kind {
     Reload,
     Add(Box<Service>),
@@ -68,14 +83,22 @@ impl Change {
     }
 }
 
-/// A change checked and sent to the worker, waiting for its answer.
-pub struct Pending {
-    change: Change,
-    prepared: Prepared,
+/// The change in flight.
+pub enum Pending {
+    /// Its files being read and compiled, off the loop.
+    Checking { id: u64, change: Change },
+    /// Checked, and sent to the worker: waiting for its answer.
+    Sent {
+        change: Change,
+        prepared: Box<Prepared>,
+    },
 }
 
+/// A change's next configuration, with the bytes of its files and what they warn of.
+pub type CheckResult = anyhow::Result<Box<service::Checked>>;
+
 /// Everything a change needs, checked.
-struct Prepared {
+pub struct Prepared {
     id: u64,
     next: Config,
     files: Files,
@@ -93,69 +116,121 @@ impl Supervisor {
     }
 
     /// Starts the next waiting change, unless one is in flight or a worker is starting (it
-    /// gets the configuration in force first).
+    /// gets the configuration in force first). Its files are read and compiled in a blocking
+    /// task, whose result comes back as [`Event::Checked`].
     pub(super) fn next_queued(&mut self) {
-        while self.pending.is_none() && !matches!(self.worker, Worker::Starting(_)) {
-            let Some(change) = self.queue.pop_front() else {
-                return;
-            };
-            let prepared = match self.prepare(&change.kind) {
-                Ok(p) => p,
-                Err(e) => {
-                    self.finish(change, Err(e));
-                    continue;
-                }
-            };
-            let pending = Pending { change, prepared };
-            let Worker::Running(w) = &self.worker else {
-                self.commit(pending);
-                continue;
-            };
-            let p = &pending.prepared;
-            let add = p.opened.iter().map(|(r, _)| r.clone()).collect();
-            let msg = ToWorker::Apply(self.apply_message(&p.next, &p.files, add, p.close.clone()));
-            let listeners: Vec<_> = p
-                .opened
-                .iter()
-                .filter_map(|(_, l)| l.try_clone().ok())
-                .collect();
-            let (asker, events, id) = (w.asker.clone(), self.events.clone(), p.id);
-            tokio::spawn(async move {
-                use std::os::fd::AsFd as _;
-                let fds: Vec<_> = listeners.iter().map(|l| l.as_fd()).collect();
-                let result = asker
-                    .ask(msg, &fds, APPLY_TIMEOUT)
-                    .await
-                    .and_then(applied_answer);
-                let _ = events.send(Event::Applied { change: id, result });
-            });
-            self.pending = Some(pending);
+        if self.pending.is_some() || matches!(self.worker, Worker::Starting(_)) {
+            return;
         }
+        let Some(change) = self.queue.pop_front() else {
+            return;
+        };
+        let id = self.next_change;
+        self.next_change += 1;
+        let current = self.config.clone();
+        let path = self.config_path.clone();
+        let has_datapath = self.datapath.is_some();
+        let kind = change.kind.clone();
+        let events = self.events.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = check(current, &path, has_datapath, &kind);
+            let _ = events.send(Event::Checked { change: id, result });
+        });
+        self.pending = Some(Pending::Checking { id, change });
+    }
+
+    /// The change in flight is checked: refused, committed (no worker to tell), or sent to
+    /// the worker.
+    pub(super) fn checked(&mut self, id: u64, result: CheckResult) {
+        let Some(Pending::Checking { change, .. }) = self
+            .pending
+            .take_if(|p| matches!(p, Pending::Checking { id: i, .. } if *i == id))
+        else {
+            return;
+        };
+        match result.and_then(|checked| self.prepare(id, checked)) {
+            Err(e) => self.finish(change, Err(e)),
+            Ok(prepared) => self.send(change, prepared),
+        }
+        self.next_queued();
+    }
+
+    fn send(&mut self, change: Change, prepared: Prepared) {
+        // A worker started while this change was checked gets it after its first
+        // configuration: the channel keeps the order.
+        let (Worker::Running(w) | Worker::Starting(w)) = &self.worker else {
+            return self.commit(change, prepared);
+        };
+        let p = &prepared;
+        let add = p.opened.iter().map(|(r, _)| r.clone()).collect();
+        let msg = ToWorker::Apply(self.apply_message(&p.next, &p.files, add, p.close.clone()));
+        let listeners: Vec<_> = p
+            .opened
+            .iter()
+            .filter_map(|(_, l)| l.try_clone().ok())
+            .collect();
+        let (asker, events, id, pid) = (w.asker.clone(), self.events.clone(), p.id, w.pid);
+        tokio::spawn(async move {
+            use std::os::fd::AsFd as _;
+            let fds: Vec<_> = listeners.iter().map(|l| l.as_fd()).collect();
+            let answer = match asker.ask(msg, &fds, APPLY_TIMEOUT).await {
+                Ok(answer) => match applied_answer(answer) {
+                    Ok(()) => Answer::Taken,
+                    Err(e) => Answer::Refused(e),
+                },
+                Err(e) => Answer::Missing(e),
+            };
+            let _ = events.send(Event::Applied {
+                change: id,
+                pid,
+                answer,
+            });
+        });
+        self.pending = Some(Pending::Sent {
+            change,
+            prepared: Box::new(prepared),
+        });
     }
 
     /// The worker's answer to the change in flight.
-    pub(super) fn applied(&mut self, id: u64, result: anyhow::Result<()>) {
-        let Some(pending) = self.pending.take_if(|p| p.prepared.id == id) else {
+    pub(super) fn applied(&mut self, id: u64, pid: u32, answer: Answer) {
+        let Some(Pending::Sent { change, prepared }) = self
+            .pending
+            .take_if(|p| matches!(p, Pending::Sent { prepared, .. } if prepared.id == id))
+        else {
             return;
         };
-        match result {
-            Ok(()) => self.commit(pending),
-            Err(e) => self.finish(pending.change, Err(e)),
+        match answer {
+            Answer::Taken => self.commit(change, *prepared),
+            Answer::Refused(e) => self.finish(change, Err(e)),
+            Answer::Missing(e) => {
+                // It may have taken the change or not: only a new worker, started with the
+                // configuration in force, is known to serve what the supervisor holds.
+                error!("worker {pid} did not answer a change ({e:#}): restarting it");
+                if matches!(&self.worker, Worker::Running(w) | Worker::Starting(w) if w.pid == pid)
+                {
+                    crate::sys::kill_now(pid);
+                }
+                let e = e.context("the worker was restarted with the configuration in force");
+                self.finish(change, Err(e));
+            }
         }
         self.next_queued();
     }
 
     /// Everything checked, nothing changed yet: the next configuration, its files, its
-    /// listeners.
-    fn prepare(&mut self, kind: &Kind) -> anyhow::Result<Prepared> {
-        let (next, files, warnings) = self.prepare_kind(kind)?;
+    /// listeners (bound now: the loop owns them).
+    fn prepare(&mut self, id: u64, checked: Box<service::Checked>) -> anyhow::Result<Prepared> {
+        let service::Checked {
+            config: next,
+            files,
+            warnings,
+        } = *checked;
         for w in warnings {
             warn!("{w}");
         }
         let (opened, close) = self.listener_changes(&next)?;
         let summary = summary(&self.config, &next);
-        let id = self.next_change;
-        self.next_change += 1;
         Ok(Prepared {
             id,
             next,
@@ -164,47 +239,6 @@ impl Supervisor {
             close,
             summary,
         })
-    }
-
-    fn prepare_kind(&self, kind: &Kind) -> anyhow::Result<(Config, Files, Vec<String>)> {
-        let mut next = self.config.clone();
-        let source = match kind {
-            Kind::Reload => {
-                let source = Source::read(&self.config_path)?;
-                let file = source.parse()?;
-                if file.datapath.as_ref().map(|d| (&d.interfaces, &d.pin_path))
-                    != self
-                        .config
-                        .datapath
-                        .as_ref()
-                        .map(|d| (&d.interfaces, &d.pin_path))
-                {
-                    warn!("reload: [datapath] changes take effect at the next start");
-                }
-                next.relay = file.relay;
-                next.services = file.services;
-                Some(source)
-            }
-            Kind::Add(service) => {
-                next.services.push(Service::clone(service));
-                None
-            }
-            Kind::Remove(name) => {
-                let before = next.services.len();
-                next.services.retain(|s| s.name != *name);
-                if next.services.len() == before {
-                    bail!("no service named {name:?}");
-                }
-                None
-            }
-            Kind::Files(_) => None,
-        };
-        next.check().map_err(anyhow::Error::msg)?;
-        if self.datapath.is_none() && next.services.iter().any(|s| s.listen.is_none()) {
-            bail!("services without `listen` need the data path: add [datapath] and restart");
-        }
-        let checked = service::check(next, source.as_ref())?;
-        Ok((checked.config, checked.files, checked.warnings))
     }
 
     /// The listeners `next` needs that are not open yet (bound now), and the ones it no
@@ -249,11 +283,7 @@ impl Supervisor {
     }
 
     /// The worker took it (or there is none to tell): data path, listeners, configuration.
-    fn commit(&mut self, pending: Pending) {
-        let Pending {
-            change,
-            prepared: p,
-        } = pending;
+    fn commit(&mut self, change: Change, p: Prepared) {
         if let Some(d) = &mut self.datapath
             && let Err(e) = d.maps.sync(&p.next.services)
         {
@@ -333,6 +363,44 @@ impl Supervisor {
             close,
         }
     }
+}
+
+/// The configuration `kind` makes of `current`, its files read once and compiled: blocking
+/// work, done off the loop.
+fn check(current: Config, config_path: &Path, has_datapath: bool, kind: &Kind) -> CheckResult {
+    let mut next = current;
+    let source = match kind {
+        Kind::Reload => {
+            let source = Source::read(config_path)?;
+            let file = source.parse()?;
+            if file.datapath.as_ref().map(|d| (&d.interfaces, &d.pin_path))
+                != next.datapath.as_ref().map(|d| (&d.interfaces, &d.pin_path))
+            {
+                warn!("reload: [datapath] changes take effect at the next start");
+            }
+            next.relay = file.relay;
+            next.services = file.services;
+            Some(source)
+        }
+        Kind::Add(service) => {
+            next.services.push(Service::clone(service));
+            None
+        }
+        Kind::Remove(name) => {
+            let before = next.services.len();
+            next.services.retain(|s| s.name != *name);
+            if next.services.len() == before {
+                bail!("no service named {name:?}");
+            }
+            None
+        }
+        Kind::Files(_) => None,
+    };
+    next.check().map_err(anyhow::Error::msg)?;
+    if !has_datapath && next.services.iter().any(|s| s.listen.is_none()) {
+        bail!("services without `listen` need the data path: add [datapath] and restart");
+    }
+    Ok(Box::new(service::check(next, source.as_ref())?))
 }
 
 /// The worker's answer to `Apply`.

@@ -8,9 +8,9 @@
 //! wait in the accept queues and are served by the new worker: none is refused.
 //!
 //! Its loop only dispatches: nothing in it waits on a client, a file or the worker. Control
-//! connections are read in their own tasks ([`control_server`]); what needs the worker's
-//! answer (status, scrapes, a change) asks it in a task, whose result comes back to the loop
-//! as an [`Event`]; restarts are a timer. So SIGTERM, `relay status` and scrapes are served
+//! connections are read in their own tasks ([`control_server`]); a change's files are read and
+//! compiled in a blocking task; what needs the worker's answer (status, scrapes, a change)
+//! asks it in a task. Their results come back to the loop as [`Event`]s; restarts are a timer. So SIGTERM, `relay status` and scrapes are served
 //! whatever else is going on. Changes are [`changes`]' (one at a time, in order); the worker
 //! process is [`worker_proc`]'s; the metrics endpoint is [`metrics_http`]'s.
 
@@ -70,10 +70,16 @@ pub enum Event {
         pid: u32,
         result: anyhow::Result<()>,
     },
-    /// The worker took (or refused) the change in flight.
+    /// The change in flight is checked (its files read and compiled, or the error).
+    Checked {
+        change: u64,
+        result: changes::CheckResult,
+    },
+    /// The worker `pid` took the change in flight, refused it, or did not answer.
     Applied {
         change: u64,
-        result: anyhow::Result<()>,
+        pid: u32,
+        answer: changes::Answer,
     },
 }
 
@@ -235,7 +241,12 @@ impl Supervisor {
         match event {
             Event::WorkerExited { pid, status } => self.worker_exited(pid, status),
             Event::WorkerStarted { pid, result } => self.worker_started(pid, result),
-            Event::Applied { change, result } => self.applied(change, result),
+            Event::Checked { change, result } => self.checked(change, result),
+            Event::Applied {
+                change,
+                pid,
+                answer,
+            } => self.applied(change, pid, answer),
         }
     }
 

@@ -5,6 +5,8 @@
 //! them from there. A file is read at most [`MAX_FILE`] bytes. Errors name the config key they
 //! belong to ([`TlsError::field`], and the `inbound.sni` entry), so callers can point at the
 //! line; warnings are about what the files say (a key every user may read, a stale CRL).
+//! The system's CA store, which an outbound side without `ca` trusts, is read the same way and
+//! stands in [`Files`] under [`SYSTEM_ROOTS`].
 
 use std::{
     collections::HashMap,
@@ -17,11 +19,14 @@ use rustls::{
     pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, pem::PemObject as _},
 };
 
-use crate::config::{CrlExpired, Service};
+use crate::config::{CrlExpired, Level, Service};
 
 /// Largest certificate, key, CA or CRL file read: far above any real PEM bundle, and a bound
 /// on what a mistaken path (a log file, `/dev/zero`) can make the relay read.
 pub const MAX_FILE: u64 = 16 << 20;
+
+/// Where the system's CA certificates (PEM) stand in [`Files`]: not a path on disk.
+pub const SYSTEM_ROOTS: &str = "<the system's CA store>";
 
 /// The bytes of every file of a set of services, by path.
 pub type Files = HashMap<PathBuf, Vec<u8>>;
@@ -37,7 +42,7 @@ pub struct TlsError {
 }
 
 impl TlsError {
-    pub(super) fn new(field: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(field: &'static str, message: impl Into<String>) -> Self {
         Self {
             field,
             sni: None,
@@ -101,7 +106,36 @@ pub fn read_into(files: &mut Files, s: &Service) -> Result<(), TlsError> {
         })?;
         files.insert(path.to_path_buf(), bytes);
     }
+    let system = Path::new(SYSTEM_ROOTS);
+    if s.outbound.level != Level::Plain && s.outbound.ca.is_none() && !files.contains_key(system) {
+        files.insert(system.to_path_buf(), system_roots()?);
+    }
     Ok(())
+}
+
+/// The system's CA certificates as PEM: where OpenSSL would look (`SSL_CERT_FILE`,
+/// `SSL_CERT_DIR`, the distribution's bundle), as any TLS client on this host would trust.
+fn system_roots() -> Result<Vec<u8>, TlsError> {
+    let found = rustls_native_certs::load_native_certs();
+    if found.certs.is_empty() {
+        let why = found
+            .errors
+            .first()
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default();
+        return Err(TlsError::new(
+            "outbound.ca",
+            format!(
+                "not set, and the system has no CA certificates{why}: set `ca` to the backend's CA"
+            ),
+        ));
+    }
+    let pems: Vec<pem::Pem> = found
+        .certs
+        .iter()
+        .map(|c| pem::Pem::new("CERTIFICATE", c.as_ref()))
+        .collect();
+    Ok(pem::encode_many(&pems).into_bytes())
 }
 
 fn read(path: &Path) -> std::io::Result<Vec<u8>> {

@@ -239,16 +239,14 @@ pub fn client_config(out: &Outbound, files: &Files) -> Result<Arc<ClientConfig>,
     let roots = match &out.ca {
         Some(ca) => roots(files, "outbound.ca", ca)?,
         None => {
-            // No `ca`: trust the system's roots, as any TLS client on this host would.
-            let found = rustls_native_certs::load_native_certs();
+            // The system's store (read with the files): a bundle may hold certificates
+            // webpki cannot use, which are passed over as any system client would.
             let mut store = RootCertStore::empty();
-            let (added, _) = store.add_parsable_certificates(found.certs);
-            if added == 0 {
-                return Err(TlsError::new(
-                    "outbound.ca",
-                    "not set and the system has no CA certificates: set `ca` to the backend's CA",
-                ));
-            }
+            store.add_parsable_certificates(certs(
+                files,
+                "outbound.ca",
+                Path::new(material::SYSTEM_ROOTS),
+            )?);
             store
         }
     };

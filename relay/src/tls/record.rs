@@ -28,7 +28,7 @@ use std::{
     ops::Range,
     sync::{
         Mutex,
-        atomic::{AtomicU8, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
 };
 
@@ -164,9 +164,11 @@ pub struct Session {
     tls13: bool,
     /// The relay is the client of this side (toward a backend).
     client: bool,
-    /// Answers the receiving direction owes the peer and the sending direction has not sent
-    /// yet: KeyUpdates (TLS 1.3) or `no_renegotiation` warnings (TLS 1.2).
-    owed: AtomicU8,
+    /// The receiving direction owes the peer an answer the sending direction has not sent
+    /// yet: a KeyUpdate (TLS 1.3) or a `no_renegotiation` warning (TLS 1.2). One answers any
+    /// number of requests (RFC 8446 §4.6.3 asks for one before the next data), so a peer's
+    /// requests cannot pile up work.
+    owed: AtomicBool,
     layout: (usize, usize),
 }
 
@@ -195,9 +197,9 @@ impl Session {
         self.tls13
     }
 
-    /// The receiving direction owes the peer one more answer (see [`Sealer::answers`]).
+    /// The receiving direction owes the peer an answer (see [`Sealer::answers`]).
     pub fn owe_answer(&self) {
-        self.owed.fetch_add(1, Ordering::AcqRel);
+        self.owed.store(true, Ordering::Release);
     }
 
     /// Where a record's payload starts, and what a record adds to its payload: fixed for the
@@ -239,7 +241,7 @@ impl Keys {
             kernel: Mutex::new(kernel),
             suite,
             tls13: version == ProtocolVersion::TLSv1_3,
-            owed: AtomicU8::new(0),
+            owed: AtomicBool::new(false),
             layout: (0, 0),
         };
         let sealer = Sealer::new(&session, tx_seq, tx)?;
@@ -669,18 +671,17 @@ impl Sealer {
         Ok(record)
     }
 
-    /// The answers the session owes the peer, sealed in order: one KeyUpdate per request (each
-    /// renews the key the next is sealed under), or one `no_renegotiation` warning.
+    /// The answer the session owes the peer, sealed: a KeyUpdate (which renews the key the
+    /// next record is sealed under) or a `no_renegotiation` warning; nothing when none is owed.
     pub fn answers(&mut self, session: &Session) -> Result<Vec<u8>, RecordError> {
-        let mut records = Vec::new();
-        for _ in 0..session.owed.swap(0, Ordering::AcqRel) {
-            records.extend(if session.tls13 {
-                self.key_update(session)?
-            } else {
-                self.no_renegotiation()?
-            });
+        if !session.owed.swap(false, Ordering::AcqRel) {
+            return Ok(Vec::new());
         }
-        Ok(records)
+        if session.tls13 {
+            self.key_update(session)
+        } else {
+            self.no_renegotiation()
+        }
     }
 
     /// A close_notify alert, sealed: the relay sends nothing more on this side.
