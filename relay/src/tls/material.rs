@@ -16,7 +16,7 @@ use std::{
 
 use rustls::{
     RootCertStore,
-    pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, pem::PemObject as _},
+    pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, pem::PemObject},
 };
 
 use crate::config::{CrlExpired, Level, Service};
@@ -165,17 +165,7 @@ pub(super) fn certs(
     field: &'static str,
     path: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = bytes(files, field, path)?;
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::new(field, format!("{}: {}", path.display(), pem_error(e))))?;
-    if certs.is_empty() {
-        return Err(TlsError::new(
-            field,
-            format!("{}: no CERTIFICATE in PEM file", path.display()),
-        ));
-    }
-    Ok(certs)
+    every::<CertificateDer<'static>>(files, field, path, "CERTIFICATE")
 }
 
 pub(super) fn key(
@@ -207,18 +197,27 @@ pub(super) fn crls(
     files: &Files,
     path: &Path,
 ) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
-    let field = "inbound.crl";
+    every::<CertificateRevocationListDer<'static>>(files, "inbound.crl", path, "X509 CRL")
+}
+
+/// Every `label` section of a PEM file; at least one.
+fn every<T: PemObject>(
+    files: &Files,
+    field: &'static str,
+    path: &Path,
+    label: &str,
+) -> Result<Vec<T>, TlsError> {
     let pem = bytes(files, field, path)?;
-    let crls = CertificateRevocationListDer::pem_slice_iter(pem)
+    let items = T::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::new(field, format!("{}: {}", path.display(), pem_error(e))))?;
-    if crls.is_empty() {
+    if items.is_empty() {
         return Err(TlsError::new(
             field,
-            format!("{}: no X509 CRL in PEM file", path.display()),
+            format!("{}: no {label} in PEM file", path.display()),
         ));
     }
-    Ok(crls)
+    Ok(items)
 }
 
 fn pem_error(e: rustls::pki_types::pem::Error) -> String {
