@@ -14,6 +14,7 @@
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use anyhow::{Context as _, bail};
@@ -24,7 +25,7 @@ use super::{APPLY_TIMEOUT, Event, Supervisor, Worker, bind, log_service};
 use crate::{
     config::{Config, Service, Source},
     control::{ChangeSummary, Response},
-    handoff::{Apply, FromWorker, Role, ToWorker},
+    handoff::{Apply, Asker, FromWorker, Role, ToWorker},
     service,
     tls::Files,
 };
@@ -164,27 +165,29 @@ impl Supervisor {
         let p = &prepared;
         let add = p.opened.iter().map(|(r, _)| r.clone()).collect();
         let msg = ToWorker::Apply(self.apply_message(&p.next, &p.files, add, p.close.clone()));
-        let listeners: Vec<_> = p
+        let listeners = match p
             .opened
             .iter()
-            .filter_map(|(_, l)| l.try_clone().ok())
-            .collect();
-        let (asker, events, id, pid) = (w.asker.clone(), self.events.clone(), p.id, w.pid);
-        tokio::spawn(async move {
-            use std::os::fd::AsFd as _;
-            let fds: Vec<_> = listeners.iter().map(|l| l.as_fd()).collect();
-            let answer = match asker.ask(msg, &fds, APPLY_TIMEOUT).await {
+            .map(|(_, l)| l.try_clone())
+            .collect::<std::io::Result<Vec<_>>>()
+        {
+            Ok(l) => l,
+            Err(e) => {
+                let e = anyhow::Error::from(e).context("duplicate a listener for the worker");
+                return self.finish(change, Err(e));
+            }
+        };
+        let (id, pid) = (p.id, w.pid);
+        self.apply_in_task(&w.asker, msg, listeners, move |answer| Event::Applied {
+            change: id,
+            pid,
+            answer: match answer {
                 Ok(answer) => match applied_answer(answer) {
                     Ok(()) => Answer::Taken,
                     Err(e) => Answer::Refused(e),
                 },
                 Err(e) => Answer::Missing(e),
-            };
-            let _ = events.send(Event::Applied {
-                change: id,
-                pid,
-                answer,
-            });
+            },
         });
         self.pending = Some(Pending::Sent {
             change,
@@ -344,6 +347,24 @@ impl Supervisor {
                 Err(e) => Response::error(format!("{e:#}")),
             });
         }
+    }
+
+    /// Sends `msg` with `listeners` to the worker in a task; its answer (or why there is none)
+    /// comes back to the loop as the event `then` makes of it.
+    pub(super) fn apply_in_task(
+        &self,
+        asker: &Arc<Asker>,
+        msg: ToWorker,
+        listeners: Vec<std::net::TcpListener>,
+        then: impl FnOnce(anyhow::Result<FromWorker>) -> Event + Send + 'static,
+    ) {
+        let (asker, events) = (Arc::clone(asker), self.events.clone());
+        tokio::spawn(async move {
+            use std::os::fd::AsFd as _;
+            let fds: Vec<_> = listeners.iter().map(|l| l.as_fd()).collect();
+            let answer = asker.ask(msg, &fds, APPLY_TIMEOUT).await;
+            let _ = events.send(then(answer));
+        });
     }
 
     /// The Apply message for `config`, with the bytes of every file it reads.

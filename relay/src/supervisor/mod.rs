@@ -310,15 +310,12 @@ impl Supervisor {
             Err(e) => return self.worker_failed(Some(proc.pid), e),
         };
         let msg = ToWorker::Apply(self.apply_message(&self.config, &self.files, roles, vec![]));
-        let (asker, pid, events) = (proc.asker.clone(), proc.pid, self.events.clone());
-        tokio::spawn(async move {
-            use std::os::fd::AsFd as _;
-            let fds: Vec<_> = listeners.iter().map(|l| l.as_fd()).collect();
-            let result = asker
-                .ask(msg, &fds, APPLY_TIMEOUT)
-                .await
-                .and_then(changes::applied_answer);
-            let _ = events.send(Event::WorkerStarted { pid, result });
+        let pid = proc.pid;
+        self.apply_in_task(&proc.asker, msg, listeners, move |answer| {
+            Event::WorkerStarted {
+                pid,
+                result: answer.and_then(changes::applied_answer),
+            }
         });
         self.worker = Worker::Starting(proc);
     }
