@@ -69,6 +69,12 @@ pub enum Command {
         uid: Option<u32>,
         #[arg(long, requires = "uid")]
         gid: Option<u32>,
+        /// The kernel copy's maps are at descriptors 4 and 5.
+        #[arg(long)]
+        kernel_copy: bool,
+        /// Runtime threads (`[relay] threads`); default: one per CPU the worker may use.
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// Remove every program, link, pin, rule and route the relay attached.
     Detach {

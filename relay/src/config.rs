@@ -81,6 +81,11 @@ pub struct RelaySection {
     /// periods, across worker restarts.
     #[serde(with = "humantime_serde")]
     pub ticket_rotation: Duration,
+    /// plain ↔ plain connections are copied inside the kernel (a SOCKHASH verdict program)
+    /// where the relay can load it; `false` copies them with `splice(2)`.
+    pub kernel_copy: bool,
+    /// The worker's threads; absent: one per CPU the relay may run on.
+    pub threads: Option<usize>,
 }
 
 impl Default for RelaySection {
@@ -96,6 +101,8 @@ impl Default for RelaySection {
             max_buffer: 64 << 10,
             user: None,
             ticket_rotation: Duration::from_secs(3600),
+            kernel_copy: true,
+            threads: None,
         }
     }
 }
@@ -415,6 +422,12 @@ impl Config {
                     "must be greater than 0".into(),
                 ));
             }
+        }
+        if r.threads == Some(0) {
+            return Err((
+                vec![Key("relay"), Key("threads")],
+                "must be at least 1".into(),
+            ));
         }
         if r.max_connections == 0 {
             return Err((

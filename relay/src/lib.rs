@@ -38,6 +38,7 @@ pub mod proxy_protocol;
 pub mod recognise;
 pub mod sandbox;
 pub mod service;
+pub mod sockmap;
 pub mod supervisor;
 pub mod sys;
 pub mod tickets;

@@ -64,9 +64,19 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Manpages { dir } => exit(manpages(&dir), EXIT_RUNTIME),
-        Command::Worker { uid, gid } => {
+        Command::Worker {
+            uid,
+            gid,
+            kernel_copy,
+            threads,
+        } => {
             let identity = uid.zip(gid).map(|(uid, gid)| worker::Identity { uid, gid });
-            exit(worker::main(identity), EXIT_RUNTIME)
+            let start = worker::Start {
+                identity,
+                kernel_copy,
+                threads,
+            };
+            exit(worker::main(start), EXIT_RUNTIME)
         }
         Command::Status { target, json } => exit(status(&target, json), EXIT_RUNTIME),
         Command::Service { target, command } => exit(service(&target, command), EXIT_RUNTIME),

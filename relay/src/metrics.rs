@@ -23,7 +23,7 @@ use prometheus_client::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::tls::verify::Reason;
+use crate::{copy::PlainCopy, tls::verify::Reason};
 
 /// How a connection ended. The label is what logs and metrics show.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -154,6 +154,13 @@ struct DirectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PathLabels {
+    service: String,
+    /// `kernel` (the verdict program) or `splice`.
+    path: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SideLabels {
     service: String,
     /// `inbound` (client side) or `outbound` (backend side).
@@ -181,6 +188,7 @@ pub struct WorkerMetrics {
     access: Family<DecisionLabels, Counter>,
     denials: Family<RefusalLabels, Counter>,
     declined: Family<RefusalLabels, Counter>,
+    plain_copies: Family<PathLabels, Counter>,
     copied: Counter,
 }
 
@@ -198,6 +206,7 @@ impl Default for WorkerMetrics {
             access: Family::default(),
             denials: Family::default(),
             declined: Family::default(),
+            plain_copies: Family::default(),
             copied: Counter::default(),
             registry: Registry::default(),
         };
@@ -250,6 +259,12 @@ impl Default for WorkerMetrics {
             m.declined.clone(),
         );
         registry.register(
+            "plain_copies",
+            "plain ↔ plain connections, by how their bytes were copied: `kernel` (the verdict \
+             program, no byte wakes the worker) or `splice` (the fallback)",
+            m.plain_copies.clone(),
+        );
+        registry.register(
             "copied_bytes",
             "Payload bytes copied in user space after handshakes (relay_copied_bytes_total / \
              relay_bytes_total: copies per byte)",
@@ -271,6 +286,13 @@ fn direction_labels(name: &str, direction: &str) -> DirectionLabels {
     DirectionLabels {
         service: name.to_string(),
         direction: direction.to_string(),
+    }
+}
+
+fn path_labels(name: &str, path: PlainCopy) -> PathLabels {
+    PathLabels {
+        service: name.to_string(),
+        path: path.label().to_string(),
     }
 }
 
@@ -311,6 +333,11 @@ impl WorkerMetrics {
         // Through closures: a family's guard must be gone before the next get_or_create on the
         // same family, or the second one waits for the first forever.
         let access = |d| self.access.get_or_create(&decision_labels(name, d)).clone();
+        let path = |p: PlainCopy| {
+            self.plain_copies
+                .get_or_create(&path_labels(name, p))
+                .clone()
+        };
         ServiceMetrics {
             accepted: self.accepted.get_or_create(&l).clone(),
             active: self.active.get_or_create(&l).clone(),
@@ -332,6 +359,7 @@ impl WorkerMetrics {
                     .get_or_create(&refusal_labels(name, r))
                     .clone()
             }),
+            plain_copies: PlainCopy::ALL.map(path),
         }
     }
 
@@ -347,6 +375,9 @@ impl WorkerMetrics {
         }
         for d in ["allowed", "denied"] {
             self.access.remove(&decision_labels(name, d));
+        }
+        for p in PlainCopy::ALL {
+            self.plain_copies.remove(&path_labels(name, p));
         }
         for r in Reason::ALL {
             self.denials.remove(&refusal_labels(name, r));
@@ -386,9 +417,15 @@ pub struct ServiceMetrics {
     denied: Counter,
     denials: [Counter; Reason::ALL.len()],
     declined: [Counter; Reason::ALL.len()],
+    plain_copies: [Counter; PlainCopy::ALL.len()],
 }
 
 impl ServiceMetrics {
+    /// A plain ↔ plain connection copied by `path`.
+    pub fn plain_copy(&self, path: PlainCopy) {
+        self.plain_copies[path as usize].inc();
+    }
+
     pub fn opened(&self) {
         self.accepted.inc();
         self.active.inc();

@@ -63,8 +63,10 @@ pub struct Timeouts {
     pub handshake: Duration,
     pub connect: Duration,
     pub idle: Duration,
-    /// Not a timeout, but set from the same section for every connection alike.
+    /// Not timeouts, but set from the same section for every connection alike.
     pub max_buffer: usize,
+    /// The worker's kernel copy, when it has one and `[relay] kernel_copy` is on.
+    pub kernel_copy: Option<&'static copy::KernelCopy>,
 }
 
 impl From<&RelaySection> for Timeouts {
@@ -74,6 +76,7 @@ impl From<&RelaySection> for Timeouts {
             connect: r.connect_timeout,
             idle: r.idle_timeout,
             max_buffer: r.max_buffer,
+            kernel_copy: None,
         }
     }
 }
@@ -275,9 +278,13 @@ fn handle(
             let limits = copy::Limits {
                 idle: t.idle,
                 max_buffer: t.max_buffer,
+                kernel: t.kernel_copy,
             };
             let (moved, result) = copy::relay(inbound, outbound, limits).await;
             transfer = moved;
+            if let Some(path) = moved.path {
+                service.metrics.plain_copy(path);
+            }
             result.map_err(|e| {
                 let outcome = match e {
                     CopyError::Idle(_) => Outcome::IdleTimeout,

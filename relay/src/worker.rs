@@ -28,9 +28,10 @@ use tracing::{info, warn};
 
 use crate::{
     config::RelaySection,
+    copy::KernelCopy,
     handoff::{Apply, Channel, DebugOp, Envelope, FromWorker, Role, ToWorker},
     metrics::{ServiceMetrics, WorkerMetrics},
-    proxy::{self, Route, ServiceRuntime, Services, Shared, Table},
+    proxy::{self, Route, ServiceRuntime, Services, Shared, Table, Timeouts},
     sandbox, service,
     tickets::{SharedTicketer, TicketKey},
     tls,
@@ -43,14 +44,36 @@ pub struct Identity {
     pub gid: u32,
 }
 
+/// How the supervisor started this worker.
+#[derive(Clone, Copy, Debug)]
+pub struct Start {
+    pub identity: Option<Identity>,
+    /// The kernel copy's maps are at [`crate::sockmap::MAP_FDS`].
+    pub kernel_copy: bool,
+    pub threads: Option<usize>,
+}
+
 /// `relay worker`: drops privileges, enters the sandbox, then serves until told to stop.
-pub fn main(identity: Option<Identity>) -> anyhow::Result<()> {
+pub fn main(start: Start) -> anyhow::Result<()> {
+    let Start {
+        identity,
+        kernel_copy,
+        threads,
+    } = start;
     let supervisor = nix::unistd::getppid();
     // Tests (debug builds): a worker that dies at every start.
     if cfg!(debug_assertions) && std::env::var_os("RELAY_DEBUG_WORKER_EXITS").is_some() {
         anyhow::bail!("RELAY_DEBUG_WORKER_EXITS is set: exiting at start");
     }
     let channel_fd = Channel::inherited_fd()?;
+    // Opened before the sandbox, which refuses the call that asks what they are.
+    let pairs = match kernel_copy.then(inherited_maps).transpose() {
+        Ok(p) => p,
+        Err(e) => {
+            warn!("kernel copy unavailable, plain ↔ plain is spliced: {e:#}");
+            None
+        }
+    };
     if let Some(id) = identity {
         crate::sys::become_user(id.uid, id.gid)?;
     }
@@ -65,15 +88,35 @@ pub fn main(identity: Option<Identity>) -> anyhow::Result<()> {
              ({why})"
         ),
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        runtime.worker_threads(n);
+    }
+    let runtime = runtime
         .enable_all()
         .build()
         .context("start the worker's runtime")?;
-    runtime.block_on(run(channel_fd))
+    runtime.block_on(run(channel_fd, pairs))
 }
 
-async fn run(channel_fd: OwnedFd) -> anyhow::Result<()> {
+/// The kernel copy's maps, inherited at [`crate::sockmap::MAP_FDS`].
+fn inherited_maps() -> anyhow::Result<crate::sockmap::Pairs> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: the supervisor placed the two maps at these descriptors before exec (it passes
+    // --kernel-copy only then), and nothing else in this process owns them.
+    let fds = crate::sockmap::MAP_FDS.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+    crate::sockmap::Pairs::inherited(fds)
+}
+
+async fn run(channel_fd: OwnedFd, pairs: Option<crate::sockmap::Pairs>) -> anyhow::Result<()> {
     let channel = Channel::new(channel_fd).context("handoff channel")?;
+    let kernel_copy = match pairs.map(KernelCopy::new).transpose() {
+        Ok(k) => k,
+        Err(e) => {
+            warn!("kernel copy unavailable, plain ↔ plain is spliced: {e}");
+            None
+        }
+    };
     let mut worker: Option<Worker> = None;
     let mut term = signal(SignalKind::terminate())?;
     // Ctrl-C in a terminal reaches the whole process group; stopping is the supervisor's call.
@@ -102,7 +145,8 @@ async fn run(channel_fd: OwnedFd) -> anyhow::Result<()> {
         let late = stall.take();
         let answer = match body {
             ToWorker::Apply(apply) => {
-                let w = worker.get_or_insert_with(|| Worker::new(&apply.relay, &apply.tickets));
+                let w = worker
+                    .get_or_insert_with(|| Worker::new(&apply.relay, &apply.tickets, kernel_copy));
                 let error = w.apply(apply, fds).err().map(|e| format!("{e:#}"));
                 if let Some(e) = &error {
                     warn!("worker: configuration not applied, previous one kept: {e}");
@@ -167,13 +211,18 @@ struct Worker {
     listeners: HashMap<Role, CancellationToken>,
     ticketer: Arc<SharedTicketer>,
     relay: RelaySection,
+    kernel_copy: Option<&'static KernelCopy>,
 }
 
 impl Worker {
-    fn new(relay: &RelaySection, tickets: &[TicketKey]) -> Worker {
+    fn new(
+        relay: &RelaySection,
+        tickets: &[TicketKey],
+        kernel_copy: Option<&'static KernelCopy>,
+    ) -> Worker {
         Worker {
             table: Arc::new(RwLock::new(Arc::new(Services {
-                timeouts: relay.into(),
+                timeouts: Timeouts::from(relay),
                 by_name: HashMap::new(),
                 by_destination: HashMap::new(),
             }))),
@@ -186,6 +235,7 @@ impl Worker {
             listeners: HashMap::new(),
             ticketer: SharedTicketer::new(tickets, relay.ticket_rotation * 2),
             relay: relay.clone(),
+            kernel_copy,
         }
     }
 
@@ -267,8 +317,12 @@ impl Worker {
         });
         let names: Vec<&String> = by_name.keys().collect();
         info!(services = ?names, "worker: services applied");
+        let timeouts = Timeouts {
+            kernel_copy: self.kernel_copy.filter(|_| relay.kernel_copy),
+            ..Timeouts::from(&relay)
+        };
         *self.table.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Services {
-            timeouts: (&relay).into(),
+            timeouts,
             by_name,
             by_destination,
         });

@@ -572,3 +572,76 @@ async fn sigterm_stops_accepting_and_lets_connections_finish() {
     assert!(status.success(), "{status:?}");
     assert!(relay.has_log("relay stopped"));
 }
+
+/// One plain ↔ plain exchange of each kind through `front`: 3 MiB to a SINK, 1 MiB echoed
+/// (the client half-closes only after reading the echo back).
+async fn plain_exchanges(front: SocketAddr) {
+    let s = client::connect(front, &ClientLevel::Plain).await.unwrap();
+    client::sink(s, &pattern(3, 3 << 20))
+        .await
+        .expect("3 MiB to the sink, SHA-256 equal");
+    let mut s = tokio::net::TcpStream::connect(front).await.unwrap();
+    let data = pattern(5, 1 << 20);
+    s.write_all(b"ECHO\n").await.unwrap();
+    let (mut r, mut w) = s.split();
+    let mut back = vec![0u8; data.len()];
+    let (sent, got) = tokio::join!(w.write_all(&data), r.read_exact(&mut back));
+    sent.unwrap();
+    got.unwrap();
+    assert!(back == data, "1 MiB echoed intact");
+    w.shutdown().await.unwrap();
+    assert_eq!(
+        r.read(&mut [0u8; 1]).await.unwrap(),
+        0,
+        "the echo ends cleanly"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_to_plain_moves_in_the_kernel_and_counts_what_splice_counts() {
+    let env = env();
+    let backend = env.backend("plain").await;
+    let mut totals = Vec::new();
+    // The same exchanges, through the kernel copy (the default) and through splice.
+    for (relay_extra, path) in [("", "kernel"), ("kernel_copy = false", "splice")] {
+        let front = listen();
+        let metrics = listen();
+        let config = env.write_config(
+            &format!("metrics = \"{metrics}\"\n{relay_extra}"),
+            &[env.service("p", front, backend.addr, ("plain", "plain"), ("", ""))],
+        );
+        let relay = Relay::start(&config).unwrap();
+        plain_exchanges(front).await;
+        assert!(relay.wait_logs(
+            &["connection closed", "outcome=\"closed\""],
+            2,
+            Duration::from_secs(10)
+        ));
+        let sample = |series: &str| relay_tests::metrics::sample(metrics, series);
+        for p in ["kernel", "splice"] {
+            let n = sample(&format!(
+                "relay_plain_copies_total{{service=\"p\",path=\"{p}\"}}"
+            ));
+            assert_eq!(
+                n,
+                if p == path { 2.0 } else { 0.0 },
+                "connections copied by {p}"
+            );
+        }
+        let up = sample("relay_bytes_total{service=\"p\",direction=\"up\"}");
+        let down = sample("relay_bytes_total{service=\"p\",direction=\"down\"}");
+        // Up: both command lines, 3 MiB and 1 MiB; down: the sink's answer and 1 MiB.
+        assert_eq!(
+            up,
+            (5 + (3 << 20) + 5 + (1 << 20)) as f64,
+            "{path}: bytes up"
+        );
+        totals.push((path, down));
+        drop(relay);
+    }
+    assert_eq!(
+        totals[0].1, totals[1].1,
+        "bytes down counted alike by both paths: {totals:?}"
+    );
+    assert!(totals[0].1 > (1 << 20) as f64);
+}

@@ -64,6 +64,7 @@
 //! and what runs only while bytes are in flight (writes, sealing) is boxed.
 #![allow(clippy::manual_async_fn)]
 
+mod kernel;
 mod records;
 mod splice;
 #[cfg(test)]
@@ -109,6 +110,8 @@ fn copied(n: usize) {
     COPIED.fetch_add(n as u64, Ordering::Relaxed);
 }
 
+pub use kernel::KernelCopy;
+
 /// Bytes moved in each direction.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Transfer {
@@ -116,6 +119,28 @@ pub struct Transfer {
     pub up: u64,
     /// From the backend to the client.
     pub down: u64,
+    /// How a plain ↔ plain connection was copied (`None` when a side is TLS).
+    pub path: Option<PlainCopy>,
+}
+
+/// The two ways of copying plain ↔ plain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlainCopy {
+    /// By the `relay_copy` verdict program: no byte wakes the worker.
+    Kernel,
+    /// By `splice(2)` through a pipe: the fallback.
+    Splice,
+}
+
+impl PlainCopy {
+    pub const ALL: [PlainCopy; 2] = [PlainCopy::Kernel, PlainCopy::Splice];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            PlainCopy::Kernel => "kernel",
+            PlainCopy::Splice => "splice",
+        }
+    }
 }
 
 /// One of the two peers of a relayed connection.
@@ -123,6 +148,15 @@ pub struct Transfer {
 pub enum Peer {
     Client,
     Backend,
+}
+
+impl Peer {
+    fn other(self) -> Peer {
+        match self {
+            Peer::Client => Peer::Backend,
+            Peer::Backend => Peer::Client,
+        }
+    }
 }
 
 impl fmt::Display for Peer {
@@ -167,11 +201,13 @@ impl CopyError {
     }
 }
 
-/// How a connection copies: idle limit and the largest buffer per direction.
-#[derive(Clone, Copy, Debug)]
+/// How a connection copies: idle limit, the largest buffer per direction, and the kernel copy
+/// for plain ↔ plain where the worker has one.
+#[derive(Clone, Copy)]
 pub struct Limits {
     pub idle: Duration,
     pub max_buffer: usize,
+    pub kernel: Option<&'static KernelCopy>,
 }
 
 impl Limits {
@@ -179,6 +215,7 @@ impl Limits {
         Limits {
             idle,
             max_buffer: DEFAULT_MAX_BUFFER,
+            kernel: None,
         }
     }
 }
@@ -230,6 +267,7 @@ impl Meter {
         Transfer {
             up: self.up.load(Ordering::Relaxed),
             down: self.down.load(Ordering::Relaxed),
+            path: None,
         }
     }
 
@@ -344,7 +382,7 @@ pub fn relay(
     let (backend, mut backend_tls) = backend.into_parts();
     async move {
         if client_tls.is_none() && backend_tls.is_none() {
-            return relay_tcp(client, backend, limits).await;
+            return relay_plain(client, backend, limits).await;
         }
         let meter = Meter::new();
         let max = limits.max_buffer.max(MIN_BUFFER);
@@ -377,6 +415,28 @@ pub fn relay(
     }
 }
 
+/// plain ↔ plain: in the kernel where the worker can, else with splice.
+async fn relay_plain(
+    client: TcpStream,
+    backend: TcpStream,
+    limits: Limits,
+) -> (Transfer, Result<(), CopyError>) {
+    let (client, backend) = match limits.kernel {
+        Some(kc) => match Box::pin(kernel::relay_in_kernel(kc, client, backend, limits.idle)).await
+        {
+            Ok(done) => return done,
+            Err((client, backend, e)) => {
+                tracing::debug!("kernel copy unavailable for this connection, splicing: {e}");
+                (client, backend)
+            }
+        },
+        None => (client, backend),
+    };
+    let (mut transfer, result) = relay_tcp(client, backend, limits).await;
+    transfer.path = Some(PlainCopy::Splice);
+    (transfer, result)
+}
+
 /// The peer to reset after the other one aborted (see the module doc), if one did.
 fn other_than_aborted<'s>(
     result: &Result<(), CopyError>,
@@ -392,7 +452,7 @@ fn other_than_aborted<'s>(
 /// Resets `other` once it has acknowledged what it was sent (or [`DRAIN`] has passed):
 /// `SO_LINGER` 0 makes the close a reset. Awaited boxed: the wait is rare, and its timer would
 /// otherwise sit in every connection's task.
-async fn reset_after_drain(other: &TcpStream) {
+async fn reset_after_drain(other: &(impl std::os::fd::AsFd + std::os::fd::AsRawFd)) {
     let deadline = Instant::now() + DRAIN;
     let mut pause = Duration::from_millis(1);
     while unacknowledged(other).is_ok_and(|n| n > 0) && Instant::now() < deadline {

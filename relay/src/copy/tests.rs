@@ -1,6 +1,6 @@
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, Interest};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::*;
@@ -76,11 +76,9 @@ async fn exchange(
     let (transfer, result) = relay.await.unwrap();
     result.unwrap();
     assert_eq!(
-        transfer,
-        Transfer {
-            up: up as u64,
-            down: down as u64
-        }
+        (transfer.up, transfer.down),
+        (up as u64, down as u64),
+        "bytes counted"
     );
 }
 
@@ -406,7 +404,8 @@ async fn an_idle_connection_is_closed() {
     )
     .await;
     assert!(matches!(result, Err(CopyError::Idle(_))), "{result:?}");
-    assert_eq!(transfer, Transfer::default());
+    assert_eq!((transfer.up, transfer.down), (0, 0));
+    assert_eq!(transfer.path, Some(PlainCopy::Splice));
 }
 
 #[tokio::test]
@@ -442,4 +441,231 @@ async fn splice_reports_a_reset() {
     let mut client = client;
     let end = client.read(&mut [0; 16]).await;
     assert_eq!(end.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+}
+
+// ---------------------------------------------------------------- plain ↔ plain in the kernel
+//
+// These load the verdict program: they need CAP_BPF (CI runs as root) and fail, saying so,
+// without it.
+
+/// The worker's kernel copy, as a worker gets it: the maps by descriptor.
+fn kernel_copy() -> &'static KernelCopy {
+    static PROGRAM: std::sync::OnceLock<crate::sockmap::Program> = std::sync::OnceLock::new();
+    let program = PROGRAM.get_or_init(|| {
+        crate::sockmap::Program::load(64).expect(
+            "loading the kernel copy program needs CAP_BPF (run the tests as root, as CI does)",
+        )
+    });
+    let fds = program
+        .map_fds()
+        .unwrap()
+        .map(|fd| fd.try_clone_to_owned().unwrap());
+    KernelCopy::new(crate::sockmap::Pairs::inherited(fds).unwrap()).unwrap()
+}
+
+fn in_kernel(idle: Duration) -> Limits {
+    Limits {
+        kernel: Some(kernel_copy()),
+        ..Limits::idle(idle)
+    }
+}
+
+#[tokio::test]
+async fn the_kernel_copies_every_byte_and_half_closes_client_first() {
+    let (client, client_side) = tcp_pair().await;
+    let (backend_side, backend) = tcp_pair().await;
+    let relay = tokio::spawn(relay(
+        Side::Plain(client_side),
+        Side::Plain(backend_side),
+        in_kernel(Duration::from_secs(10)),
+    ));
+    let (path_check, relay) = watch_path(relay);
+    exchange(client, backend, relay, 5_000_000, 11).await;
+    assert_eq!(path_check.await.unwrap(), Some(PlainCopy::Kernel));
+}
+
+#[tokio::test]
+async fn the_kernel_copies_every_byte_and_half_closes_backend_first() {
+    let (client, client_side) = tcp_pair().await;
+    let (backend_side, backend) = tcp_pair().await;
+    let relay = tokio::spawn(relay(
+        Side::Plain(client_side),
+        Side::Plain(backend_side),
+        in_kernel(Duration::from_secs(10)),
+    ));
+    let (path_check, relay) = watch_path(relay);
+    // The same exchange seen from the other end: the backend speaks and half-closes first.
+    exchange(backend, client, swap(relay), 3_000_000, 7).await;
+    assert_eq!(path_check.await.unwrap(), Some(PlainCopy::Kernel));
+}
+
+#[tokio::test]
+async fn bytes_sent_before_the_kernel_takes_over_arrive_first_and_are_counted() {
+    let (mut client, client_side) = tcp_pair().await;
+    let (backend_side, mut backend) = tcp_pair().await;
+    // Both peers speak before the pair is installed: a request, and a server's greeting.
+    client.write_all(b"request before; ").await.unwrap();
+    backend.write_all(b"greeting before; ").await.unwrap();
+    // Let the bytes land in the relay's receive queues (an event: the sockets say so).
+    client_side.readable().await.unwrap();
+    backend_side.readable().await.unwrap();
+    let relay = tokio::spawn(relay(
+        Side::Plain(client_side),
+        Side::Plain(backend_side),
+        in_kernel(Duration::from_secs(10)),
+    ));
+    // What was queued arrives without any further byte to push it.
+    let (mut up, mut down) = (vec![0; 16], vec![0; 17]);
+    backend.read_exact(&mut up).await.unwrap();
+    client.read_exact(&mut down).await.unwrap();
+    client.write_all(b"request after").await.unwrap();
+    client.shutdown().await.unwrap();
+    backend.write_all(b"greeting after").await.unwrap();
+    backend.shutdown().await.unwrap();
+    backend.read_to_end(&mut up).await.unwrap();
+    client.read_to_end(&mut down).await.unwrap();
+    assert_eq!(up, b"request before; request after");
+    assert_eq!(down, b"greeting before; greeting after");
+    let (transfer, result) = relay.await.unwrap();
+    result.unwrap();
+    assert_eq!((transfer.up, transfer.down), (29, 31));
+    assert_eq!(transfer.path, Some(PlainCopy::Kernel));
+}
+
+#[tokio::test]
+async fn peers_that_ended_before_the_kernel_could_take_over_are_spliced() {
+    let (mut client, client_side) = tcp_pair().await;
+    let (backend_side, mut backend) = tcp_pair().await;
+    // A request sent and half-closed before the relay got to it: the socket is no longer
+    // established, which is all a SOCKHASH takes.
+    client.write_all(b"whole request").await.unwrap();
+    client.shutdown().await.unwrap();
+    backend.write_all(b"banner").await.unwrap();
+    backend.shutdown().await.unwrap();
+    for s in [&client_side, &backend_side] {
+        // Until the FIN is there (not just the bytes before it).
+        while !s.ready(Interest::READABLE).await.unwrap().is_read_closed() {
+            tokio::task::yield_now().await;
+        }
+    }
+    let relay = tokio::spawn(relay(
+        Side::Plain(client_side),
+        Side::Plain(backend_side),
+        in_kernel(Duration::from_secs(10)),
+    ));
+    let (mut up, mut down) = (Vec::new(), Vec::new());
+    backend.read_to_end(&mut up).await.unwrap();
+    client.read_to_end(&mut down).await.unwrap();
+    assert_eq!(
+        (&up[..], &down[..]),
+        (&b"whole request"[..], &b"banner"[..])
+    );
+    let (transfer, result) = relay.await.unwrap();
+    result.unwrap();
+    assert_eq!((transfer.up, transfer.down), (13, 6));
+    assert_eq!(transfer.path, Some(PlainCopy::Splice));
+}
+
+#[tokio::test]
+async fn a_reset_crosses_the_kernel_copy_as_a_reset_after_the_bytes_before_it() {
+    let (mut client, client_side) = tcp_pair().await;
+    let (backend_side, mut backend) = tcp_pair().await;
+    let task = tokio::spawn(relay(
+        Side::Plain(client_side),
+        Side::Plain(backend_side),
+        in_kernel(Duration::from_secs(10)),
+    ));
+    backend.write_all(b"last words").await.unwrap();
+    let mut got = [0u8; 10];
+    client.read_exact(&mut got).await.unwrap();
+    // SO_LINGER 0: close sends a reset instead of a FIN.
+    socket2::SockRef::from(&backend)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(backend);
+    let (transfer, result) = task.await.unwrap();
+    assert!(
+        matches!(
+            result,
+            Err(CopyError::Io {
+                peer: Peer::Backend,
+                ..
+            })
+        ),
+        "{result:?}"
+    );
+    assert_eq!(transfer.down, 10);
+    let end = client.read(&mut [0; 16]).await;
+    assert_eq!(end.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+}
+
+#[tokio::test]
+async fn a_client_reset_resets_the_backend_through_the_kernel_copy() {
+    let (client, client_side) = tcp_pair().await;
+    let (backend_side, mut backend) = tcp_pair().await;
+    let task = tokio::spawn(relay(
+        Side::Plain(client_side),
+        Side::Plain(backend_side),
+        in_kernel(Duration::from_secs(10)),
+    ));
+    socket2::SockRef::from(&client)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(client);
+    let (_, result) = task.await.unwrap();
+    assert!(
+        matches!(
+            result,
+            Err(CopyError::Io {
+                peer: Peer::Client,
+                ..
+            })
+        ),
+        "{result:?}"
+    );
+    let end = backend.read(&mut [0; 16]).await;
+    assert_eq!(end.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+}
+
+#[tokio::test]
+async fn an_idle_kernel_copied_connection_is_closed() {
+    let (_client, client_side) = tcp_pair().await;
+    let (backend_side, _backend) = tcp_pair().await;
+    let (transfer, result) = relay(
+        Side::Plain(client_side),
+        Side::Plain(backend_side),
+        in_kernel(Duration::from_millis(200)),
+    )
+    .await;
+    assert!(matches!(result, Err(CopyError::Idle(_))), "{result:?}");
+    assert_eq!((transfer.up, transfer.down), (0, 0));
+    assert_eq!(transfer.path, Some(PlainCopy::Kernel));
+}
+
+type RelayTask = tokio::task::JoinHandle<(Transfer, Result<(), CopyError>)>;
+
+/// Splits off the path a relay task took, for a check after `exchange` consumed the task.
+fn watch_path(relay: RelayTask) -> (tokio::sync::oneshot::Receiver<Option<PlainCopy>>, RelayTask) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let relay = tokio::spawn(async move {
+        let done = relay.await.unwrap();
+        let _ = tx.send(done.0.path);
+        done
+    });
+    (rx, relay)
+}
+
+/// The relay task with its directions swapped, for an exchange driven from the backend.
+fn swap(relay: RelayTask) -> RelayTask {
+    tokio::spawn(async move {
+        let (t, r) = relay.await.unwrap();
+        (
+            Transfer {
+                up: t.down,
+                down: t.up,
+                path: t.path,
+            },
+            r,
+        )
+    })
 }

@@ -4,7 +4,7 @@
 
 use std::{
     io::{self, IoSlice},
-    os::fd::AsRawFd as _,
+    os::fd::AsRawFd,
 };
 
 use tokio::net::TcpStream;
@@ -51,7 +51,7 @@ pub async fn writable(s: &TcpStream) -> io::Result<()> {
 }
 
 /// Bytes written to `socket` that its peer has not acknowledged yet (`SIOCOUTQ`).
-pub fn unacknowledged(socket: &TcpStream) -> io::Result<usize> {
+pub fn unacknowledged(socket: &impl AsRawFd) -> io::Result<usize> {
     let mut n: libc::c_int = 0;
     // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int through the pointer, which points to `n`;
     // the descriptor is open for the duration of the call. Neither nix nor socket2 offers it.
@@ -59,4 +59,93 @@ pub fn unacknowledged(socket: &TcpStream) -> io::Result<usize> {
         return Err(io::Error::last_os_error());
     }
     Ok(n.max(0) as usize)
+}
+
+/// What the kernel knows of a TCP connection's traffic, for copies it makes itself.
+#[derive(Clone, Copy, Debug)]
+pub struct TcpCounts {
+    /// Payload bytes received from the peer (`tcpi_bytes_received`).
+    pub received: u64,
+    /// Payload bytes the peer acknowledged (`tcpi_bytes_acked`).
+    pub acked: u64,
+    /// Milliseconds since payload last arrived.
+    pub since_data_in_ms: u32,
+}
+
+/// Reads [`TcpCounts`] (`TCP_INFO`).
+pub fn tcp_counts(socket: &impl AsRawFd) -> io::Result<TcpCounts> {
+    // SAFETY: an all-zero tcp_info is a valid value of the plain C struct.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: TCP_INFO writes at most `len` bytes into `info`, which is that large; the
+    // descriptor is open for the call. Neither nix nor socket2 offers TCP_INFO.
+    let r = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(TcpCounts {
+        received: info.tcpi_bytes_received,
+        acked: info.tcpi_bytes_acked,
+        since_data_in_ms: info.tcpi_last_data_recv,
+    })
+}
+
+/// Bytes written into `socket` so far: acknowledged plus still queued. Never more than the
+/// truth: the acknowledged count is read first, and whatever is acknowledged in between only
+/// leaves the queue.
+pub fn bytes_written(socket: &impl AsRawFd) -> io::Result<u64> {
+    let acked = tcp_counts(socket)?.acked;
+    Ok(acked + unacknowledged(socket)? as u64)
+}
+
+/// The socket's cookie (`SO_COOKIE`): the kernel's unique, never reused id of the socket,
+/// which eBPF programs see too.
+pub fn socket_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
+    const SO_COOKIE: libc::c_int = 57;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: SO_COOKIE writes one u64 into `cookie`; the descriptor is open for the call.
+    // Neither nix nor socket2 offers it.
+    let r = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Sets `SO_RCVLOWAT`. The kernel then checks at once whether data is waiting, and if so
+/// calls the socket's data-ready hook: that is what hands bytes queued before a socket joined
+/// a SOCKHASH to its verdict program.
+pub fn set_recv_lowat(socket: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {
+    // SAFETY: SO_RCVLOWAT reads one int from `bytes`; the descriptor is open for the call.
+    // socket2 does not offer it, nix only on other systems.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&raw const bytes).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -101,6 +101,8 @@ struct Supervisor {
     log_format: LogFormat,
     listeners: HashMap<Role, std::net::TcpListener>,
     datapath: Option<Datapath>,
+    /// plain ↔ plain in the kernel, for every worker; `None`: splice.
+    kernel_copy: Option<crate::sockmap::Program>,
     tickets: KeySchedule,
     worker: Worker,
     restarts: u64,
@@ -163,6 +165,7 @@ pub async fn run(
         log_format,
         listeners: HashMap::new(),
         datapath: None,
+        kernel_copy: None,
         tickets: KeySchedule::default(),
         worker: Worker::Down {
             restart_at: tokio::time::Instant::now(),
@@ -180,6 +183,7 @@ pub async fn run(
     };
     let result = async {
         sup.open_listeners()?;
+        sup.load_kernel_copy();
         sup.start_worker();
         sup.watch_files();
         sup.main_loop(&mut asked, &mut scrapes, &mut events, &mut changed)
@@ -300,7 +304,13 @@ impl Supervisor {
             Ok(ids) => ids.map(|(uid, gid)| Identity { uid, gid }),
             Err(e) => return self.worker_failed(None, e),
         };
-        let proc = match WorkerProc::spawn(self.log_format, identity, self.events.clone()) {
+        let proc = match WorkerProc::spawn(
+            self.log_format,
+            identity,
+            self.config.relay.threads,
+            self.kernel_copy.as_ref(),
+            self.events.clone(),
+        ) {
             Ok(p) => p,
             Err(e) => return self.worker_failed(None, e),
         };
@@ -524,6 +534,22 @@ impl Supervisor {
             self.datapath = Some(d);
         }
         Ok(())
+    }
+
+    /// Loads the kernel copy program for the workers, unless `[relay] kernel_copy = false`;
+    /// without it (no privilege, an older kernel) plain ↔ plain is spliced.
+    fn load_kernel_copy(&mut self) {
+        if !self.config.relay.kernel_copy {
+            info!("kernel copy off ([relay] kernel_copy = false): plain ↔ plain is spliced");
+            return;
+        }
+        match crate::sockmap::Program::load(self.config.relay.max_connections) {
+            Ok(p) => {
+                info!("kernel copy loaded: plain ↔ plain bytes move inside the kernel");
+                self.kernel_copy = Some(p);
+            }
+            Err(e) => info!("kernel copy unavailable, plain ↔ plain is spliced: {e:#}"),
+        }
     }
 
     /// Copies of the listeners of `roles`, for a message in flight (the kernel copies them

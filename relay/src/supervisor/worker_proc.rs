@@ -33,6 +33,8 @@ impl WorkerProc {
     pub fn spawn(
         log_format: LogFormat,
         identity: Option<Identity>,
+        threads: Option<usize>,
+        kernel_copy: Option<&crate::sockmap::Program>,
         events: mpsc::UnboundedSender<Event>,
     ) -> anyhow::Result<WorkerProc> {
         let (ours, theirs) = handoff::pair()?;
@@ -50,13 +52,29 @@ impl WorkerProc {
                 .arg("--gid")
                 .arg(id.gid.to_string());
         }
+        if let Some(n) = threads {
+            cmd.arg("--threads").arg(n.to_string());
+        }
         cmd.stdin(std::process::Stdio::null());
-        // The worker finds its end of the channel at WORKER_FD (dup2'd between fork and exec).
-        cmd.fd_mappings(vec![FdMapping {
+        // The worker finds its end of the channel at WORKER_FD, and the kernel copy's maps
+        // after it (dup2'd between fork and exec).
+        let mut fds = vec![FdMapping {
             parent_fd: theirs,
             child_fd: handoff::WORKER_FD,
-        }])
-        .context("map the handoff channel")?;
+        }];
+        if let Some(program) = kernel_copy {
+            for (fd, child_fd) in program.map_fds()?.iter().zip(crate::sockmap::MAP_FDS) {
+                fds.push(FdMapping {
+                    parent_fd: fd
+                        .try_clone_to_owned()
+                        .context("duplicate a kernel copy map")?,
+                    child_fd,
+                });
+            }
+            cmd.arg("--kernel-copy");
+        }
+        cmd.fd_mappings(fds)
+            .context("map the worker's descriptors")?;
         let mut child = cmd.spawn().context("start the worker")?;
         // The command holds our copy of the worker's end: closed now, so that the channel ends
         // when the worker does.
