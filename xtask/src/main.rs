@@ -39,14 +39,18 @@ enum Cmd {
         #[arg(long, default_value = "examples/relay.toml")]
         config: PathBuf,
     },
-    /// Measure relay against HAProxy and stunnel (and no relay), same run, same work; writes
-    /// target/bench/report.md and target/bench/ratios.svg.
+    /// Measure relay against HAProxy, stunnel and nginx stream (and no relay), same run, same
+    /// work; writes target/bench/report.md and target/bench/ratios.svg.
     Bench {
-        /// A reduced run (shorter loads, smaller transfers) that takes under 3 minutes.
+        /// A reduced run (shorter loads, smaller transfers) that takes a few minutes.
         #[arg(long)]
         quick: bool,
-        /// Run only the scenarios whose title contains this (e.g. "bulk", "idle", "XDP",
-        /// "level pairs").
+        /// Servers pinned to one core with one thread, at their defaults unpinned, or both
+        /// passes one after the other.
+        #[arg(long, value_enum, default_value = "both")]
+        mode: bench::Modes,
+        /// Run only the scenarios whose title contains this (e.g. "bulk", "idle", "tunnel",
+        /// "XDP", "level pairs").
         #[arg(long)]
         only: Option<String>,
         /// Also measure relay as of this git revision (built in its own worktree), side by
@@ -103,11 +107,12 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Test { soak, args } => test(soak, &args),
         Cmd::Bench {
             quick,
+            mode,
             only,
             baseline,
         } => {
             let relay = bench::build_release()?;
-            bench::bench(quick, only.as_deref(), baseline.as_deref(), &relay)
+            bench::bench(quick, only.as_deref(), baseline.as_deref(), mode, &relay)
         }
         Cmd::Dist => {
             build(true)?;

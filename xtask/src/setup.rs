@@ -186,14 +186,23 @@ fn bpf_linker(llvm_major: u32) -> anyhow::Result<()> {
 }
 
 /// Debian packages `cargo xtask bench` drives: the peers relay is compared with (HAProxy,
-/// stunnel), the load generator (wrk), the backend (nginx), nftables for the drop comparison,
-/// trafgen (netsniff-ng) for the packet flood and perf for profiles. Installed only by the
-/// bench, so the test command stays lean.
+/// stunnel, nginx's stream module), the load generators (wrk for handshakes, h2load from
+/// nghttp2-client for keep-alive requests, iperf3 for the tunnel's stream), the backend
+/// (nginx), nftables for the drop comparison, trafgen (netsniff-ng) for the packet flood and
+/// perf for profiles. Installed only by the bench, so the test command stays lean.
 const BENCH_PACKAGES: &[&str] = &[
     "haproxy",
     "stunnel4",
     "wrk",
+    "nghttp2-client",
     "nginx-light",
+    // `stream {}` as a dynamic module (/usr/lib/nginx/modules/ngx_stream_module.so), for the
+    // nginx peer: Debian builds nginx with `--with-stream=dynamic`.
+    "libnginx-mod-stream",
+    // Client and server of the plain→TLS→plain tunnel. Its debconf question (start an iperf3
+    // daemon at boot?) is answered with its default, no, as `apt_install` runs apt
+    // noninteractive; the bench starts its own servers.
+    "iperf3",
     "nftables",
     "netsniff-ng",
     "linux-perf",

@@ -1,18 +1,26 @@
-//! `cargo xtask bench`: relay side by side with HAProxy and stunnel, same run, same work.
+//! `cargo xtask bench`: relay side by side with HAProxy, stunnel and nginx (`stream {}`), same
+//! run, same work.
 //!
-//! Each scenario starts every peer fresh (relay, HAProxy, stunnel, and "direct": no relay at
-//! all), one at a time, in front of the same nginx backend, drives it with the same real
-//! client tool for the same bounded time, and reads the peer's own CPU time and memory from
-//! `/proc`. Servers run on one core with one thread, clients and backend on the other, so the
-//! CPU-seconds figures compare the work each peer does per unit, whatever the client costs.
-//! The output is `target/bench/report.md` (tables with ratios relay/peer, versions, machine,
-//! settings) and `target/bench/ratios.svg`; a summary line per scenario is printed at the end.
+//! Each scenario starts every peer fresh (relay, HAProxy, stunnel, nginx stream, and "direct":
+//! no relay at all), one at a time, in front of the same nginx backend, drives it with the same
+//! real client tool for the same bounded time, and reads the peer's own CPU time and memory
+//! from `/proc`. The plain→TLS→plain tunnel ([`tunnel`]) is the exception: each peer kind
+//! plays both ends of a TLS tunnel between an iperf3 client and an iperf3 server, and both
+//! ends are accounted together. The scenarios run in up to two passes ([`Mode`]): pinned
+//! (servers on one core with one thread, clients and backend on the other, so the CPU-seconds
+//! figures compare the work each peer does per unit, whatever the client costs) and defaults
+//! (nothing pinned, each server with its own default threads: what users run). The level
+//! pairs (relay alone, against a baseline build) and the XDP figures run once.
+//! The output is `target/bench/report.md` (a table per mode with ratios relay/peer and
+//! relay/best peer, versions, machine, settings) and `target/bench/ratios.svg`; a summary line
+//! per scenario is printed at the end.
 
 mod load;
 mod pairs;
 mod peers;
 mod procfs;
 mod report;
+mod tunnel;
 mod xdp;
 
 use std::{
@@ -24,7 +32,7 @@ use std::{
 };
 
 use anyhow::{Context as _, ensure};
-use peers::{Front, Peer, Server};
+use peers::{Front, Mode, Peer, Server};
 use relay_tests::pki::{KeyKind, Pki};
 
 use crate::{capture, run};
@@ -54,7 +62,7 @@ impl Size {
                 bulk_bytes: 256 << 20,
                 idle: 1000,
                 handshake_conns: 16,
-                keepalive_conns: 50,
+                keepalive_conns: 100,
             }
         } else {
             Size {
@@ -69,40 +77,101 @@ impl Size {
     }
 }
 
-/// One line of the report: a figure per peer.
+/// Which passes `cargo xtask bench --mode` runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Modes {
+    /// Every server pinned to one core with one thread: cost per core.
+    Pinned,
+    /// Every server with its default threads, nothing pinned: what users run.
+    Defaults,
+    /// Both, one after the other (each table in the report).
+    Both,
+}
+
+impl Modes {
+    fn list(self) -> Vec<Mode> {
+        match self {
+            Modes::Pinned => vec![Mode::Pinned],
+            Modes::Defaults => vec![Mode::Defaults],
+            Modes::Both => vec![Mode::Pinned, Mode::Defaults],
+        }
+    }
+}
+
+/// One line of the report: a figure per peer, in one mode.
 pub struct Row {
+    pub mode: Mode,
     pub title: String,
     pub unit: &'static str,
     pub higher_is_better: bool,
     /// Indexed like [`Peer::ALL`].
-    pub values: [Option<f64>; 4],
+    pub values: [Option<f64>; Peer::ALL.len()],
     /// Shown in the plot (the headline figures; CPU rows are derived from them).
     pub plotted: bool,
 }
 
 impl Row {
-    fn new(title: impl Into<String>, unit: &'static str, higher_is_better: bool) -> Row {
+    fn new(
+        mode: Mode,
+        title: impl Into<String>,
+        unit: &'static str,
+        higher_is_better: bool,
+    ) -> Row {
         Row {
+            mode,
             title: title.into(),
             unit,
             higher_is_better,
-            values: [None; 4],
+            values: [None; Peer::ALL.len()],
             plotted: true,
         }
     }
 
     fn set(&mut self, peer: Peer, v: f64) {
-        self.values[Peer::ALL.iter().position(|p| *p == peer).unwrap()] = Some(v);
+        self.values[peer.index()] = Some(v);
     }
 
     pub fn get(&self, peer: Peer) -> Option<f64> {
-        self.values[Peer::ALL.iter().position(|p| *p == peer).unwrap()]
+        self.values[peer.index()]
+    }
+
+    /// The competitor with the best figure in this row (highest or lowest, as the row runs),
+    /// and that figure.
+    pub fn best_peer(&self) -> Option<(Peer, f64)> {
+        Peer::COMPETITORS
+            .into_iter()
+            .filter_map(|p| Some((p, self.get(p).filter(|v| *v > 0.0)?)))
+            .reduce(|best, next| {
+                let better = if self.higher_is_better {
+                    next.1 > best.1
+                } else {
+                    next.1 < best.1
+                };
+                if better { next } else { best }
+            })
+    }
+
+    /// relay's figure over `peer`'s, the report's ratio.
+    pub fn ratio(&self, peer: Peer) -> Option<f64> {
+        match (self.get(Peer::Relay), self.get(peer)) {
+            (Some(r), Some(v)) if v > 0.0 => Some(r / v),
+            _ => None,
+        }
+    }
+
+    /// relay's figure over the best competitor's, and which competitor that is.
+    pub fn ratio_to_best(&self) -> Option<(f64, Peer)> {
+        let (peer, best) = self.best_peer()?;
+        Some((self.get(Peer::Relay)? / best, peer))
     }
 }
 
 /// Everything a run found, for the report.
 pub struct Results {
     pub size: Size,
+    /// The passes run, in order.
+    pub modes: Vec<Mode>,
+    /// Every mode's rows, each tagged with its mode.
     pub rows: Vec<Row>,
     /// Observations worth a line in the report (negotiated parameters, errors, resumption).
     pub notes: Vec<String>,
@@ -113,10 +182,19 @@ pub struct Results {
     pub started: Instant,
 }
 
+/// Where a scenario runs: the pass's mode and backend, the work directory.
+#[derive(Clone, Copy)]
+struct Pass<'a> {
+    mode: Mode,
+    backend: u16,
+    dir: &'a Path,
+}
+
 pub fn bench(
     quick: bool,
     only: Option<&str>,
     baseline: Option<&str>,
+    modes: Modes,
     relay_bin: &Path,
 ) -> anyhow::Result<()> {
     ensure!(
@@ -141,6 +219,7 @@ pub fn bench(
     let size = Size::new(quick);
     let mut results = Results {
         size,
+        modes: modes.list(),
         rows: Vec::new(),
         notes: Vec::new(),
         xdp: None,
@@ -151,13 +230,6 @@ pub fn bench(
     let www = work.join("www");
     write_content(&www, size.bulk_bytes)?;
     let pki = Pki::generate(&work.join("pki"))?;
-    let backend = peers::start_backend(&work, &www)?;
-    say(&format!(
-        "bench ({}): servers on CPU {}, clients and nginx backend on CPU {}",
-        if quick { "quick" } else { "full" },
-        peers::SERVER_CPU,
-        peers::LOAD_CPU
-    ));
 
     let ecdsa = pki.server_of(KeyKind::EcdsaP256).clone();
     let rsa = pki.server_of(KeyKind::Rsa2048).clone();
@@ -175,28 +247,71 @@ pub fn bench(
     };
 
     let wanted = |title: &str| only.is_none_or(|o| title.contains(o));
-    for (title, front) in [
-        ("new TLS 1.3 handshakes, ECDSA P-256", full(&ecdsa)),
-        ("new TLS 1.3 handshakes, RSA-2048", full(&rsa)),
-        ("resumed TLS 1.3 handshakes, ECDSA P-256", resumable.clone()),
-    ] {
-        if wanted(title) {
-            handshakes(&mut results, title, &front, backend.port, &work)?;
+    let scenarios = [
+        "new TLS 1.3 handshakes, ECDSA P-256",
+        "new TLS 1.3 handshakes, RSA-2048",
+        "resumed TLS 1.3 handshakes, ECDSA P-256",
+        "bulk TLS→plain",
+        "bulk plain→plain",
+        "keep-alive requests",
+        "idle connection memory",
+        tunnel::TITLE,
+    ];
+    for mode in results.modes.clone() {
+        if !scenarios.iter().any(|s| wanted(s)) {
+            break;
+        }
+        // Each pass has its own backend: pinned to the load core, or unpinned with a worker
+        // per core.
+        let backend = peers::start_backend(&work, &www, mode)
+            .with_context(|| format!("starting the nginx backend ({} mode)", mode.name()))?;
+        say(&match mode {
+            Mode::Pinned => format!(
+                "bench ({}), pinned: servers on CPU {} with one thread, clients and nginx \
+                 backend on CPU {}",
+                if quick { "quick" } else { "full" },
+                peers::SERVER_CPU,
+                peers::LOAD_CPU
+            ),
+            Mode::Defaults => format!(
+                "bench ({}), defaults: every server with its default threads, nothing pinned",
+                if quick { "quick" } else { "full" },
+            ),
+        });
+        let pass = Pass {
+            mode,
+            backend: backend.port,
+            dir: &work,
+        };
+        for (title, front) in [
+            (scenarios[0], full(&ecdsa)),
+            (scenarios[1], full(&rsa)),
+            (scenarios[2], resumable.clone()),
+        ] {
+            if wanted(title) {
+                handshakes(&mut results, pass, title, &front)?;
+            }
+        }
+        if wanted(scenarios[3]) {
+            bulk(&mut results, pass, "TLS→plain", &resumable)?;
+        }
+        if wanted(scenarios[4]) {
+            bulk(&mut results, pass, "plain→plain", &plain)?;
+        }
+        if wanted(scenarios[5]) {
+            keepalive(&mut results, pass, &resumable)?;
+        }
+        if wanted(scenarios[6]) {
+            idle(&mut results, pass, &resumable)?;
+        }
+        if wanted(scenarios[7]) {
+            tunnel::measure(&mut results, pass, &ecdsa, &pki.ca)?;
         }
     }
-    if wanted("bulk TLS→plain") {
-        bulk(&mut results, "TLS→plain", &resumable, backend.port, &work)?;
-    }
-    if wanted("bulk plain→plain") {
-        bulk(&mut results, "plain→plain", &plain, backend.port, &work)?;
-    }
-    if wanted("keep-alive requests") {
-        keepalive(&mut results, &resumable, backend.port, &work)?;
-    }
-    if wanted("idle connection memory") {
-        idle(&mut results, &resumable, backend.port, &work)?;
-    }
     if wanted("level pairs") {
+        // relay alone, measured per core: as in the pinned pass, whichever passes ran.
+        let backend = peers::start_backend(&work, &www, Mode::Pinned)
+            .context("starting the nginx backend (level pairs)")?;
         let mut builds = vec![pairs::Build {
             name: "relay".into(),
             bin: relay_bin.to_path_buf(),
@@ -207,7 +322,6 @@ pub fn bench(
         results.builds = builds.iter().map(|b| b.name.clone()).collect();
         pairs::measure(&mut results, &pki, backend.port, &work, &builds)?;
     }
-    drop(backend);
 
     if wanted("XDP data path") {
         match xdp::measure(&work, quick) {
@@ -262,22 +376,22 @@ fn write_content(www: &Path, bulk: u64) -> anyhow::Result<()> {
 /// Starts `peer`, runs `work` against it and returns what it measured plus the peer's CPU
 /// seconds during `work`. `None` when the peer cannot serve this front side.
 fn with_peer<T>(
+    pass: Pass,
     peer: Peer,
     front: &Front,
-    backend: u16,
-    dir: &Path,
     work: impl FnOnce(&Server) -> anyhow::Result<T>,
 ) -> anyhow::Result<Option<(T, Option<f64>, Server)>> {
-    let Some(server) = peers::start(peer, front, backend, dir)
-        .with_context(|| format!("starting {}", peer.name()))?
+    let Some(server) = peers::start(peer, front, pass.backend, pass.dir, pass.mode)
+        .with_context(|| format!("starting {} ({} mode)", peer.name(), pass.mode.name()))?
     else {
         return Ok(None);
     };
     // One request first, so start-up work (certificate parsing, first allocations) is not
     // counted as load.
-    let _ = load::bulk(&server.url("/small"), 1024);
+    let _ = load::bulk(pass.mode, &server.url("/small"), 1024);
     let cpu_before = server.pid.map(procfs::cpu_seconds);
-    let out = work(&server).with_context(|| format!("measuring {}", peer.name()))?;
+    let out = work(&server)
+        .with_context(|| format!("measuring {} ({} mode)", peer.name(), pass.mode.name()))?;
     let cpu = match (cpu_before, server.pid) {
         (Some(b), Some(pid)) => Some(procfs::cpu_seconds(pid) - b),
         _ => None,
@@ -285,40 +399,43 @@ fn with_peer<T>(
     Ok(Some((out, cpu, server)))
 }
 
-fn handshakes(
-    results: &mut Results,
-    title: &str,
-    front: &Front,
-    backend: u16,
-    dir: &Path,
-) -> anyhow::Result<()> {
-    say(title);
+fn handshakes(results: &mut Results, pass: Pass, title: &str, front: &Front) -> anyhow::Result<()> {
+    let mode = pass.mode;
+    say(&format!("{title} ({})", mode.name()));
     let size = results.size;
-    let mut rate = Row::new(title, "handshakes/s", true);
-    let mut cpu = Row::new(format!("CPU per 1000 {title}"), "CPU-s", false);
+    let mut rate = Row::new(mode, title, "handshakes/s", true);
+    let mut cpu = Row::new(mode, format!("CPU per 1000 {title}"), "CPU-s", false);
     cpu.plotted = false;
     for peer in Peer::ALL {
-        let Some((r, secs, server)) = with_peer(peer, front, backend, dir, |s| {
-            load::wrk(&s.url("/small"), size.handshake_conns, size.duration, true)
+        let Some((r, secs, server)) = with_peer(pass, peer, front, |s| {
+            load::wrk(
+                mode,
+                &s.url("/small"),
+                size.handshake_conns,
+                size.duration,
+                true,
+            )
         })?
         else {
             continue;
         };
-        note_errors(results, peer, title, &r);
+        note_errors(results, mode, peer, title, &r);
         rate.set(peer, r.per_second);
         if let Some(secs) = secs {
             cpu.set(peer, secs / r.requests as f64 * 1000.0);
         }
         if server.tls {
             let neg = load::negotiated(server.port)?;
-            results
-                .notes
-                .push(format!("{title}: {} negotiated {neg}", peer.name()));
+            results.notes.push(format!(
+                "{} {title}: {} negotiated {neg}",
+                tag(mode),
+                peer.name()
+            ));
         }
         if peer == Peer::Relay {
-            note_resumption(results, title, &server, r.requests);
+            note_resumption(results, mode, title, &server, r.requests);
         }
-        eprintln!("    {:8} {:>10.0} handshakes/s", peer.name(), r.per_second);
+        eprintln!("    {:12} {:>10.0} handshakes/s", peer.name(), r.per_second);
     }
     results.rows.push(rate);
     results.rows.push(cpu);
@@ -327,14 +444,15 @@ fn handshakes(
 
 /// Records how many of relay's handshakes resumed, from its own metrics: it shows the
 /// scenario measured what it says (0 for new handshakes, nearly all for resumed ones).
-fn note_resumption(results: &mut Results, title: &str, server: &Server, requests: u64) {
+fn note_resumption(results: &mut Results, mode: Mode, title: &str, server: &Server, requests: u64) {
     let Some(addr) = &server.metrics else { return };
     let Ok(text) = scrape(addr) else {
         return;
     };
     let value = |name: &str| metric_sum(&text, name, "");
     results.notes.push(format!(
-        "{title}: relay counted {:.0} resumed of {:.0} accepted connections (wrk made {requests} requests)",
+        "{} {title}: relay counted {:.0} resumed of {:.0} accepted connections (wrk made {requests} requests)",
+        tag(mode),
         value("relay_tls_resumed_total"),
         value("relay_connections_accepted_total"),
     ));
@@ -353,10 +471,16 @@ fn metric_sum(text: &str, name: &str, label: &str) -> f64 {
         .sum()
 }
 
-fn note_errors(results: &mut Results, peer: Peer, title: &str, r: &load::Rate) {
+/// How notes say which pass they come from.
+fn tag(mode: Mode) -> String {
+    format!("[{}]", mode.name())
+}
+
+fn note_errors(results: &mut Results, mode: Mode, peer: Peer, title: &str, r: &load::Rate) {
     if r.errors > 0 {
         results.notes.push(format!(
-            "{title}: {} had {} errors in {} requests",
+            "{} {title}: {} had {} errors in {} requests",
+            tag(mode),
             peer.name(),
             r.errors,
             r.requests
@@ -364,30 +488,25 @@ fn note_errors(results: &mut Results, peer: Peer, title: &str, r: &load::Rate) {
     }
 }
 
-fn bulk(
-    results: &mut Results,
-    kind: &str,
-    front: &Front,
-    backend: u16,
-    dir: &Path,
-) -> anyhow::Result<()> {
+fn bulk(results: &mut Results, pass: Pass, kind: &str, front: &Front) -> anyhow::Result<()> {
+    let mode = pass.mode;
     let title = format!(
         "bulk {kind}, {} MiB transfers (median)",
         results.size.bulk_bytes >> 20
     );
-    say(&title);
-    let mut speed = Row::new(title.clone(), "MB/s", true);
-    let mut cpu = Row::new(format!("CPU per GB, {kind}"), "CPU-s", false);
+    say(&format!("{title} ({})", mode.name()));
+    let mut speed = Row::new(mode, title.clone(), "MB/s", true);
+    let mut cpu = Row::new(mode, format!("CPU per GB, {kind}"), "CPU-s", false);
     cpu.plotted = false;
     let (bytes, duration) = (results.size.bulk_bytes, results.size.duration);
     for peer in Peer::ALL {
         // One transfer lasts well under a second: repeat for the scenario's duration (at
         // least three times) and keep the median, which single transfers are too noisy for.
-        let Some(((mbps, count), secs, _server)) = with_peer(peer, front, backend, dir, |s| {
+        let Some(((mbps, count), secs, _server)) = with_peer(pass, peer, front, |s| {
             let started = Instant::now();
             let mut speeds = Vec::new();
             while speeds.len() < 3 || started.elapsed() < duration {
-                speeds.push(load::bulk(&s.url("/big"), bytes)?);
+                speeds.push(load::bulk(mode, &s.url("/big"), bytes)?);
             }
             speeds.sort_by(f64::total_cmp);
             Ok((speeds[speeds.len() / 2], speeds.len()))
@@ -399,56 +518,67 @@ fn bulk(
         if let Some(secs) = secs {
             cpu.set(peer, secs / (count as f64 * bytes as f64 / 1e9));
         }
-        eprintln!("    {:8} {:>10.0} MB/s", peer.name(), mbps);
+        eprintln!("    {:12} {:>10.0} MB/s", peer.name(), mbps);
     }
     results.rows.push(speed);
     results.rows.push(cpu);
     Ok(())
 }
 
-fn keepalive(results: &mut Results, front: &Front, backend: u16, dir: &Path) -> anyhow::Result<()> {
+/// Keep-alive HTTP/1.1 requests for a 1 KiB file over TLS 1.3 (ECDSA P-256), with h2load: the
+/// per-request cost of the record layer and the relaying, handshakes done before the timing.
+fn keepalive(results: &mut Results, pass: Pass, front: &Front) -> anyhow::Result<()> {
+    let mode = pass.mode;
     let size = results.size;
     let title = format!(
-        "1 KiB keep-alive requests over TLS, {} connections",
+        "1 KiB keep-alive requests over TLS 1.3, ECDSA P-256, {} connections (h2load --h1)",
         size.keepalive_conns
     );
-    say(&title);
-    let mut rate = Row::new(title.clone(), "requests/s", true);
-    let mut cpu = Row::new("CPU per 1000 keep-alive requests", "CPU-s", false);
+    say(&format!("{title} ({})", mode.name()));
+    let mut rate = Row::new(mode, title.clone(), "requests/s", true);
+    let mut cpu = Row::new(mode, "CPU per 1000 keep-alive requests", "CPU-s", false);
     cpu.plotted = false;
-    let mut peak = Row::new("peak RSS under keep-alive load", "MiB", false);
+    let mut peak = Row::new(mode, "peak RSS under keep-alive load", "MiB", false);
     for peer in Peer::ALL {
-        let Some((r, secs, server)) = with_peer(peer, front, backend, dir, |s| {
-            load::wrk(&s.url("/small"), size.keepalive_conns, size.duration, false)
+        let Some((r, secs, server)) = with_peer(pass, peer, front, |s| {
+            load::h2load(mode, &s.url("/small"), size.keepalive_conns, size.duration)
         })?
         else {
             continue;
         };
-        note_errors(results, peer, &title, &r);
+        note_errors(results, mode, peer, &title, &r);
         rate.set(peer, r.per_second);
         if let (Some(secs), Some(pid)) = (secs, server.pid) {
             cpu.set(peer, secs / r.requests as f64 * 1000.0);
             peak.set(peer, procfs::peak_rss_kib(pid) as f64 / 1024.0);
+            // What each server actually ran with (the defaults pass leaves it to them).
+            let (processes, threads) = procfs::processes_and_threads(pid);
+            results.notes.push(format!(
+                "{} keep-alive: {} ran as {processes} process(es) with {threads} thread(s) in all",
+                tag(mode),
+                peer.name()
+            ));
         }
-        eprintln!("    {:8} {:>10.0} requests/s", peer.name(), r.per_second);
+        eprintln!("    {:12} {:>10.0} requests/s", peer.name(), r.per_second);
     }
     results.rows.extend([rate, cpu, peak]);
     Ok(())
 }
 
-fn idle(results: &mut Results, front: &Front, backend: u16, dir: &Path) -> anyhow::Result<()> {
+fn idle(results: &mut Results, pass: Pass, front: &Front) -> anyhow::Result<()> {
+    let mode = pass.mode;
     let n = results.size.idle;
     let title = format!("memory per idle TLS connection ({n} open)");
-    say(&title);
-    let mut per_conn = Row::new(title, "KiB", false);
+    say(&format!("{title} ({})", mode.name()));
+    let mut per_conn = Row::new(mode, title, "KiB", false);
     for peer in Peer::ALL {
         if peer == Peer::Direct {
             continue;
         }
-        let Some((kib, _, _server)) = with_peer(peer, front, backend, dir, |s| {
+        let Some((kib, _, _server)) = with_peer(pass, peer, front, |s| {
             let pid = s.pid.context("no process")?;
             let before = procfs::rss_kib(pid);
-            let mut held = load::Idle::open(s.port, n, s.tls)?;
+            let mut held = load::Idle::open(mode, s.port, n, s.tls)?;
             let after = procfs::rss_kib(pid);
             held.close();
             Ok(after.saturating_sub(before) as f64 / n as f64)
@@ -458,7 +588,7 @@ fn idle(results: &mut Results, front: &Front, backend: u16, dir: &Path) -> anyho
         };
         per_conn.set(peer, kib);
         eprintln!(
-            "    {:8} {:>10.1} KiB per idle connection",
+            "    {:12} {:>10.1} KiB per idle connection",
             peer.name(),
             kib
         );
@@ -469,23 +599,38 @@ fn idle(results: &mut Results, front: &Front, backend: u16, dir: &Path) -> anyho
 
 fn summary(results: &Results) {
     say("summary (ratio relay/peer; see the report for direction and units)");
-    for row in &results.rows {
-        let Some(relay) = row.get(Peer::Relay) else {
+    for mode in &results.modes {
+        let rows: Vec<&Row> = results.rows.iter().filter(|r| r.mode == *mode).collect();
+        if rows.is_empty() {
             continue;
-        };
-        let ratio = |p: Peer| {
-            row.get(p)
-                .filter(|v| *v > 0.0)
-                .map_or("  n/a".to_string(), |v| format!("{:5.2}", relay / v))
-        };
-        eprintln!(
-            "  {:58} relay {:>10} {:12} ×haproxy {} ×stunnel {}",
-            row.title,
-            report::fmt(relay),
-            row.unit,
-            ratio(Peer::Haproxy),
-            ratio(Peer::Stunnel)
-        );
+        }
+        eprintln!("  {}:", mode.name());
+        for row in rows {
+            let Some(relay) = row.get(Peer::Relay) else {
+                continue;
+            };
+            let ratios: Vec<String> = Peer::COMPETITORS
+                .into_iter()
+                .map(|p| {
+                    format!(
+                        "×{} {}",
+                        p.name(),
+                        row.ratio(p)
+                            .map_or("  n/a".to_string(), |v| format!("{v:5.2}"))
+                    )
+                })
+                .collect();
+            let best = row
+                .ratio_to_best()
+                .map_or("n/a".to_string(), |(v, p)| format!("{v:.2} ({})", p.name()));
+            eprintln!(
+                "    {:58} relay {:>10} {:12} {}  ×best {best}",
+                row.title,
+                report::fmt(relay),
+                row.unit,
+                ratios.join(" "),
+            );
+        }
     }
     if let Some(x) = &results.xdp {
         for line in x.summary() {

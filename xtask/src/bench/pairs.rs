@@ -1,14 +1,18 @@
 //! The nine level pairs (`plain`, `tls`, `mtls` inbound × outbound), relay against a baseline
 //! build of relay (`--baseline REV`) in the same run: memory per idle connection, userspace
 //! copies per payload byte (relay's `relay_copied_bytes_total` over `relay_bytes_total`, so
-//! only for builds that count them), and CPU time per GB downloaded. CPU, not speed: the
-//! client, nginx and the TLS terminator share the other core, so speed would measure them.
+//! only for builds that count them), CPU time per GB downloaded, and which kernel path relay
+//! chose to move plaintext between two plaintext sockets (its `relay_plain_copies_total`
+//! counter, by `path`: "kernel" for a sockmap redirect, "splice" for splice(2)). CPU, not
+//! speed: the client, nginx and the TLS terminator share the other core, so speed would
+//! measure them. Every relay here runs as in the pinned mode of the peer comparison.
 //!
 //! Where the outbound level is TLS, a second relay (not measured, on the load core) terminates
 //! it in front of nginx, so the measured relay does the same work as in production: one TLS
 //! side per TLS level.
 
 use std::{
+    collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
     process::Command,
@@ -22,7 +26,7 @@ use relay_tests::{
 
 use super::{
     Results, load, metric_sum,
-    peers::{LOAD_CPU, SERVER_CPU},
+    peers::{LOAD_CPU, Mode, SERVER_CPU},
     procfs, say, scrape,
 };
 use crate::{capture, run};
@@ -37,6 +41,10 @@ pub struct PairRow {
     pub idle_kib: (Option<f64>, Option<f64>),
     /// Userspace copies per payload byte, current build.
     pub copies_per_byte: Option<f64>,
+    /// The kernel paths (`path` label of `relay_plain_copies_total`) the current build took
+    /// for its plaintext↔plaintext connections, most used first; empty when it counted none
+    /// (no such connection in this pair, or a build without the counter).
+    pub plain_paths: Vec<String>,
     /// CPU seconds of the measured relay per GB downloaded: (current, baseline).
     pub cpu_per_gb: (Option<f64>, Option<f64>),
 }
@@ -74,6 +82,7 @@ pub fn measure(
                 outbound,
                 idle_kib: (None, None),
                 copies_per_byte: None,
+                plain_paths: Vec::new(),
                 cpu_per_gb: (None, None),
             };
             // The outbound TLS of the measured relay ends here, on the load core.
@@ -89,19 +98,21 @@ pub fn measure(
                     row.idle_kib.0 = Some(figures.idle_kib);
                     row.cpu_per_gb.0 = Some(figures.cpu_per_gb);
                     row.copies_per_byte = figures.copies_per_byte;
+                    row.plain_paths = figures.plain_paths.clone();
                 } else {
                     row.idle_kib.1 = Some(figures.idle_kib);
                     row.cpu_per_gb.1 = Some(figures.cpu_per_gb);
                 }
                 eprintln!(
                     "    {inbound:>5} → {outbound:<5} {:18} {:>6.1} KiB/idle conn  {:>5.2} CPU-s/GB  \
-                     copies/byte {}",
+                     copies/byte {}  plain↔plain path {}",
                     build.name,
                     figures.idle_kib,
                     figures.cpu_per_gb,
                     figures
                         .copies_per_byte
-                        .map_or("n/a".into(), |c| format!("{c:.3}"))
+                        .map_or("n/a".into(), |c| format!("{c:.3}")),
+                    plain_paths_cell(&figures.plain_paths),
                 );
             }
             results.pairs.push(row);
@@ -114,6 +125,17 @@ struct Figures {
     idle_kib: f64,
     cpu_per_gb: f64,
     copies_per_byte: Option<f64>,
+    plain_paths: Vec<String>,
+}
+
+/// How the report and the progress lines show [`PairRow::plain_paths`]: "kernel", "splice",
+/// both (most used first), or "-" when relay counted no plaintext↔plaintext connection.
+pub fn plain_paths_cell(paths: &[String]) -> String {
+    if paths.is_empty() {
+        "-".into()
+    } else {
+        paths.join(" + ")
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -151,34 +173,104 @@ fn one(
     let pid = relay.pid();
     let before = counters(&metrics);
     let cpu = procfs::cpu_seconds(pid);
-    load::bulk_with(&url, bytes, &client)?;
+    load::bulk_with(Mode::Pinned, &url, bytes, &client)?;
     let cpu_per_gb = (procfs::cpu_seconds(pid) - cpu) / (bytes as f64 / 1e9);
     let after = counters(&metrics);
-    let copies_per_byte = match (before, after) {
+    let copies_per_byte = match (&before.copies, &after.copies) {
         (Some((c0, b0)), Some((c1, b1))) if b1 > b0 => Some((c1 - c0) / (b1 - b0)),
         _ => None,
     };
     // Memory: the process tree's growth with `idle` connections held open.
     let rss_before = procfs::rss_kib(pid);
-    let mut held = load::Idle::open_with(port, idle, inbound != "plain", &client)?;
+    let mut held = load::Idle::open_with(Mode::Pinned, port, idle, inbound != "plain", &client)?;
     let rss_after = procfs::rss_kib(pid);
     held.close();
+    // The path of the download's connection; if relay counts a connection only when it ends
+    // and had not yet when the download returned, the paths of the whole run instead (the
+    // idle connections of the same pair, which go the same way).
+    let mut plain_paths = after.paths_since(&before);
+    if plain_paths.is_empty() {
+        plain_paths = counters(&metrics).paths_since(&before);
+    }
     Ok(Figures {
         idle_kib: rss_after.saturating_sub(rss_before) as f64 / f64::from(idle),
         cpu_per_gb,
         copies_per_byte,
+        plain_paths,
     })
 }
 
-/// (copied bytes, relayed bytes) from relay's metrics; `None` for a build without the counter.
-fn counters(metrics: &str) -> Option<(f64, f64)> {
-    let text = scrape(metrics).ok()?;
-    text.contains("relay_copied_bytes_total").then(|| {
-        (
-            metric_sum(&text, "relay_copied_bytes_total", ""),
-            metric_sum(&text, "relay_bytes_total", ""),
-        )
-    })
+/// What the pair scenario reads from one scrape of relay's metrics.
+#[derive(Default)]
+struct Counters {
+    /// (copied bytes, relayed bytes); `None` for a build without the copy counter.
+    copies: Option<(f64, f64)>,
+    /// `relay_plain_copies_total` by its `path` label; empty for a build without it (or
+    /// before its first plaintext↔plaintext connection).
+    plain_paths: BTreeMap<String, f64>,
+}
+
+impl Counters {
+    /// The paths counted since `earlier`, most used first.
+    fn paths_since(&self, earlier: &Counters) -> Vec<String> {
+        let mut grown: Vec<(&String, f64)> = self
+            .plain_paths
+            .iter()
+            .map(|(path, n)| {
+                (
+                    path,
+                    n - earlier.plain_paths.get(path).copied().unwrap_or(0.0),
+                )
+            })
+            .filter(|(_, d)| *d > 0.0)
+            .collect();
+        grown.sort_by(|a, b| b.1.total_cmp(&a.1));
+        grown.into_iter().map(|(p, _)| p.clone()).collect()
+    }
+}
+
+/// relay's counters from its metrics; a counter the build does not export is simply absent
+/// (an unreachable endpoint reads as all absent: the figures show "n/a", the run goes on).
+fn counters(metrics: &str) -> Counters {
+    let Ok(text) = scrape(metrics) else {
+        return Counters::default();
+    };
+    Counters {
+        copies: text.contains("relay_copied_bytes_total").then(|| {
+            (
+                metric_sum(&text, "relay_copied_bytes_total", ""),
+                metric_sum(&text, "relay_bytes_total", ""),
+            )
+        }),
+        plain_paths: plain_copies(&text),
+    }
+}
+
+/// `relay_plain_copies_total{service="...",path="kernel"} 3` lines summed by `path` (over
+/// services: the pair relays have one).
+fn plain_copies(text: &str) -> BTreeMap<String, f64> {
+    let mut by_path = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("relay_plain_copies_total{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once('}') else {
+            continue;
+        };
+        let Some(path) = labels
+            .split(',')
+            .find_map(|l| l.trim().strip_prefix("path=\""))
+            .and_then(|v| v.strip_suffix('"'))
+        else {
+            continue;
+        };
+        // The value, then an optional timestamp.
+        let Some(Ok(value)) = value.split_whitespace().next().map(str::parse::<f64>) else {
+            continue;
+        };
+        *by_path.entry(path.to_string()).or_insert(0.0) += value;
+    }
+    by_path
 }
 
 /// A relay in front of nginx that accepts `level` (the measured relay's outbound side).

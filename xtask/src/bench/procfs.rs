@@ -61,7 +61,8 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / ticks_per_second()
 }
 
-fn status_kib(pid: u32, field: &str) -> u64 {
+/// A numeric field of `/proc/PID/status` (the `kB` unit, if any, dropped).
+fn status_number(pid: u32, field: &str) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -74,10 +75,24 @@ fn status_kib(pid: u32, field: &str) -> u64 {
 
 /// Resident memory of the tree, KiB.
 pub fn rss_kib(pid: u32) -> u64 {
-    tree(pid).into_iter().map(|p| status_kib(p, "VmRSS:")).sum()
+    tree(pid)
+        .into_iter()
+        .map(|p| status_number(p, "VmRSS:"))
+        .sum()
 }
 
 /// Peak resident memory of the tree (sum of each process's high-water mark), KiB.
 pub fn peak_rss_kib(pid: u32) -> u64 {
-    tree(pid).into_iter().map(|p| status_kib(p, "VmHWM:")).sum()
+    tree(pid)
+        .into_iter()
+        .map(|p| status_number(p, "VmHWM:"))
+        .sum()
+}
+
+/// Processes and threads in the tree under `pid`: shows how a server actually ran (the
+/// defaults mode leaves that to each server).
+pub fn processes_and_threads(pid: u32) -> (usize, u64) {
+    let tree = tree(pid);
+    let threads = tree.iter().map(|p| status_number(*p, "Threads:")).sum();
+    (tree.len(), threads)
 }

@@ -1,6 +1,7 @@
-//! The bench's output: `report.md` (what was measured, on what, with which settings, and the
-//! ratios relay/peer) and `ratios.svg`, a bar per peer and scenario of relay's advantage
-//! (above 1: relay better, whichever direction the figure runs).
+//! The bench's output: `report.md` (what was measured, on what, with which settings, a table
+//! per mode with the ratios relay/peer and relay/best peer) and `ratios.svg`, a bar per
+//! competitor, scenario and mode of relay's advantage (above 1: relay better, whichever
+//! direction the figure runs).
 
 use std::{
     fmt::Write as _,
@@ -11,7 +12,11 @@ use std::{
 
 use plotters::prelude::*;
 
-use super::{Results, Row, peers::Peer};
+use super::{
+    Results, Row,
+    pairs::plain_paths_cell,
+    peers::{LOAD_CPU, Mode, Peer, SERVER_CPU},
+};
 use crate::capture;
 
 /// A figure with sensible precision for its magnitude.
@@ -45,45 +50,25 @@ pub fn write(results: &Results, out_dir: &Path) -> anyhow::Result<PathBuf> {
         md,
         "{} run: every timed load lasts {} s; bulk transfer {} MiB; {} idle connections; \
          handshakes with {} concurrent wrk connections (`Connection: close`), keep-alive \
-         requests with {}.\n",
+         requests with {} h2load connections (`--h1`). Modes: {}.\n",
         if size.quick { "Quick" } else { "Full" },
         size.duration.as_secs(),
         size.bulk_bytes >> 20,
         size.idle,
         size.handshake_conns,
-        size.keepalive_conns
+        size.keepalive_conns,
+        results
+            .modes
+            .iter()
+            .map(|m| m.name())
+            .collect::<Vec<_>>()
+            .join(", ")
     )?;
-    writeln!(md, "## Results\n")?;
-    writeln!(
-        md,
-        "Ratios are relay/peer. ↑ means higher is better, ↓ lower is better. \
-         \"direct\" is the client talking plaintext straight to the backend (no relay, no TLS): \
-         the ceiling, not a competitor.\n"
-    )?;
-    writeln!(
-        md,
-        "| scenario | unit | relay | haproxy | stunnel | direct | relay/haproxy | relay/stunnel |"
-    )?;
-    writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|")?;
-    for row in &results.rows {
-        let cell = |p: Peer| row.get(p).map_or("—".to_string(), fmt);
-        let ratio = |p: Peer| match (row.get(Peer::Relay), row.get(p)) {
-            (Some(r), Some(v)) if v > 0.0 => format!("{:.2}", r / v),
-            _ => "—".into(),
-        };
-        writeln!(
-            md,
-            "| {} | {} {} | {} | {} | {} | {} | {} | {} |",
-            row.title,
-            row.unit,
-            if row.higher_is_better { "↑" } else { "↓" },
-            cell(Peer::Relay),
-            cell(Peer::Haproxy),
-            cell(Peer::Stunnel),
-            cell(Peer::Direct),
-            ratio(Peer::Haproxy),
-            ratio(Peer::Stunnel),
-        )?;
+    for mode in &results.modes {
+        let rows: Vec<&Row> = results.rows.iter().filter(|r| r.mode == *mode).collect();
+        if !rows.is_empty() {
+            results_table(&mut md, *mode, &rows)?;
+        }
     }
     if !results.pairs.is_empty() {
         level_pairs(&mut md, results)?;
@@ -94,7 +79,7 @@ pub fn write(results: &Results, out_dir: &Path) -> anyhow::Result<PathBuf> {
     }
     writeln!(md, "\n![relay's advantage per scenario](ratios.svg)\n")?;
     writeln!(md, "## Settings\n")?;
-    for line in SETTINGS {
+    for line in settings() {
         writeln!(md, "- {line}")?;
     }
     writeln!(md, "\n## Observations\n")?;
@@ -111,6 +96,76 @@ pub fn write(results: &Results, out_dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// One mode's table: a figure per peer, the ratios relay/peer and relay/best peer.
+fn results_table(md: &mut String, mode: Mode, rows: &[&Row]) -> anyhow::Result<()> {
+    match mode {
+        Mode::Pinned => writeln!(
+            md,
+            "## Results, pinned: one core and one thread per server\n\n\
+             Every server on CPU {SERVER_CPU} with one thread (nginx: one worker), clients and \
+             the nginx backend on CPU {LOAD_CPU}: what each peer costs per core.\n"
+        )?,
+        Mode::Defaults => writeln!(
+            md,
+            "## Results, defaults: every server as it starts, unpinned\n\n\
+             Nothing pinned; relay with its default threads, HAProxy without `nbthread` (a \
+             thread per CPU), nginx `worker_processes auto`, stunnel as it starts; clients \
+             with a thread per CPU, the backend with a worker per CPU: what users run. The \
+             threads each server ran with are in the Observations.\n"
+        )?,
+    }
+    writeln!(
+        md,
+        "Ratios are relay/peer; relay/best peer is relay over the best of HAProxy, stunnel and \
+         nginx in that row (named). ↑ means higher is better, ↓ lower is better. \
+         \"direct\" is the client talking plaintext straight to the backend (no relay, no \
+         TLS): the ceiling, not a competitor.\n"
+    )?;
+    let names: Vec<&str> = Peer::ALL.iter().map(|p| p.name()).collect();
+    let ratios: Vec<String> = Peer::COMPETITORS
+        .iter()
+        .map(|p| format!("relay/{}", p.name()))
+        .collect();
+    writeln!(
+        md,
+        "| scenario | unit | {} | {} | relay/best peer |",
+        names.join(" | "),
+        ratios.join(" | ")
+    )?;
+    writeln!(
+        md,
+        "|---|---|{}---:|",
+        "---:|".repeat(Peer::ALL.len() + Peer::COMPETITORS.len())
+    )?;
+    for row in rows {
+        let cells: Vec<String> = Peer::ALL
+            .iter()
+            .map(|p| row.get(*p).map_or("—".to_string(), fmt))
+            .collect();
+        let ratios: Vec<String> = Peer::COMPETITORS
+            .iter()
+            .map(|p| row.ratio(*p).map_or("—".to_string(), |v| format!("{v:.2}")))
+            .collect();
+        let best = row
+            .ratio_to_best()
+            .map_or("—".to_string(), |(v, p)| format!("{v:.2} ({})", p.name()));
+        writeln!(
+            md,
+            "| {} | {} {} | {} | {} | {best} |",
+            row.title,
+            row.unit,
+            if row.higher_is_better { "↑" } else { "↓" },
+            cells.join(" | "),
+            ratios.join(" | "),
+        )?;
+    }
+    writeln!(md)?;
+    Ok(())
+}
+
+/// The level-pair column naming the kernel path relay took for plain ↔ plain connections.
+const PATH_HEADING: &str = "plain↔plain path";
+
 /// The level-pair table: relay (and the baseline build, if any) per inbound → outbound pair.
 fn level_pairs(md: &mut String, results: &Results) -> anyhow::Result<()> {
     let baseline = results.builds.get(1);
@@ -118,14 +173,16 @@ fn level_pairs(md: &mut String, results: &Results) -> anyhow::Result<()> {
     writeln!(
         md,
         "Each of the nine inbound → outbound pairs, {} idle connections held and one download \
-         through it. CPU-s per GB: the measured relay's CPU time over the download. Copies \
-         per byte: payload bytes relay copied in user space \
-         (`relay_copied_bytes_total`) over the bytes it relayed (`relay_bytes_total`); \
-         kernel socket copies not counted. Where the outbound level is TLS, a second relay \
-         (not measured) terminates it.{}\n",
+         through it, relay pinned as in the pinned mode. CPU-s per GB: the measured relay's \
+         CPU time over the download. Copies per byte: payload bytes relay copied in user \
+         space (`relay_copied_bytes_total`) over the bytes it relayed (`relay_bytes_total`); \
+         kernel socket copies not counted. Plain↔plain path: how relay moved the bytes of \
+         its plaintext-to-plaintext connections (`relay_plain_copies_total` by `path`: \
+         \"kernel\" a sockmap redirect, \"splice\" splice(2)); \"-\" where it counted none. \
+         Where the outbound level is TLS, a second relay (not measured) terminates it.{}\n",
         results.size.idle.min(2000),
         baseline.map_or(String::new(), |b| format!(
-            " The {b} column is the same scenario run with relay built at that commit, in \
+            " The {b} columns are the same scenario run with relay built at that commit, in \
              this run (it counts no copies)."
         ))
     )?;
@@ -135,67 +192,122 @@ fn level_pairs(md: &mut String, results: &Results) -> anyhow::Result<()> {
         (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
         _ => "—".into(),
     };
-    match baseline {
-        Some(b) => {
-            writeln!(
-                md,
-                "| pair | KiB per idle conn ↓ | {b} | ratio | copies per byte ↓ | CPU-s per GB ↓ | {b} | ratio |"
-            )?;
-            writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|")?;
-        }
-        None => {
-            writeln!(
-                md,
-                "| pair | KiB per idle conn ↓ | copies per byte ↓ | CPU-s per GB ↓ |"
-            )?;
-            writeln!(md, "|---|---:|---:|---:|")?;
-        }
+    // One list of (heading, cell) columns, so headings and figures cannot drift apart.
+    type Column<'a> = (String, Box<dyn Fn(&super::pairs::PairRow) -> String + 'a>);
+    let mut columns: Vec<Column> = vec![(
+        "KiB per idle conn ↓".into(),
+        Box::new(|r| cell(r.idle_kib.0, 1)),
+    )];
+    if let Some(b) = baseline {
+        columns.push((
+            format!("{b}, KiB per idle conn"),
+            Box::new(|r| cell(r.idle_kib.1, 1)),
+        ));
+        columns.push(("ratio".into(), Box::new(|r| ratio(r.idle_kib))));
     }
+    columns.push((
+        "copies per byte ↓".into(),
+        Box::new(|r| cell(r.copies_per_byte, 3)),
+    ));
+    columns.push((
+        PATH_HEADING.into(),
+        Box::new(|r| plain_paths_cell(&r.plain_paths)),
+    ));
+    columns.push((
+        "CPU-s per GB ↓".into(),
+        Box::new(|r| cell(r.cpu_per_gb.0, 2)),
+    ));
+    if let Some(b) = baseline {
+        columns.push((
+            format!("{b}, CPU-s per GB"),
+            Box::new(|r| cell(r.cpu_per_gb.1, 2)),
+        ));
+        columns.push(("ratio".into(), Box::new(|r| ratio(r.cpu_per_gb))));
+    }
+    let headings: Vec<&str> = columns.iter().map(|(h, _)| h.as_str()).collect();
+    writeln!(md, "| pair | {} |", headings.join(" | "))?;
+    // Figures right-aligned, the path (a word) centred.
+    let align: Vec<&str> = headings
+        .iter()
+        .map(|h| if *h == PATH_HEADING { ":---:" } else { "---:" })
+        .collect();
+    writeln!(md, "|---|{}|", align.join("|"))?;
     for r in &results.pairs {
-        let pair = format!("{} → {}", r.inbound, r.outbound);
-        if baseline.is_some() {
-            writeln!(
-                md,
-                "| {pair} | {} | {} | {} | {} | {} | {} | {} |",
-                cell(r.idle_kib.0, 1),
-                cell(r.idle_kib.1, 1),
-                ratio(r.idle_kib),
-                cell(r.copies_per_byte, 3),
-                cell(r.cpu_per_gb.0, 2),
-                cell(r.cpu_per_gb.1, 2),
-                ratio(r.cpu_per_gb),
-            )?;
-        } else {
-            writeln!(
-                md,
-                "| {pair} | {} | {} | {} |",
-                cell(r.idle_kib.0, 1),
-                cell(r.copies_per_byte, 3),
-                cell(r.cpu_per_gb.0, 2),
-            )?;
-        }
+        let cells: Vec<String> = columns.iter().map(|(_, f)| f(r)).collect();
+        writeln!(
+            md,
+            "| {} → {} | {} |",
+            r.inbound,
+            r.outbound,
+            cells.join(" | ")
+        )?;
     }
     Ok(())
 }
 
-const SETTINGS: &[&str] = &[
-    "Servers under test pinned to CPU 1 (`taskset`) with one thread each: relay \
-     `TOKIO_WORKER_THREADS=1` (supervisor and worker counted together), HAProxy `nbthread 1` \
-     `mode tcp`, stunnel (its threads, all on CPU 1). wrk, curl, the idle client and the nginx \
-     backend (one process, sendfile) on CPU 0.",
-    "TLS 1.3 only, `TLS_AES_256_GCM_SHA384`, X25519; the same certificate and key for every \
-     peer (ECDSA P-256 unless the scenario says RSA-2048), generated by rcgen. The negotiated \
-     parameters are checked with `openssl s_client` per peer (see Observations).",
-    "New handshakes: resumption disabled on the server (relay `resumption = false`; HAProxy \
-     `no-tls-tickets` + `tune.ssl.cachesize 0`; stunnel `NO_TICKET` + a one-entry, one-second \
-     session cache). Resumed handshakes: resumption on (tickets) and wrk resumes its sessions.",
-    "Logging: relay at `warn` (no per-connection line), HAProxy without a log target, stunnel \
-     `debug = err`.",
-    "CPU figures are user + system seconds of the server's process tree from \
-     `/proc/PID/stat` over the timed load only; memory is `VmRSS`/`VmHWM` summed over the tree. \
-     Backend connections are part of every peer's cost alike.",
-    "stunnel cannot relay plaintext to plaintext, so it has no plain→plain figure.",
-];
+fn settings() -> Vec<String> {
+    vec![
+        format!(
+            "Pinned mode: servers under test pinned to CPU {SERVER_CPU} (`taskset`) with one \
+             thread each: relay `TOKIO_WORKER_THREADS=1` (supervisor and worker counted \
+             together), HAProxy `nbthread 1` `mode tcp`, stunnel (its threads, all on CPU \
+             {SERVER_CPU}), nginx stream `worker_processes 1` (master and worker on CPU \
+             {SERVER_CPU}). wrk (`-t1`), h2load (`-t1`), curl, the idle client and the nginx \
+             backend (one process, sendfile) on CPU {LOAD_CPU}."
+        ),
+        "Defaults mode: no `taskset` anywhere. relay as it starts (no thread setting: its \
+         default), HAProxy without `nbthread` (its default, a thread per CPU), nginx stream \
+         `worker_processes auto`, stunnel unchanged (a thread per connection); wrk and h2load \
+         with a thread per CPU; the nginx backend with `worker_processes auto`. Connection \
+         limits (relay `max_connections`, HAProxy `maxconn`, nginx `worker_connections`) are \
+         raised alike in both modes so the idle scenario fits."
+            .into(),
+        "nginx stream: a second nginx, apart from the backend (own prefix, configuration and \
+         pid file under target/bench/work/nginx-stream), loading \
+         `ngx_stream_module.so` (libnginx-mod-stream): `stream { server { listen ... ssl; \
+         proxy_pass backend; } }`, `ssl_protocols TLSv1.3`, the cipher suite set with \
+         `ssl_conf_command Ciphersuites`, `proxy_timeout 600s`."
+            .into(),
+        "TLS 1.3 only, `TLS_AES_256_GCM_SHA384`, X25519; the same certificate and key for every \
+         peer (ECDSA P-256 unless the scenario says RSA-2048), generated by rcgen. The negotiated \
+         parameters are checked with `openssl s_client` per peer (see Observations)."
+            .into(),
+        "New handshakes: resumption disabled on the server (relay `resumption = false`; HAProxy \
+         `no-tls-tickets` + `tune.ssl.cachesize 0`; stunnel `NO_TICKET` + a one-entry, one-second \
+         session cache; nginx `ssl_session_tickets off` + `ssl_session_cache off`). Resumed \
+         handshakes: resumption on (tickets; nginx also `ssl_session_cache shared`) and wrk \
+         resumes its sessions."
+            .into(),
+        "Keep-alive requests: h2load `--h1` (HTTP/1.1, one request in flight per connection), \
+         all connections opened before the timed part; CPU per 1000 requests counts the \
+         server's CPU over the whole h2load run (its handshakes included) over the requests of \
+         the timed part."
+            .into(),
+        format!(
+            "plain→TLS→plain tunnel: each peer kind runs twice. End A takes plaintext and wraps \
+             it in TLS 1.3 toward end B, verifying B's chain against the bench CA and its name \
+             (`localhost`, also sent as SNI): relay `outbound.level = \"tls\"` with `ca` and \
+             `server_name`; HAProxy `server ... ssl verify required ca-file ... verifyhost ... \
+             sni ...`; stunnel `client = yes`, `verifyChain`, `checkHost`; nginx stream \
+             `proxy_ssl on`, `proxy_ssl_verify on`, `proxy_ssl_trusted_certificate`, \
+             `proxy_ssl_name`. End B is the TLS terminator of the other scenarios (resumption \
+             on) and forwards plaintext to an iperf3 server. One iperf3 TCP stream \
+             (`iperf3 -c ... -t <load duration> --json`); the throughput is what the iperf3 \
+             server received (`sum_received`), CPU per GB is both ends' CPU over the run per GB \
+             received. Pinned: both ends on CPU {SERVER_CPU} with one thread each (sharing that \
+             core), the iperf3 client and server on CPU {LOAD_CPU}; defaults: nothing pinned. \
+             \"direct\" is the iperf3 client straight to the server."
+        ),
+        "Logging: relay at `warn` (no per-connection line), HAProxy without a log target, stunnel \
+         `debug = err`, nginx stream `error_log` at `warn` and no access log."
+            .into(),
+        "CPU figures are user + system seconds of the server's process tree from \
+         `/proc/PID/stat` over the timed load only; memory is `VmRSS`/`VmHWM` summed over the tree. \
+         Backend connections are part of every peer's cost alike."
+            .into(),
+        "stunnel cannot relay plaintext to plaintext, so it has no plain→plain figure.".into(),
+    ]
+}
 
 fn environment() -> Vec<(&'static str, String)> {
     let first_line = |cmd: &mut Command| {
@@ -248,11 +360,19 @@ fn environment() -> Vec<(&'static str, String)> {
             first_line(Command::new("stunnel").arg("-version")),
         ),
         (
-            "nginx (backend)",
+            "nginx (backend and stream peer)",
             first_line(Command::new("nginx").arg("-v")),
         ),
         ("wrk", first_line(Command::new("wrk").arg("-v"))),
+        (
+            "h2load",
+            first_line(Command::new("h2load").arg("--version")),
+        ),
         ("curl", first_line(Command::new("curl").arg("--version"))),
+        (
+            "iperf3",
+            first_line(Command::new("iperf3").arg("--version")),
+        ),
         (
             "OpenSSL",
             first_line(Command::new("openssl").arg("version")),
@@ -264,18 +384,33 @@ fn environment() -> Vec<(&'static str, String)> {
     ]
 }
 
-/// Horizontal bars, two per scenario (vs HAProxy, vs stunnel), laid out in pixels: a bar of
-/// length 1.0 is parity, marked by a vertical line.
+/// Horizontal bars, one per competitor for each plotted row of each mode, laid out in pixels:
+/// a bar of length 1.0 is parity, marked by a vertical line.
 fn plot(results: &Results, path: &Path) -> anyhow::Result<()> {
-    let rows: Vec<&Row> = results.rows.iter().filter(|r| r.plotted).collect();
-    let (label_w, bar_w, row_h, top) = (420i32, 520i32, 44i32, 70i32);
+    let rows: Vec<&Row> = results
+        .modes
+        .iter()
+        .flat_map(|m| {
+            results
+                .rows
+                .iter()
+                .filter(move |r| r.plotted && r.mode == *m)
+        })
+        .collect();
+    let peers = [
+        (Peer::Haproxy, RGBColor(70, 110, 200)),
+        (Peer::Stunnel, RGBColor(230, 140, 40)),
+        (Peer::Nginx, RGBColor(60, 160, 90)),
+    ];
+    let bar_h = 18i32;
+    let (label_w, bar_w, row_h, top) = (460i32, 520i32, 8 + bar_h * peers.len() as i32, 70i32);
     let height = top + row_h * rows.len() as i32 + 40;
     let width = label_w + bar_w + 80;
     let root = SVGBackend::new(path, (width as u32, height as u32)).into_drawing_area();
     root.fill(&WHITE)?;
     let max = rows
         .iter()
-        .flat_map(|r| [advantage(r, Peer::Haproxy), advantage(r, Peer::Stunnel)])
+        .flat_map(|r| peers.iter().map(|(p, _)| advantage(r, *p)))
         .flatten()
         .fold(1.5f64, f64::max)
         * 1.1;
@@ -287,10 +422,6 @@ fn plot(results: &Results, path: &Path) -> anyhow::Result<()> {
         (10, 10),
         title,
     ))?;
-    let peers = [
-        (Peer::Haproxy, RGBColor(70, 110, 200)),
-        (Peer::Stunnel, RGBColor(230, 140, 40)),
-    ];
     for (i, (p, color)) in peers.iter().enumerate() {
         let lx = label_w + i as i32 * 160;
         root.draw(&Rectangle::new([(lx, 40), (lx + 14, 54)], color.filled()))?;
@@ -302,18 +433,18 @@ fn plot(results: &Results, path: &Path) -> anyhow::Result<()> {
     }
     for (i, row) in rows.iter().enumerate() {
         let y = top + i as i32 * row_h;
-        let mut label = row.title.clone();
-        if label.len() > 60 {
-            label.truncate(57);
+        let mut label = format!("[{}] {}", row.mode.name(), row.title);
+        if label.chars().count() > 64 {
+            label = label.chars().take(61).collect();
             label.push('…');
         }
-        root.draw(&Text::new(label, (10, y + 14), text.clone()))?;
+        root.draw(&Text::new(label, (10, y + row_h / 2 - 8), text.clone()))?;
         for (j, (p, color)) in peers.iter().enumerate() {
-            let y0 = y + 4 + j as i32 * 18;
+            let y0 = y + 4 + j as i32 * bar_h;
             match advantage(row, *p) {
                 Some(a) => {
                     root.draw(&Rectangle::new(
-                        [(label_w, y0), (x(a), y0 + 15)],
+                        [(label_w, y0), (x(a), y0 + bar_h - 3)],
                         color.filled(),
                     ))?;
                     root.draw(&Text::new(
