@@ -15,7 +15,7 @@ use tokio::{net::TcpStream, sync::Mutex};
 use super::{ALERT_WAIT, BATCH, CopyError, MIN_BUFFER, Meter, Sink, Source, adapt, copied};
 use crate::{
     net::{
-        io::{readable, shutdown_write, write_all, write_all_slices},
+        io::{read_drained, readable, shutdown_write, write_all, write_all_slices},
         pool,
     },
     tls::{
@@ -155,7 +155,13 @@ pub(super) fn seal_pump<'a>(
             readable(from.socket).await.map_err(|e| from.io(e))?;
             let mut buf = pool::take(size);
             let slots = Slots::new(out, buf.len());
-            let n = match from.socket.try_read_vectored(&mut slots.payloads(&mut buf)) {
+            let mut payloads = slots.payloads(&mut buf);
+            let wanted = payloads.iter().map(|p| p.len()).sum();
+            let read = read_drained(from.socket, wanted, || {
+                nix::sys::uio::readv(from.socket, &mut payloads).map_err(io::Error::from)
+            });
+            drop(payloads);
+            let n = match read {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(from.io(e)),
@@ -476,7 +482,11 @@ impl Received {
     fn fill(&mut self, from: &TcpStream, size: usize) -> io::Result<Option<(usize, bool)>> {
         self.make_room(size);
         let limit = self.read_limit();
-        match from.try_read(&mut self.buf[self.end..limit]) {
+        let room = &mut self.buf[self.end..limit];
+        let wanted = room.len();
+        match read_drained(from, wanted, || {
+            nix::unistd::read(from, room).map_err(io::Error::from)
+        }) {
             Ok(n) => {
                 self.end += n;
                 Ok(Some((n, self.end == limit)))

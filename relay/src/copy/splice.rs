@@ -10,7 +10,7 @@ use super::{
     other_than_aborted, reset_after_drain,
 };
 use crate::net::{
-    io::{readable, shutdown_write, writable, write_all},
+    io::{read_drained, readable, shutdown_write, writable, write_all},
     pipe::{self, splice},
     pool,
 };
@@ -64,7 +64,7 @@ pub(super) fn splice_pump<'a>(
                     _ => continue,
                 }
             };
-            let n = match from.socket.try_io(Interest::READABLE, || {
+            let n = match read_drained(from.socket, pipe::PIPE_SIZE, || {
                 splice(from.socket, pipe.w(), pipe::PIPE_SIZE)
             }) {
                 Ok(n) => n,

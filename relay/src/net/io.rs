@@ -39,6 +39,30 @@ pub fn shutdown_write(to: &TcpStream) -> io::Result<()> {
     }
 }
 
+/// Reads from `s` with `read`, which asks for `wanted` bytes. A read that returns fewer (the
+/// socket had no more) makes tokio forget the socket's readiness, as a `WouldBlock` would: the
+/// next wait then goes to epoll at once, instead of first costing a read that fails. tokio
+/// keeps the readiness if an event arrived since it was observed, so none is lost.
+pub fn read_drained(
+    s: &TcpStream,
+    wanted: usize,
+    read: impl FnOnce() -> io::Result<usize>,
+) -> io::Result<usize> {
+    let mut short = None;
+    let result = s.try_io(tokio::io::Interest::READABLE, || {
+        let n = read()?;
+        if n > 0 && n < wanted {
+            short = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (result, short) {
+        (Err(_), Some(n)) => Ok(n),
+        (result, _) => result,
+    }
+}
+
 /// Waits until `s` may have bytes to read (a small future, unlike `TcpStream::readable`'s:
 /// this wait is where an idle connection spends its life).
 pub async fn readable(s: &TcpStream) -> io::Result<()> {

@@ -30,7 +30,10 @@ use super::{
     record::{Keys, Opener, RecordError, Sealer, Session, record_len},
     verify::{self, Refusal},
 };
-use crate::{net::io::write_all, tls::facts::TlsFacts};
+use crate::{
+    net::io::{read_drained, write_all},
+    tls::facts::TlsFacts,
+};
 
 /// The most handshake bytes held at once: rustls accepts handshake messages up to 64 KiB, and a
 /// record more may be in flight behind them.
@@ -351,7 +354,16 @@ async fn receive(socket: &TcpStream, incoming: &mut Vec<u8>) -> Result<bool, Han
     incoming.reserve(READ_CHUNK);
     loop {
         socket.readable().await?;
-        match socket.try_read_buf(incoming) {
+        let spare = incoming.spare_capacity_mut().len();
+        let before = incoming.len();
+        let read = read_drained(socket, spare, || {
+            // Through tokio's own call, which fills the spare capacity without initialising it.
+            match socket.try_read_buf(incoming) {
+                Ok(_) => Ok(incoming.len() - before),
+                Err(e) => Err(e),
+            }
+        });
+        match read {
             Ok(n) => return Ok(n > 0),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e.into()),
