@@ -92,8 +92,17 @@ pub fn measure(
             };
             let backend = terminator.as_ref().map_or(nginx, |t| t.1);
             for (i, build) in builds.iter().enumerate() {
-                let figures = one(pki, inbound, outbound, backend, work, build, idle, bytes)
-                    .with_context(|| format!("{inbound}→{outbound} with {}", build.name))?;
+                let figures = one(
+                    pki,
+                    (inbound, outbound),
+                    backend,
+                    work,
+                    build,
+                    idle,
+                    bytes,
+                    "",
+                )
+                .with_context(|| format!("{inbound}→{outbound} with {}", build.name))?;
                 if i == 0 {
                     row.idle_kib.0 = Some(figures.idle_kib);
                     row.cpu_per_gb.0 = Some(figures.cpu_per_gb);
@@ -118,6 +127,33 @@ pub fn measure(
             results.pairs.push(row);
         }
     }
+    // plain → plain once more with the kernel copy, which is opt-in: the current build only
+    // (a baseline may not know the key).
+    let figures = one(
+        pki,
+        ("plain", "plain"),
+        nginx,
+        work,
+        &builds[0],
+        idle,
+        bytes,
+        "kernel_copy = true\n",
+    )
+    .context("plain→plain with kernel_copy = true")?;
+    eprintln!(
+        "    plain → plain, kernel_copy = true {:>6.1} KiB/idle conn  {:>5.2} CPU-s/GB  path {}",
+        figures.idle_kib,
+        figures.cpu_per_gb,
+        plain_paths_cell(&figures.plain_paths),
+    );
+    results.pairs.push(PairRow {
+        inbound: "plain",
+        outbound: "plain (`kernel_copy = true`)",
+        idle_kib: (Some(figures.idle_kib), None),
+        copies_per_byte: figures.copies_per_byte,
+        plain_paths: figures.plain_paths,
+        cpu_per_gb: (Some(figures.cpu_per_gb), None),
+    });
     Ok(())
 }
 
@@ -141,21 +177,21 @@ pub fn plain_paths_cell(paths: &[String]) -> String {
 #[allow(clippy::too_many_arguments)]
 fn one(
     pki: &Pki,
-    inbound: &str,
-    outbound: &str,
+    (inbound, outbound): (&str, &str),
     backend: u16,
     work: &Path,
     build: &Build,
     idle: u32,
     bytes: u64,
+    relay_extra: &str,
 ) -> anyhow::Result<Figures> {
     let port = relay_tests::free_port();
     let metrics = format!("127.0.0.1:{}", relay_tests::free_port());
     let conf = work.join(format!("pair-{inbound}-{outbound}.toml"));
-    fs::write(
-        &conf,
-        config(pki, inbound, outbound, port, backend, Some(&metrics), work),
-    )?;
+    let text = config(pki, inbound, outbound, port, backend, Some(&metrics), work);
+    // Keys of the [relay] table go right after its header.
+    let text = text.replacen("[relay]\n", &format!("[relay]\n{relay_extra}"), 1);
+    fs::write(&conf, text)?;
     let relay = Relay::start_with(
         Command::new("taskset")
             .args(["-c", SERVER_CPU])
