@@ -30,8 +30,10 @@ pub struct Flood {
 }
 
 pub struct XdpFigures {
-    /// (packet, ns per packet) from test_run.
+    /// (packet, ns per packet) of relay's program, from test_run.
     pub cost: Vec<(String, f64)>,
+    /// ns per packet of the empty XDP program on the same harness: test_run's own share.
+    pub empty: Option<f64>,
     pub floods: Vec<Flood>,
 }
 
@@ -40,11 +42,24 @@ impl XdpFigures {
         let mut md = String::new();
         let _ = writeln!(
             md,
-            "Cost of the XDP program per packet, `BPF_PROG_TEST_RUN` with repeat 10⁶ (includes test_run's own per-packet overhead):\n"
+            "Cost of the XDP program per packet, `BPF_PROG_TEST_RUN` with repeat 10⁶ (least of 5 runs), \
+             beside the empty XDP program on the same harness; relay's own cost is the difference:\n"
         );
-        let _ = writeln!(md, "| packet | ns/packet |\n|---|---:|");
+        let _ = writeln!(
+            md,
+            "| program: packet | ns/packet | over the empty program |\n|---|---:|---:|"
+        );
+        if let Some(empty) = self.empty {
+            let _ = writeln!(
+                md,
+                "| empty XDP program (the harness alone) | {empty:.0} | — |"
+            );
+        }
         for (what, ns) in &self.cost {
-            let _ = writeln!(md, "| {what} | {ns:.0} |");
+            let over = self
+                .empty
+                .map_or("—".to_string(), |e| format!("{:.0}", ns - e));
+            let _ = writeln!(md, "| relay: {what} | {ns:.0} | {over} |");
         }
         let _ = writeln!(
             md,
@@ -79,10 +94,16 @@ impl XdpFigures {
 
     pub fn summary(&self) -> Vec<String> {
         let mut out: Vec<String> = self
-            .cost
+            .empty
             .iter()
-            .map(|(w, ns)| format!("XDP test_run: {w}: {ns:.0} ns/packet"))
+            .map(|e| format!("XDP test_run: empty program: {e:.0} ns/packet"))
             .collect();
+        out.extend(self.cost.iter().map(|(w, ns)| {
+            let over = self.empty.map_or(String::new(), |e| {
+                format!(" ({:.0} over the empty program)", ns - e)
+            });
+            format!("XDP test_run: {w}: {ns:.0} ns/packet{over}")
+        }));
         for f in &self.floods {
             out.push(format!(
                 "flood dropped by {}: {:.0} drops/s, {:.0} CPU ns/packet ({} of {} dropped)",
@@ -99,7 +120,11 @@ impl XdpFigures {
 
 pub fn measure(work: &Path, quick: bool) -> anyhow::Result<XdpFigures> {
     super::say("XDP data path: cost per packet (test_run)");
-    let cost = test_run_cost()?;
+    let mut cost = test_run_cost()?;
+    let empty = cost
+        .iter()
+        .position(|(what, _)| what == "empty program")
+        .map(|i| cost.remove(i).1);
     let packets: u64 = if quick { 500_000 } else { 3_000_000 };
     super::say(&format!(
         "XDP data path: flood of {packets} SYNs to the backend port, XDP vs nftables"
@@ -110,6 +135,7 @@ pub fn measure(work: &Path, quick: bool) -> anyhow::Result<XdpFigures> {
     let nft = flood_nft(&topo, packets)?;
     Ok(XdpFigures {
         cost,
+        empty,
         floods: vec![xdp, nft],
     })
 }
