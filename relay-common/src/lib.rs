@@ -4,55 +4,58 @@
 //! byte for byte: an uninitialised padding byte would make two equal keys differ.
 #![no_std]
 
-/// Key of the policy map: a destination (address, TCP port).
+/// Key of the IPv4 policy: a destination (address, TCP port) in 8 bytes, one word to compare.
+/// IPv4 and IPv6 have maps of their own so that an IPv4 packet neither builds nor compares a
+/// key sized for IPv6.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct PolicyKey {
-    pub addr: Addr,
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyKeyV4 {
+    /// As on the wire (network byte order).
+    pub addr: [u8; 4],
     /// Destination port, host byte order.
     pub port: u16,
     pub _pad: [u8; 2],
 }
 
-/// An IPv4 or IPv6 address as the data path sees it: IPv4 in the first 4 bytes, rest zero.
+/// Key of the IPv6 policy: a destination (address, TCP port).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Addr {
-    pub bytes: [u8; 16],
-    /// `FAMILY_V4` or `FAMILY_V6`.
-    pub family: u8,
-    pub _pad: [u8; 3],
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyKeyV6 {
+    /// As on the wire (network byte order).
+    pub addr: [u8; 16],
+    /// Destination port, host byte order.
+    pub port: u16,
+    pub _pad: [u8; 2],
 }
 
-pub const FAMILY_V4: u8 = 4;
-pub const FAMILY_V6: u8 = 6;
-
-impl Addr {
-    pub const fn v4(a: [u8; 4]) -> Self {
-        Self {
-            bytes: [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            family: FAMILY_V4,
-            _pad: [0; 3],
-        }
-    }
-
-    pub const fn v6(bytes: [u8; 16]) -> Self {
-        Self {
-            bytes,
-            family: FAMILY_V6,
-            _pad: [0; 3],
-        }
-    }
-}
-
-impl PolicyKey {
-    pub const fn new(addr: Addr, port: u16) -> Self {
+impl PolicyKeyV4 {
+    pub const fn new(addr: [u8; 4], port: u16) -> Self {
         Self {
             addr,
             port,
             _pad: [0; 2],
         }
     }
+}
+
+impl PolicyKeyV6 {
+    pub const fn new(addr: [u8; 16], port: u16) -> Self {
+        Self {
+            addr,
+            port,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// Words of the bitmap of service ports: one bit for each TCP port that some service uses as
+/// its front or backend port. The data path looks a packet's destination port up in it before
+/// the policy, so that a packet to any other port costs one array load.
+pub const PORT_WORDS: u32 = 65536 / 64;
+
+/// The word of the service-port bitmap that holds `port`, and the port's bit in it.
+pub const fn port_bit(port: u16) -> (u32, u64) {
+    ((port >> 6) as u32, 1 << (port & 63))
 }
 
 /// Value of the policy map: what to do with the flow, and which service counts it.
@@ -69,6 +72,101 @@ pub struct Policy {
 pub const ACTION_STEER: u32 = 1;
 /// (server, backend port): dropped by XDP on client-facing interfaces.
 pub const ACTION_DROP: u32 = 2;
+
+/// Entries in a bucket of a cache map.
+pub const BUCKET_ENTRIES: usize = 4;
+
+/// Buckets of each policy cache (a power of two); its hash map holds up to twice
+/// `MAX_SERVICES` entries.
+pub const POLICY_BUCKETS: u32 = 2048;
+/// Buckets of each server cache (a power of two).
+pub const SERVER_BUCKETS: u32 = 1024;
+
+/// A bucket of a cache map: an `Array` copy of a hash map (policy or servers) that the programs
+/// read without calling into the kernel. On this kind of machine a hash map lookup costs a
+/// kernel function call, several times what the rest of the XDP program costs; an array lookup
+/// is inlined by the verifier. The hash map stays the exact record: a key whose bucket has no
+/// room for it is looked up there, which `overflow` says.
+///
+/// An entry whose value is zero (action 0, slot 0) is empty. Userspace changes a bucket so that
+/// a reader that sees some bytes old and some new still finds every key that stays (see
+/// relay's `datapath::cache`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bucket<E> {
+    pub entries: [E; BUCKET_ENTRIES],
+    /// Non-zero: the hash map may hold keys of this bucket that its entries do not.
+    pub overflow: u32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyEntryV4 {
+    pub key: PolicyKeyV4,
+    pub policy: Policy,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyEntryV6 {
+    pub key: PolicyKeyV6,
+    pub policy: Policy,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerEntryV4 {
+    pub addr: [u8; 4],
+    /// Counter slot of the server's (first) service.
+    pub slot: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerEntryV6 {
+    pub addr: [u8; 16],
+    pub slot: u32,
+}
+
+/// The bucket of (address, port) in an IPv4 policy cache.
+pub const fn policy_bucket_v4(addr: &[u8; 4], port: u16) -> u32 {
+    bucket(
+        u32::from_ne_bytes(*addr) as u64 | (port as u64) << 32,
+        POLICY_BUCKETS,
+    )
+}
+
+/// The bucket of (address, port) in an IPv6 policy cache.
+pub const fn policy_bucket_v6(addr: &[u8; 16], port: u16) -> u32 {
+    bucket(fold_v6(addr) as u64 | (port as u64) << 32, POLICY_BUCKETS)
+}
+
+/// The bucket of an address in the IPv4 server cache.
+pub const fn server_bucket_v4(addr: &[u8; 4]) -> u32 {
+    bucket(u32::from_ne_bytes(*addr) as u64, SERVER_BUCKETS)
+}
+
+/// The bucket of an address in the IPv6 server cache.
+pub const fn server_bucket_v6(addr: &[u8; 16]) -> u32 {
+    bucket(fold_v6(addr) as u64, SERVER_BUCKETS)
+}
+
+/// An IPv6 address's four words XORed. Native-order words are what the eBPF program loads from
+/// the packet, so both sides fold the same bytes alike (the eBPF target's byte order is the
+/// host's: bpfel or bpfeb).
+const fn fold_v6(a: &[u8; 16]) -> u32 {
+    u32::from_ne_bytes([a[0], a[1], a[2], a[3]])
+        ^ u32::from_ne_bytes([a[4], a[5], a[6], a[7]])
+        ^ u32::from_ne_bytes([a[8], a[9], a[10], a[11]])
+        ^ u32::from_ne_bytes([a[12], a[13], a[14], a[15]])
+}
+
+/// Fibonacci hashing: one multiplication, the top bits. Neighbouring addresses and ports, the
+/// usual shape of a configuration, land far apart.
+const fn bucket(x: u64, buckets: u32) -> u32 {
+    (x.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - buckets.trailing_zeros())) as u32
+}
 
 /// Services the data path can tell apart; the counter array has one slot more (slot 0).
 pub const MAX_SERVICES: u32 = 1023;
@@ -111,8 +209,17 @@ pub struct ServiceName {
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain old data, `#[repr(C)]`, no implicit padding (explicit `_pad` fields).
-    unsafe impl aya::Pod for super::PolicyKey {}
-    unsafe impl aya::Pod for super::Addr {}
+    unsafe impl aya::Pod for super::PolicyKeyV4 {}
+    unsafe impl aya::Pod for super::PolicyKeyV6 {}
     unsafe impl aya::Pod for super::Policy {}
+    unsafe impl aya::Pod for super::PolicyEntryV4 {}
+    unsafe impl aya::Pod for super::PolicyEntryV6 {}
+    unsafe impl aya::Pod for super::ServerEntryV4 {}
+    unsafe impl aya::Pod for super::ServerEntryV6 {}
+    // SAFETY: four entries (sizes multiples of 4, alignment at most 4) then two u32s: no padding.
+    unsafe impl aya::Pod for super::Bucket<super::PolicyEntryV4> {}
+    unsafe impl aya::Pod for super::Bucket<super::PolicyEntryV6> {}
+    unsafe impl aya::Pod for super::Bucket<super::ServerEntryV4> {}
+    unsafe impl aya::Pod for super::Bucket<super::ServerEntryV6> {}
     unsafe impl aya::Pod for super::ServiceName {}
 }

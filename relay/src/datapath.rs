@@ -8,6 +8,13 @@
 //! `local` route for any number of services, and its packet is never rewritten, so the accepted
 //! socket's local address is the client's original destination.
 //!
+//! The policy lives in maps the XDP program reads cheaply, above all for the packets that
+//! concern no service (most of them): a bitmap of the ports services use, checked first; the
+//! policy by (address, port) and the protected servers by address, each in a hash map per
+//! address family (the exact record) with a cache in front (`cache`: an array the programs read
+//! without a kernel call). [`Maps::sync`] keeps them consistent with each other and with the
+//! config, at every moment of a change.
+//!
 //! Everything is pinned under the pin directory (default `/sys/fs/bpf/relay`): the maps (so
 //! counters and policy survive a restart) and the links (so programs stay attached while the
 //! relay is down: the backend port stays dropped). A restarted relay reopens the maps and
@@ -24,7 +31,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues, SockMap},
+    maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray, PerCpuValues, SockMap},
     programs::{
         SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode,
         links::{FdLink, PinnedLink},
@@ -35,26 +42,68 @@ use aya::{
 };
 use nix::{getsockopt_impl, setsockopt_impl, sockopt_impl};
 use relay_common::{
-    ACTION_DROP, ACTION_STEER, Addr, COUNTER_DROPPED, COUNTER_MALFORMED, COUNTER_NO_LISTENER,
+    ACTION_DROP, ACTION_STEER, COUNTER_DROPPED, COUNTER_MALFORMED, COUNTER_NO_LISTENER,
     COUNTER_PASSED, COUNTER_STEERED, COUNTERS, LISTENER_V4, LISTENER_V6, MAX_SERVICES, NAME_LEN,
-    Policy, PolicyKey, STEER_MARK, STEER_MARK_MASK, ServiceName, counter_index,
+    PORT_WORDS, Policy, PolicyEntryV4, PolicyEntryV6, PolicyKeyV4, PolicyKeyV6, STEER_MARK,
+    STEER_MARK_MASK, ServerEntryV4, ServerEntryV6, ServiceName, counter_index, port_bit,
 };
 use tracing::{info, warn};
 
 use crate::config::{self, Service, XdpMode};
 
+mod cache;
+use cache::Cached;
+
 /// The eBPF object built by build.rs (aya-build, nightly, bpfel-unknown-none).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/relay"));
 
-const MAP_NAMES: [&str; 5] = ["POLICY", "SERVERS", "COUNTERS_MAP", "LISTENERS", "NAMES"];
+/// The maps of the eBPF object, in the order [`Maps::from_maps`] takes them. A map whose layout
+/// changes takes a new name, so that a relay never opens a pin of another layout under it
+/// (and [`check_pinned_layouts`] refuses one that has).
+const MAP_NAMES: [&str; 12] = [
+    "POLICY_V4",
+    "POLICY_V6",
+    "SERVERS_V4",
+    "SERVERS_V6",
+    "POLICY_CACHE_V4",
+    "POLICY_CACHE_V6",
+    "SERVER_CACHE_V4",
+    "SERVER_CACHE_V6",
+    "SERVICE_PORTS",
+    "COUNTERS_MAP",
+    "LISTENERS",
+    "NAMES",
+];
+
+/// Pins of maps that earlier versions used (one policy and one server map for both address
+/// families): removed once this version's maps are in place.
+const RETIRED_MAPS: [&str; 2] = ["POLICY", "SERVERS"];
 
 /// The maps shared by the programs and userspace.
 pub struct Maps {
-    policy: HashMap<MapData, PolicyKey, Policy>,
-    servers: HashMap<MapData, Addr, u32>,
+    policy_v4: Cached<PolicyEntryV4>,
+    policy_v6: Cached<PolicyEntryV6>,
+    servers_v4: Cached<ServerEntryV4>,
+    servers_v6: Cached<ServerEntryV6>,
+    service_ports: Array<MapData, u64>,
+    counters: Counters,
+    listeners: SockMap<MapData>,
+}
+
+/// The per-CPU counters and the names of their slots: all `relay status` needs.
+pub struct Counters {
     counters: PerCpuArray<MapData, u64>,
     names: Array<MapData, ServiceName>,
-    listeners: SockMap<MapData>,
+}
+
+/// What the policy maps should hold, computed from the services before any map is touched.
+#[derive(Default)]
+struct Wanted {
+    policy_v4: StdHashMap<PolicyKeyV4, Policy>,
+    policy_v6: StdHashMap<PolicyKeyV6, Policy>,
+    servers_v4: StdHashMap<[u8; 4], u32>,
+    servers_v6: StdHashMap<[u8; 16], u32>,
+    service_ports: Vec<u64>,
 }
 
 /// Counters of one service (or of slot 0: traffic that belongs to no service).
@@ -73,83 +122,196 @@ pub const UNMATCHED: &str = "(no service)";
 
 impl Maps {
     fn take(ebpf: &mut Ebpf) -> anyhow::Result<Maps> {
-        let mut take = |name: &str| {
-            ebpf.take_map(name)
-                .with_context(|| format!("map {name} missing from the eBPF object"))
-        };
-        Self::from_maps([
-            take("POLICY")?,
-            take("SERVERS")?,
-            take("COUNTERS_MAP")?,
-            take("LISTENERS")?,
-            take("NAMES")?,
-        ])
+        let mut maps = Vec::with_capacity(MAP_NAMES.len());
+        for name in MAP_NAMES {
+            maps.push(
+                ebpf.take_map(name)
+                    .with_context(|| format!("map {name} missing from the eBPF object"))?,
+            );
+        }
+        let maps: [Map; MAP_NAMES.len()] = maps.try_into().ok().context("map count")?;
+        Self::from_maps(maps)
     }
 
-    /// Opens the maps a relay pinned in `pin_dir` (for `relay status` while it is down, too).
-    pub fn open_pinned(pin_dir: &Path) -> anyhow::Result<Maps> {
+    fn from_maps(
+        [
+            policy_v4,
+            policy_v6,
+            servers_v4,
+            servers_v6,
+            policy_cache_v4,
+            policy_cache_v6,
+            server_cache_v4,
+            server_cache_v6,
+            service_ports,
+            counters,
+            listeners,
+            names,
+        ]: [Map; MAP_NAMES.len()],
+    ) -> anyhow::Result<Maps> {
+        Ok(Maps {
+            policy_v4: Cached::new(
+                "POLICY_V4",
+                HashMap::try_from(policy_v4)?,
+                Array::try_from(policy_cache_v4)?,
+            ),
+            policy_v6: Cached::new(
+                "POLICY_V6",
+                HashMap::try_from(policy_v6)?,
+                Array::try_from(policy_cache_v6)?,
+            ),
+            servers_v4: Cached::new(
+                "SERVERS_V4",
+                HashMap::try_from(servers_v4)?,
+                Array::try_from(server_cache_v4)?,
+            ),
+            servers_v6: Cached::new(
+                "SERVERS_V6",
+                HashMap::try_from(servers_v6)?,
+                Array::try_from(server_cache_v6)?,
+            ),
+            service_ports: Array::try_from(service_ports)?,
+            counters: Counters {
+                counters: PerCpuArray::try_from(counters)?,
+                names: Array::try_from(names)?,
+            },
+            listeners: SockMap::try_from(listeners)?,
+        })
+    }
+
+    /// Makes the maps say exactly what `services` say: (server, port) steered for transparent
+    /// services, (server, backend_port) dropped for every service, every protected server known
+    /// by address, and the bitmap and caches in front of them.
+    ///
+    /// No moment opens a port that stays protected. First the port bits are added (old ∪ new)
+    /// and the cache buckets that are to change send readers to the hash maps; then new keys go
+    /// into the hash maps, and only after all of them the stale keys come out; then the caches
+    /// take their new entries (`cache` explains the steps), and the port bits no port needs any
+    /// longer go last.
+    pub fn sync(&mut self, services: &[Service]) -> anyhow::Result<()> {
+        let slots = self.counters.assign_slots(services)?;
+        let w = Wanted::from_services(services, &slots);
+        let ports = (0..PORT_WORDS)
+            .map(|i| self.service_ports.get(&i, 0))
+            .collect::<Result<Vec<u64>, _>>()
+            .context("read SERVICE_PORTS")?;
+        let ports_union: Vec<u64> = ports
+            .iter()
+            .zip(&w.service_ports)
+            .map(|(o, n)| o | n)
+            .collect();
+        write_bitmap(&mut self.service_ports, &ports, &ports_union)
+            .context("update SERVICE_PORTS")?;
+
+        let plans = (
+            self.policy_v4.begin(&w.policy_v4)?,
+            self.policy_v6.begin(&w.policy_v6)?,
+            self.servers_v4.begin(&w.servers_v4)?,
+            self.servers_v6.begin(&w.servers_v6)?,
+        );
+        self.policy_v4.insert(&w.policy_v4)?;
+        self.policy_v6.insert(&w.policy_v6)?;
+        self.servers_v4.insert(&w.servers_v4)?;
+        self.servers_v6.insert(&w.servers_v6)?;
+        self.policy_v4.remove_stale(&w.policy_v4)?;
+        self.policy_v6.remove_stale(&w.policy_v6)?;
+        self.servers_v4.remove_stale(&w.servers_v4)?;
+        self.servers_v6.remove_stale(&w.servers_v6)?;
+        self.policy_v4.finish(plans.0)?;
+        self.policy_v6.finish(plans.1)?;
+        self.servers_v4.finish(plans.2)?;
+        self.servers_v6.finish(plans.3)?;
+
+        write_bitmap(&mut self.service_ports, &ports_union, &w.service_ports)
+            .context("update SERVICE_PORTS")?;
+        Ok(())
+    }
+
+    /// Counters of every named slot, and of slot 0 ([`UNMATCHED`]).
+    pub fn counters(&self) -> anyhow::Result<Vec<ServiceCounters>> {
+        self.counters.read()
+    }
+
+    /// Points the steering at the relay's transparent listeners.
+    pub fn set_listeners(
+        &mut self,
+        v4: &std::net::TcpListener,
+        v6: &std::net::TcpListener,
+    ) -> anyhow::Result<()> {
+        self.listeners
+            .set(LISTENER_V4, v4, 0)
+            .context("SOCKMAP: IPv4 listener")?;
+        self.listeners
+            .set(LISTENER_V6, v6, 0)
+            .context("SOCKMAP: IPv6 listener")?;
+        Ok(())
+    }
+}
+
+impl Wanted {
+    fn from_services(services: &[Service], slots: &StdHashMap<String, u32>) -> Wanted {
+        let mut w = Wanted {
+            service_ports: vec![0; PORT_WORDS as usize],
+            ..Wanted::default()
+        };
+        for s in services {
+            let slot = slots[&s.name];
+            let mut rules = vec![(s.backend_port, ACTION_DROP)];
+            if s.listen.is_none() {
+                rules.push((s.port, ACTION_STEER));
+            }
+            for (port, action) in rules {
+                let policy = Policy { action, slot };
+                match s.server {
+                    IpAddr::V4(a) => w
+                        .policy_v4
+                        .insert(PolicyKeyV4::new(a.octets(), port), policy),
+                    IpAddr::V6(a) => w
+                        .policy_v6
+                        .insert(PolicyKeyV6::new(a.octets(), port), policy),
+                };
+                set_bit(&mut w.service_ports, port_bit(port));
+            }
+            match s.server {
+                IpAddr::V4(a) => w.servers_v4.entry(a.octets()).or_insert(slot),
+                IpAddr::V6(a) => w.servers_v6.entry(a.octets()).or_insert(slot),
+            };
+        }
+        w
+    }
+}
+
+fn set_bit(bitmap: &mut [u64], (word, bit): (u32, u64)) {
+    bitmap[word as usize] |= bit;
+}
+
+/// Writes the words of `new` that differ from `old` (what the map holds).
+fn write_bitmap(
+    map: &mut Array<MapData, u64>,
+    old: &[u64],
+    new: &[u64],
+) -> Result<(), aya::maps::MapError> {
+    for (i, (o, n)) in old.iter().zip(new).enumerate() {
+        if o != n {
+            map.set(i as u32, n, 0)?;
+        }
+    }
+    Ok(())
+}
+
+impl Counters {
+    /// Opens the counters a relay pinned in `pin_dir` (`relay status` while it is down).
+    pub fn open_pinned(pin_dir: &Path) -> anyhow::Result<Counters> {
         let open = |name: &str| -> anyhow::Result<Map> {
             let path = pin_dir.join(name);
             let data = MapData::from_pin(&path)
                 .with_context(|| format!("open pinned map {}", path.display()))?;
             Ok(Map::from_map_data(data)?)
         };
-        Self::from_maps([
-            open("POLICY")?,
-            open("SERVERS")?,
-            open("COUNTERS_MAP")?,
-            open("LISTENERS")?,
-            open("NAMES")?,
-        ])
-    }
-
-    fn from_maps([policy, servers, counters, listeners, names]: [Map; 5]) -> anyhow::Result<Maps> {
-        Ok(Maps {
-            policy: HashMap::try_from(policy)?,
-            servers: HashMap::try_from(servers)?,
-            counters: PerCpuArray::try_from(counters)?,
-            names: Array::try_from(names)?,
-            listeners: SockMap::try_from(listeners)?,
+        Ok(Counters {
+            counters: PerCpuArray::try_from(open("COUNTERS_MAP")?)?,
+            names: Array::try_from(open("NAMES")?)?,
         })
-    }
-
-    /// Makes the maps say exactly what `services` say: (server, port) steered for transparent
-    /// services, (server, backend_port) dropped for every service. New entries go in before
-    /// stale ones come out, so no moment opens a port that stays protected.
-    pub fn sync(&mut self, services: &[Service]) -> anyhow::Result<()> {
-        let slots = self.assign_slots(services)?;
-        let mut policy = StdHashMap::new();
-        let mut servers = StdHashMap::new();
-        for s in services {
-            let slot = slots[&s.name];
-            let addr = addr(s.server);
-            policy.insert(
-                PolicyKey::new(addr, s.backend_port),
-                Policy {
-                    action: ACTION_DROP,
-                    slot,
-                },
-            );
-            if s.listen.is_none() {
-                policy.insert(
-                    PolicyKey::new(addr, s.port),
-                    Policy {
-                        action: ACTION_STEER,
-                        slot,
-                    },
-                );
-            }
-            servers.entry(addr).or_insert(slot);
-        }
-        for (k, v) in &policy {
-            self.policy.insert(k, v, 0).context("update POLICY map")?;
-        }
-        for (k, v) in &servers {
-            self.servers.insert(k, v, 0).context("update SERVERS map")?;
-        }
-        remove_stale(&mut self.policy, &policy).context("update POLICY map")?;
-        remove_stale(&mut self.servers, &servers).context("update SERVERS map")?;
-        Ok(())
     }
 
     /// Gives each service a counter slot, keeping the slot (and counters) it had before.
@@ -190,7 +352,7 @@ impl Maps {
     }
 
     /// Counters of every named slot, and of slot 0 ([`UNMATCHED`]).
-    pub fn counters(&self) -> anyhow::Result<Vec<ServiceCounters>> {
+    pub fn read(&self) -> anyhow::Result<Vec<ServiceCounters>> {
         let mut out = vec![self.slot_counters(0, UNMATCHED.to_string())?];
         for slot in 1..=MAX_SERVICES {
             if let Some(name) = decode_name(&self.names.get(&slot, 0)?) {
@@ -213,52 +375,10 @@ impl Maps {
             no_listener: sum(COUNTER_NO_LISTENER)?,
         })
     }
-
-    /// Points the steering at the relay's transparent listeners.
-    pub fn set_listeners(
-        &mut self,
-        v4: &std::net::TcpListener,
-        v6: &std::net::TcpListener,
-    ) -> anyhow::Result<()> {
-        self.listeners
-            .set(LISTENER_V4, v4, 0)
-            .context("SOCKMAP: IPv4 listener")?;
-        self.listeners
-            .set(LISTENER_V6, v6, 0)
-            .context("SOCKMAP: IPv6 listener")?;
-        Ok(())
-    }
-}
-
-/// Removes the entries of `map` whose key is not in `keep`.
-fn remove_stale<K, V, W>(
-    map: &mut HashMap<MapData, K, V>,
-    keep: &StdHashMap<K, W>,
-) -> Result<(), aya::maps::MapError>
-where
-    K: aya::Pod + Eq + std::hash::Hash,
-    V: aya::Pod,
-{
-    let stale: Vec<K> = map
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|k| !keep.contains_key(k))
-        .collect();
-    for k in stale {
-        map.remove(&k)?;
-    }
-    Ok(())
 }
 
 fn cpus() -> anyhow::Result<usize> {
     nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))
-}
-
-fn addr(ip: IpAddr) -> Addr {
-    match ip {
-        IpAddr::V4(a) => Addr::v4(a.octets()),
-        IpAddr::V6(a) => Addr::v6(a.octets()),
-    }
 }
 
 fn empty_name() -> ServiceName {
@@ -300,6 +420,9 @@ impl Datapath {
     /// (created and pinned on first use).
     pub fn load(pin_dir: Option<&Path>) -> anyhow::Result<Datapath> {
         crate::sys::raise_memlock();
+        if let Some(dir) = pin_dir {
+            check_pinned_layouts(dir)?;
+        }
         let paths: Vec<(&str, PathBuf)> = match pin_dir {
             Some(dir) => MAP_NAMES.iter().map(|m| (*m, dir.join(m))).collect(),
             None => Vec::new(),
@@ -316,6 +439,9 @@ impl Datapath {
         let tc: &mut SchedClassifier = program(&mut ebpf, "relay_tc")?;
         tc.load().context("verifier rejected relay_tc")?;
         let maps = Maps::take(&mut ebpf)?;
+        if let Some(dir) = pin_dir {
+            retire_old_pins(dir)?;
+        }
         Ok(Datapath { ebpf, maps })
     }
 
@@ -476,6 +602,67 @@ impl Datapath {
         link.pin(&pin).context("pin the TC link")?;
         Ok(())
     }
+}
+
+/// Refuses pinned maps whose layout (type, key and value sizes, entries, flags) is not the one
+/// this relay's programs were built for. aya would reuse such a pin as it is: at best the
+/// verifier rejects the programs with an obscure message, at worst they misread it. Refusing
+/// before anything changes keeps the pinned programs attached with their own maps: the backend
+/// ports stay dropped (fail closed) until `relay detach` clears the way.
+fn check_pinned_layouts(pin_dir: &Path) -> anyhow::Result<()> {
+    let object = aya_obj::Object::parse(EBPF_OBJECT).context("parse the embedded eBPF object")?;
+    for name in MAP_NAMES {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let pinned = MapInfo::from_pin(&path)
+            .with_context(|| format!("read the pinned map {}", path.display()))?;
+        let ours = object
+            .maps
+            .get(name)
+            .with_context(|| format!("map {name} missing from the eBPF object"))?;
+        let layout = |t: u32, k: u32, v: u32, n: u32, f: u32| {
+            format!("type {t}, key {k} B, value {v} B, {n} entries, flags {f:#x}")
+        };
+        let theirs = layout(
+            pinned.map_type()? as u32,
+            pinned.key_size(),
+            pinned.value_size(),
+            pinned.max_entries(),
+            pinned.map_flags(),
+        );
+        let wanted = layout(
+            ours.map_type(),
+            ours.key_size(),
+            ours.value_size(),
+            ours.max_entries(),
+            ours.map_flags(),
+        );
+        if theirs != wanted {
+            bail!(
+                "the pinned map {} has another layout ({theirs}) than this relay's ({wanted}); \
+                 the pinned data path stays as it is (backend ports stay dropped): \
+                 `relay detach`, then start again, to replace it",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Removes the pins of maps this version no longer uses. Programs still attached that use them
+/// keep them (a pin is one reference among others) until this relay's programs replace them.
+fn retire_old_pins(pin_dir: &Path) -> anyhow::Result<()> {
+    for name in RETIRED_MAPS {
+        let path = pin_dir.join(name);
+        if path.exists() {
+            std::fs::remove_file(&path)
+                .with_context(|| format!("remove the retired pin {}", path.display()))?;
+            info!(pin = %path.display(), "pin of a map earlier versions used removed");
+        }
+    }
+    Ok(())
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut T>

@@ -234,7 +234,7 @@ fn datapath_status(config: Option<&Path>, json: bool) -> anyhow::Result<()> {
     let d = DatapathStatus {
         pin_path: pin.clone(),
         attachments: datapath::attachments(pin),
-        counters: datapath::Maps::open_pinned(pin)?.counters()?,
+        counters: datapath::Counters::open_pinned(pin)?.read()?,
     };
     if json {
         println!(

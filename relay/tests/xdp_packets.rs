@@ -11,6 +11,7 @@ use relay::{
     config::Config,
     datapath::{Datapath, ServiceCounters, UNMATCHED},
 };
+use relay_common::{BUCKET_ENTRIES, policy_bucket_v4, server_bucket_v6};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -171,13 +172,17 @@ struct Harness {
 
 impl Harness {
     fn new() -> Harness {
+        Harness::with_config(CONFIG)
+    }
+
+    fn with_config(config: &str) -> Harness {
         // SAFETY: geteuid has no preconditions.
         assert_eq!(
             unsafe { libc::geteuid() },
             0,
             "BPF_PROG_TEST_RUN needs root: run `sudo cargo xtask test`"
         );
-        let config = Config::parse(Path::new("xdp_packets.toml"), CONFIG).unwrap();
+        let config = Config::parse(Path::new("xdp_packets.toml"), config).unwrap();
         let mut dp = Datapath::load(None).expect("load and verify the programs");
         dp.maps.sync(&config.services).unwrap();
         Harness { dp }
@@ -527,6 +532,101 @@ fn truncated_and_inconsistent_headers_at_every_offset() {
         "shop6",
         "malformed",
     );
+}
+
+/// A service of the data path, transparent, with a plain inbound and outbound level.
+fn service(name: &str, server: std::net::IpAddr, port: u16, backend_port: u16) -> String {
+    format!(
+        "[[service]]\nname = \"{name}\"\nserver = \"{server}\"\nport = {port}\n\
+         backend_port = {backend_port}\n[service.inbound]\nlevel = \"plain\"\n\
+         [service.outbound]\nlevel = \"plain\"\n\n"
+    )
+}
+
+#[test]
+fn keys_beyond_a_cache_bucket_are_judged_by_the_hash_maps() {
+    // Six backend ports of one IPv4 server in one bucket of the policy cache, and six IPv6
+    // servers in one bucket of the server cache: two keys more than a bucket holds, each.
+    let server4 = [198, 51, 100, 12];
+    let bucket = policy_bucket_v4(&server4, 1000);
+    let ports: Vec<u16> = (1000..60000)
+        .filter(|p| policy_bucket_v4(&server4, *p) == bucket)
+        .take(BUCKET_ENTRIES + 3)
+        .collect();
+    let server6 = |n: u16| {
+        let mut a = [
+            0x20, 0x01, 0x0d, 0xb8, 0, 0x0c, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        a[14..].copy_from_slice(&n.to_be_bytes());
+        a
+    };
+    let bucket6 = server_bucket_v6(&server6(1));
+    let servers6: Vec<[u8; 16]> = (1..u16::MAX)
+        .map(server6)
+        .filter(|a| server_bucket_v6(a) == bucket6)
+        .take(BUCKET_ENTRIES + 2)
+        .collect();
+    let mut config = String::from("[datapath]\ninterfaces = [\"lo\"]\n\n");
+    let (crowded, unused) = ports.split_at(BUCKET_ENTRIES + 2);
+    for (i, port) in crowded.iter().enumerate() {
+        config += &service(
+            &format!("crowd4-{i}"),
+            server4.into(),
+            60000 + i as u16,
+            *port,
+        );
+    }
+    for (i, a) in servers6.iter().enumerate() {
+        config += &service(&format!("crowd6-{i}"), (*a).into(), 443, 8080);
+    }
+    // Another server's backend port: a port in the bitmap that leads to the crowded bucket and
+    // finds nothing there, nor in the hash map.
+    let elsewhere = [198, 51, 100, 13];
+    config += &service("elsewhere", elsewhere.into(), 443, unused[0]);
+    let h = Harness::with_config(&config);
+    for (i, port) in crowded.iter().enumerate() {
+        h.expect(
+            &format!(
+                "v4 backend port {port}, one of {} in a bucket",
+                crowded.len()
+            ),
+            &V4::to(server4, *port).build(),
+            XDP_DROP,
+            &format!("crowd4-{i}"),
+            "dropped",
+        );
+    }
+    h.expect(
+        "v4 service port of the crowded bucket that this server does not use",
+        &V4::to(server4, unused[0]).build(),
+        XDP_PASS,
+        "crowd4-0",
+        "passed",
+    );
+    for (i, a) in servers6.iter().enumerate() {
+        let name = format!("crowd6-{i}");
+        h.expect(
+            &format!("{name}: backend port"),
+            &v6(*a, &[], TCP, &tcp(8080, SYN)),
+            XDP_DROP,
+            &name,
+            "dropped",
+        );
+        h.expect(
+            &format!("{name}: other port"),
+            &v6(*a, &[], TCP, &tcp(22, SYN)),
+            XDP_PASS,
+            &name,
+            "passed",
+        );
+        h.expect(
+            &format!("{name}: non-first fragment"),
+            &v6(*a, &[(44, frag6(2, false))], TCP, &[0xaa; 16]),
+            XDP_DROP,
+            &name,
+            "dropped",
+        );
+    }
 }
 
 #[test]

@@ -735,3 +735,53 @@ fn a_relay_in_a_private_mount_namespace_says_its_pins_will_not_outlive_it() {
         relay.logs().join("\n")
     );
 }
+
+#[test]
+fn pins_of_another_layout_are_refused_and_retired_ones_removed() {
+    let gw = Gateway::new("up");
+    gw.write_config("auto", &[("shop4", SERVER4)]);
+    std::fs::create_dir_all(&gw.pin_path).unwrap();
+    let pin = |name: &str| {
+        // The layout of the one policy map for both address families that earlier versions
+        // pinned as POLICY: (16-byte address, family, port) → (action, slot).
+        let out = Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(gw.pin_path.join(name))
+            .args(["type", "hash", "key", "24", "value", "8", "entries", "4096"])
+            .args(["name", name])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "bpftool: {}", text(&out.stderr));
+    };
+    pin("POLICY");
+    // This version's name with the earlier layout: aya would reuse it as it is.
+    pin("POLICY_V6");
+    let refused = Relay::start_with(
+        gw.topo
+            .enter(&gw.topo.gw, &binary())
+            .args(["run", "--config"])
+            .arg(&gw.config),
+    )
+    .err()
+    .expect("a pin of another layout is refused");
+    assert!(
+        refused.to_string().contains("has another layout"),
+        "{refused:#}"
+    );
+    assert!(
+        gw.pin_path.join("POLICY").exists(),
+        "a refusal changes nothing"
+    );
+
+    std::fs::remove_file(gw.pin_path.join("POLICY_V6")).unwrap();
+    let relay = gw.start_relay();
+    assert!(
+        relay.has_log("pin of a map earlier versions used removed"),
+        "{}",
+        relay.logs().join("\n")
+    );
+    assert!(!gw.pin_path.join("POLICY").exists(), "retired pin removed");
+    assert!(gw.pin_path.join("POLICY_V6").exists(), "re-created, pinned");
+    assert_served(&gw.fetch(SERVER4), "steered");
+    assert_dropped(&gw.direct(SERVER4), "backend port");
+}
