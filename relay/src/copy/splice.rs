@@ -10,7 +10,7 @@ use super::{
     other_than_aborted, reset_after_drain,
 };
 use crate::net::{
-    io::{read_drained, readable, shutdown_write, writable, write_all},
+    io::{readable, shutdown_write, writable, write_all},
     pipe::{self, splice},
     pool,
 };
@@ -64,7 +64,9 @@ pub(super) fn splice_pump<'a>(
                     _ => continue,
                 }
             };
-            let n = match read_drained(from.socket, pipe::PIPE_SIZE, || {
+            // Not `read_drained`: splice stops when the pipe runs out of slots (16 by default),
+            // so a short splice does not mean the socket has no more.
+            let n = match from.socket.try_io(Interest::READABLE, || {
                 splice(from.socket, pipe.w(), pipe::PIPE_SIZE)
             }) {
                 Ok(n) => n,

@@ -43,6 +43,9 @@ pub fn shutdown_write(to: &TcpStream) -> io::Result<()> {
 /// socket had no more) makes tokio forget the socket's readiness, as a `WouldBlock` would: the
 /// next wait then goes to epoll at once, instead of first costing a read that fails. tokio
 /// keeps the readiness if an event arrived since it was observed, so none is lost.
+///
+/// Only for `read`/`readv`, which TCP returns short only when its receive queue is empty;
+/// not for `splice`, which also stops when the pipe runs out of slots.
 pub fn read_drained(
     s: &TcpStream,
     wanted: usize,
