@@ -421,22 +421,9 @@ async fn splice_reports_a_reset() {
     let (client, client_side) = tcp_pair().await;
     let (backend_side, backend) = tcp_pair().await;
     let task = spawn_relay(Side::Plain(client_side), Side::Plain(backend_side));
-    // SO_LINGER 0: close sends a reset instead of a FIN.
-    socket2::SockRef::from(&backend)
-        .set_linger(Some(Duration::ZERO))
-        .unwrap();
-    drop(backend);
+    reset(backend);
     let (_, result) = task.await.unwrap();
-    assert!(
-        matches!(
-            result,
-            Err(CopyError::Io {
-                peer: Peer::Backend,
-                ..
-            })
-        ),
-        "{result:?}"
-    );
+    assert_aborted_by(&result, Peer::Backend);
     // The backend's abort reaches the client as an abort.
     let mut client = client;
     let end = client.read(&mut [0; 16]).await;
@@ -463,6 +450,15 @@ fn kernel_copy() -> &'static KernelCopy {
     KernelCopy::new(crate::sockmap::Pairs::inherited(fds).unwrap()).unwrap()
 }
 
+/// Relays `client_side` and `backend_side` through the kernel copy, in a task.
+fn spawn_in_kernel(client_side: TcpStream, backend_side: TcpStream, idle: Duration) -> RelayTask {
+    tokio::spawn(relay(
+        Side::Plain(client_side),
+        Side::Plain(backend_side),
+        in_kernel(idle),
+    ))
+}
+
 fn in_kernel(idle: Duration) -> Limits {
     Limits {
         kernel: Some(kernel_copy()),
@@ -474,11 +470,7 @@ fn in_kernel(idle: Duration) -> Limits {
 async fn the_kernel_copies_every_byte_and_half_closes_client_first() {
     let (client, client_side) = tcp_pair().await;
     let (backend_side, backend) = tcp_pair().await;
-    let relay = tokio::spawn(relay(
-        Side::Plain(client_side),
-        Side::Plain(backend_side),
-        in_kernel(Duration::from_secs(10)),
-    ));
+    let relay = spawn_in_kernel(client_side, backend_side, Duration::from_secs(10));
     let (path_check, relay) = watch_path(relay);
     exchange(client, backend, relay, 5_000_000, 11).await;
     assert_eq!(path_check.await.unwrap(), Some(PlainCopy::Kernel));
@@ -488,11 +480,7 @@ async fn the_kernel_copies_every_byte_and_half_closes_client_first() {
 async fn the_kernel_copies_every_byte_and_half_closes_backend_first() {
     let (client, client_side) = tcp_pair().await;
     let (backend_side, backend) = tcp_pair().await;
-    let relay = tokio::spawn(relay(
-        Side::Plain(client_side),
-        Side::Plain(backend_side),
-        in_kernel(Duration::from_secs(10)),
-    ));
+    let relay = spawn_in_kernel(client_side, backend_side, Duration::from_secs(10));
     let (path_check, relay) = watch_path(relay);
     // The same exchange seen from the other end: the backend speaks and half-closes first.
     exchange(backend, client, swap(relay), 3_000_000, 7).await;
@@ -509,11 +497,7 @@ async fn bytes_sent_before_the_kernel_takes_over_arrive_first_and_are_counted() 
     // Let the bytes land in the relay's receive queues (an event: the sockets say so).
     client_side.readable().await.unwrap();
     backend_side.readable().await.unwrap();
-    let relay = tokio::spawn(relay(
-        Side::Plain(client_side),
-        Side::Plain(backend_side),
-        in_kernel(Duration::from_secs(10)),
-    ));
+    let relay = spawn_in_kernel(client_side, backend_side, Duration::from_secs(10));
     // What was queued arrives without any further byte to push it.
     let (mut up, mut down) = (vec![0; 16], vec![0; 17]);
     backend.read_exact(&mut up).await.unwrap();
@@ -548,11 +532,7 @@ async fn peers_that_ended_before_the_kernel_could_take_over_are_spliced() {
             tokio::task::yield_now().await;
         }
     }
-    let relay = tokio::spawn(relay(
-        Side::Plain(client_side),
-        Side::Plain(backend_side),
-        in_kernel(Duration::from_secs(10)),
-    ));
+    let relay = spawn_in_kernel(client_side, backend_side, Duration::from_secs(10));
     let (mut up, mut down) = (Vec::new(), Vec::new());
     backend.read_to_end(&mut up).await.unwrap();
     client.read_to_end(&mut down).await.unwrap();
@@ -570,30 +550,13 @@ async fn peers_that_ended_before_the_kernel_could_take_over_are_spliced() {
 async fn a_reset_crosses_the_kernel_copy_as_a_reset_after_the_bytes_before_it() {
     let (mut client, client_side) = tcp_pair().await;
     let (backend_side, mut backend) = tcp_pair().await;
-    let task = tokio::spawn(relay(
-        Side::Plain(client_side),
-        Side::Plain(backend_side),
-        in_kernel(Duration::from_secs(10)),
-    ));
+    let task = spawn_in_kernel(client_side, backend_side, Duration::from_secs(10));
     backend.write_all(b"last words").await.unwrap();
     let mut got = [0u8; 10];
     client.read_exact(&mut got).await.unwrap();
-    // SO_LINGER 0: close sends a reset instead of a FIN.
-    socket2::SockRef::from(&backend)
-        .set_linger(Some(Duration::ZERO))
-        .unwrap();
-    drop(backend);
+    reset(backend);
     let (transfer, result) = task.await.unwrap();
-    assert!(
-        matches!(
-            result,
-            Err(CopyError::Io {
-                peer: Peer::Backend,
-                ..
-            })
-        ),
-        "{result:?}"
-    );
+    assert_aborted_by(&result, Peer::Backend);
     assert_eq!(transfer.down, 10);
     let end = client.read(&mut [0; 16]).await;
     assert_eq!(end.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
@@ -603,26 +566,10 @@ async fn a_reset_crosses_the_kernel_copy_as_a_reset_after_the_bytes_before_it() 
 async fn a_client_reset_resets_the_backend_through_the_kernel_copy() {
     let (client, client_side) = tcp_pair().await;
     let (backend_side, mut backend) = tcp_pair().await;
-    let task = tokio::spawn(relay(
-        Side::Plain(client_side),
-        Side::Plain(backend_side),
-        in_kernel(Duration::from_secs(10)),
-    ));
-    socket2::SockRef::from(&client)
-        .set_linger(Some(Duration::ZERO))
-        .unwrap();
-    drop(client);
+    let task = spawn_in_kernel(client_side, backend_side, Duration::from_secs(10));
+    reset(client);
     let (_, result) = task.await.unwrap();
-    assert!(
-        matches!(
-            result,
-            Err(CopyError::Io {
-                peer: Peer::Client,
-                ..
-            })
-        ),
-        "{result:?}"
-    );
+    assert_aborted_by(&result, Peer::Client);
     let end = backend.read(&mut [0; 16]).await;
     assert_eq!(end.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
 }
@@ -668,4 +615,20 @@ fn swap(relay: RelayTask) -> RelayTask {
             r,
         )
     })
+}
+
+/// Closes `s` with a reset instead of a FIN (`SO_LINGER` 0).
+fn reset(s: TcpStream) {
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(s);
+}
+
+/// The relay ended because `peer`'s socket failed.
+fn assert_aborted_by(result: &Result<(), CopyError>, peer: Peer) {
+    assert!(
+        matches!(result, Err(CopyError::Io { peer: p, .. }) if *p == peer),
+        "{result:?}"
+    );
 }
