@@ -355,15 +355,14 @@ pub(super) fn start_haproxy(
     work: &Path,
     mode: Mode,
 ) -> anyhow::Result<Proc> {
-    let mut proc = Proc::spawn(
+    spawn_listening(
         mode.command(SERVER_CPU, "haproxy")
             .args(["-db", "-f"])
             .arg(conf),
+        port,
         what,
         work,
-    )?;
-    wait_port(port, &mut proc)?;
-    Ok(proc)
+    )
 }
 
 /// stunnel with `conf` (which keeps it in the foreground), once it listens on `port`.
@@ -376,9 +375,12 @@ pub(super) fn start_stunnel(
 ) -> anyhow::Result<Proc> {
     // Same configuration in both modes: stunnel has no thread setting (a thread per
     // connection), so pinned only confines its threads to the server core.
-    let mut proc = Proc::spawn(mode.command(SERVER_CPU, "stunnel").arg(conf), what, work)?;
-    wait_port(port, &mut proc)?;
-    Ok(proc)
+    spawn_listening(
+        mode.command(SERVER_CPU, "stunnel").arg(conf),
+        port,
+        what,
+        work,
+    )
 }
 
 /// A stream nginx with its own `prefix` and `conf`, once it listens on `port`.
@@ -390,7 +392,7 @@ pub(super) fn start_nginx_stream(
     work: &Path,
     mode: Mode,
 ) -> anyhow::Result<Proc> {
-    let mut proc = Proc::spawn(
+    spawn_listening(
         mode.command(SERVER_CPU, "nginx")
             .arg("-p")
             .arg(prefix)
@@ -400,9 +402,20 @@ pub(super) fn start_nginx_stream(
             // (/var/log/nginx): point it at the prefix from the start.
             .arg("-e")
             .arg(prefix.join("error.log")),
+        port,
         what,
         work,
-    )?;
+    )
+}
+
+/// Starts `cmd` (its log `<what>.log` in `work`) and returns once it listens on `port`.
+fn spawn_listening(
+    cmd: &mut Command,
+    port: u16,
+    what: &'static str,
+    work: &Path,
+) -> anyhow::Result<Proc> {
+    let mut proc = Proc::spawn(cmd, what, work)?;
     wait_port(port, &mut proc)?;
     Ok(proc)
 }
