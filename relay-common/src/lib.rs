@@ -206,6 +206,47 @@ pub struct ServiceName {
     pub bytes: [u8; NAME_LEN],
 }
 
+/// What the kernel copy program has done with one socket's incoming bytes (`LEDGER`, keyed by
+/// the socket's cookie). Only the program writes it; the worker creates it and reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CopyLedger {
+    /// Payload bytes redirected to the peer socket.
+    pub moved: u64,
+    /// Payload bytes left with this socket for the worker to copy, while lagging.
+    pub passed: u64,
+    /// The allowance for which the program last asked the worker for more (0: not yet).
+    pub asked_at: u64,
+    /// 1 while the peer is behind: segments stay with this socket (charged to it, so TCP holds
+    /// the sender back) and the worker copies them. The program goes back to moving them
+    /// itself only once the worker has copied every byte it left (no byte can overtake an
+    /// earlier one) and the allowance has room again.
+    pub lagging: u32,
+    /// 1 once the worker was told about this lag.
+    pub lag_told: u32,
+}
+
+/// What the worker lets the program do with one socket's bytes (`ALLOWANCE`). Only the worker
+/// writes it, whole.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CopyAllowance {
+    /// How many payload bytes the program may move from the socket in all.
+    pub total: u64,
+    /// How many of the bytes the program left with the socket the worker has copied.
+    pub copied: u64,
+}
+
+/// Bytes the kernel copy may move from one socket beyond what its peer socket has taken.
+/// Redirected bytes wait in the peer's queue without being charged to anyone, so this is what
+/// a peer that stops reading can make the kernel hold, per direction. Large enough that the
+/// worker's top-up, asked for after a quarter of it, arrives in time at loopback speeds on a
+/// busy machine (a window of 4 MiB ran out before the worker's answer came).
+pub const COPY_WINDOW: u64 = 16 << 20;
+
+/// The program asks for more once less than this is left of an allowance.
+pub const COPY_ASK_BELOW: u64 = COPY_WINDOW / 4 * 3;
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain old data, `#[repr(C)]`, no implicit padding (explicit `_pad` fields).
@@ -222,4 +263,7 @@ mod pod {
     unsafe impl aya::Pod for super::Bucket<super::ServerEntryV4> {}
     unsafe impl aya::Pod for super::Bucket<super::ServerEntryV6> {}
     unsafe impl aya::Pod for super::ServiceName {}
+    // SAFETY: u64s, then two u32s: no padding.
+    unsafe impl aya::Pod for super::CopyLedger {}
+    unsafe impl aya::Pod for super::CopyAllowance {}
 }

@@ -82,9 +82,7 @@ pub struct RelaySection {
     #[serde(with = "humantime_serde")]
     pub ticket_rotation: Duration,
     /// plain ↔ plain connections are copied inside the kernel (a SOCKHASH verdict program)
-    /// where the relay can load it; `false` (the default) copies them with `splice(2)`. Off by
-    /// default: the kernel does not bound what it queues for a socket that does not read
-    /// (README, "plain ↔ plain inside the kernel").
+    /// where the relay can load it (the default); `false` copies them with `splice(2)`.
     pub kernel_copy: bool,
     /// The worker's threads; absent: one per CPU the relay may run on.
     pub threads: Option<usize>,
@@ -103,7 +101,7 @@ impl Default for RelaySection {
             max_buffer: 64 << 10,
             user: None,
             ticket_rotation: Duration::from_secs(3600),
-            kernel_copy: false,
+            kernel_copy: true,
             threads: None,
         }
     }

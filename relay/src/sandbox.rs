@@ -149,8 +149,10 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_exit_group,
 ];
 
-/// `enum bpf_cmd`'s value (the libc crate does not carry it).
+/// `enum bpf_cmd`'s values (the libc crate does not carry them).
+const BPF_MAP_LOOKUP_ELEM: u64 = 1;
 const BPF_MAP_UPDATE_ELEM: u64 = 2;
+const BPF_MAP_DELETE_ELEM: u64 = 3;
 
 fn arch() -> anyhow::Result<seccompiler::TargetArch> {
     std::env::consts::ARCH
@@ -191,8 +193,14 @@ fn allow_list() -> anyhow::Result<SeccompFilter> {
             ],
         )?,
     );
-    // The kernel copy: putting sockets into maps the worker inherited, nothing else.
-    rules.insert(libc::SYS_bpf, one_of(0, &[BPF_MAP_UPDATE_ELEM])?);
+    // The kernel copy: entries of the maps the worker inherited (sockets in, ledgers read,
+    // allowances set, both deleted), nothing else.
+    let map_entries = [
+        BPF_MAP_LOOKUP_ELEM,
+        BPF_MAP_UPDATE_ELEM,
+        BPF_MAP_DELETE_ELEM,
+    ];
+    rules.insert(libc::SYS_bpf, one_of(0, &map_entries)?);
     Ok(SeccompFilter::new(
         rules,
         SeccompAction::Errno(libc::EPERM as u32),

@@ -4,8 +4,10 @@
 //! The supervisor loads them once ([`Program::load`]) and keeps them for its whole life, like
 //! the listeners: each worker it starts inherits the two maps' descriptors ([`MAP_FDS`]) and
 //! opens them before it enters its sandbox ([`Pairs::inherited`]). The worker then only ever
-//! makes one `bpf(2)` call, `BPF_MAP_UPDATE_ELEM`, which needs no privilege on a map it holds.
-//! Sockets leave the maps by themselves when they close, so a dead worker leaves nothing behind.
+//! updates, reads and deletes map entries, which needs no privilege on a map it holds.
+//! Sockets leave the SOCKHASHes by themselves when they close; the worker deletes a pair's
+//! ledger and allowance when the pair ends, and the supervisor clears what a dead worker left
+//! ([`Program::forget_pairs`]).
 //!
 //! Where the program cannot be loaded (no `CAP_BPF`, a kernel without SOCKHASH verdicts) or
 //! `[relay] kernel_copy = false`, there is no [`Program`] and plain ↔ plain goes through
@@ -19,15 +21,19 @@ use std::{
 use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Map, MapData, MapError, SockHash},
+    maps::{HashMap, Map, MapData, MapError, RingBuf, SockHash},
     programs::SkSkb,
     sys::SyscallError,
 };
+use relay_common::{COPY_WINDOW, CopyAllowance, CopyLedger};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/relay-copy"));
 
-/// Where a worker finds the maps: `MEMBERS`, then `TARGETS` (after the handoff channel's 3).
-pub const MAP_FDS: [RawFd; 2] = [4, 5];
+/// The maps, in the order a worker finds them at [`MAP_FDS`].
+const MAPS: [&str; 5] = ["MEMBERS", "TARGETS", "LEDGER", "ALLOWANCE", "NOTICES"];
+
+/// Where a worker finds the maps (after the handoff channel's 3).
+pub const MAP_FDS: [RawFd; 5] = [4, 5, 6, 7, 8];
 
 /// The loaded program, attached to `MEMBERS`; dropping it detaches the program.
 pub struct Program {
@@ -45,6 +51,8 @@ impl Program {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("MEMBERS", entries)
             .map_max_entries("TARGETS", entries)
+            .map_max_entries("LEDGER", entries)
+            .map_max_entries("ALLOWANCE", entries)
             .load(OBJECT)
             .context("load the kernel copy program")?;
         let members: SockHash<_, u64> =
@@ -65,81 +73,181 @@ impl Program {
     }
 
     /// The maps' descriptors, in [`MAP_FDS`] order, for a worker to inherit.
-    pub fn map_fds(&self) -> anyhow::Result<[BorrowedFd<'_>; 2]> {
-        let fd = |name| -> anyhow::Result<BorrowedFd<'_>> {
-            match self.ebpf.map(name) {
-                Some(Map::SockHash(data)) => Ok(data.fd().as_fd()),
-                _ => anyhow::bail!("no {name} SOCKHASH in the kernel copy object"),
+    pub fn map_fds(&self) -> anyhow::Result<[BorrowedFd<'_>; 5]> {
+        let mut fds = Vec::with_capacity(MAPS.len());
+        for name in MAPS {
+            let data = match self.ebpf.map(name) {
+                Some(Map::SockHash(data) | Map::HashMap(data) | Map::RingBuf(data)) => data,
+                _ => anyhow::bail!("no {name} map in the kernel copy object"),
+            };
+            fds.push(data.fd().as_fd());
+        }
+        fds.try_into()
+            .map_err(|_| anyhow::anyhow!("kernel copy maps miscounted"))
+    }
+
+    /// Deletes every ledger and allowance: called when the worker that owned them is gone,
+    /// with its sockets (so none of them is a member any more).
+    pub fn forget_pairs(&mut self) {
+        fn clear<V: aya::Pod>(ebpf: &mut Ebpf, name: &str) {
+            let Some(Ok(mut map)) = ebpf.map_mut(name).map(HashMap::<_, u64, V>::try_from) else {
+                return;
+            };
+            let keys: Vec<u64> = map.keys().filter_map(Result::ok).collect();
+            for key in keys {
+                let _ = map.remove(&key);
             }
-        };
-        Ok([fd("MEMBERS")?, fd("TARGETS")?])
+        }
+        clear::<CopyLedger>(&mut self.ebpf, "LEDGER");
+        clear::<CopyAllowance>(&mut self.ebpf, "ALLOWANCE");
     }
 }
 
-/// A worker's handle on the maps: puts pairs of sockets in.
+/// A worker's handle on the maps: puts pairs of sockets in, keeps their allowances, hears
+/// the program's notices.
 pub struct Pairs {
     members: Mutex<SockHash<MapData, u64>>,
     targets: Mutex<SockHash<MapData, u64>>,
+    ledger: Mutex<HashMap<MapData, u64, CopyLedger>>,
+    allowance: Mutex<HashMap<MapData, u64, CopyAllowance>>,
+    notices: Mutex<RingBuf<MapData>>,
 }
 
 impl Pairs {
     /// Opens the maps at [`MAP_FDS`]; called once, before the sandbox (it asks the kernel
     /// what the descriptors are, a call the sandbox refuses).
-    pub fn inherited(fds: [OwnedFd; 2]) -> anyhow::Result<Pairs> {
-        let [members, targets] = fds;
-        let open = |fd: OwnedFd| -> anyhow::Result<SockHash<MapData, u64>> {
-            let data = MapData::from_fd(fd).context("open an inherited kernel copy map")?;
-            Ok(SockHash::try_from(Map::SockHash(data))?)
-        };
+    pub fn inherited(fds: [OwnedFd; 5]) -> anyhow::Result<Pairs> {
+        let [members, targets, ledger, allowance, notices] =
+            fds.map(|fd| MapData::from_fd(fd).context("open an inherited kernel copy map"));
         Ok(Pairs {
-            members: Mutex::new(open(members)?),
-            targets: Mutex::new(open(targets)?),
+            members: Mutex::new(SockHash::try_from(Map::SockHash(members?))?),
+            targets: Mutex::new(SockHash::try_from(Map::SockHash(targets?))?),
+            ledger: Mutex::new(HashMap::try_from(Map::HashMap(ledger?))?),
+            allowance: Mutex::new(HashMap::try_from(Map::HashMap(allowance?))?),
+            notices: Mutex::new(RingBuf::try_from(Map::RingBuf(notices?))?),
         })
     }
 
-    /// Installs the pair: from now on the kernel moves every byte that arrives on either socket
-    /// to the other one. Both sockets are targets before either is a member (see the module
-    /// doc of relay-ebpf's `copy.rs`).
+    /// Installs the pair: from now on the kernel moves the bytes that arrive on either socket
+    /// to the other one, [`COPY_WINDOW`] at first. Both sockets have a ledger and an
+    /// allowance, and are targets, before either is a member (see the module doc of
+    /// relay-ebpf's `copy.rs`).
     ///
-    /// A failure before the first socket became a member leaves both sockets as they were
-    /// (`Err(Untouched)`): the caller can copy by other means. After, it cannot.
+    /// A failure before the backend became a member leaves both sockets as they were
+    /// (`Err`): the caller can copy by other means. A client that cannot become a member
+    /// once the backend is one (it ended in between: a SOCKHASH takes established sockets
+    /// only) gives [`Installed::BackendOnly`]: the client's bytes stay in its socket, for the
+    /// caller to copy.
     pub fn install(
         &self,
         (client, client_cookie): (BorrowedFd<'_>, u64),
         (backend, backend_cookie): (BorrowedFd<'_>, u64),
-    ) -> Result<(), InstallError> {
-        let mut targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
-        let insert = |map: &mut SockHash<MapData, u64>, key: u64, fd: BorrowedFd<'_>| {
-            map.insert(key, fd.as_raw_fd(), 0).map_err(|e| match e {
-                MapError::SyscallError(SyscallError { io_error, .. }) => io_error,
-                other => std::io::Error::other(other),
-            })
+    ) -> Result<Installed, std::io::Error> {
+        let cookies = [client_cookie, backend_cookie];
+        let untouched = |e| {
+            self.forget(cookies);
+            e
         };
-        insert(&mut targets, client_cookie, backend).map_err(InstallError::Untouched)?;
+        for cookie in cookies {
+            self.open_ledger(cookie).map_err(untouched)?;
+        }
+        let insert = |map: &mut SockHash<MapData, u64>, key: u64, fd: BorrowedFd<'_>| {
+            map.insert(key, fd.as_raw_fd(), 0).map_err(io_error)
+        };
+        let mut targets = lock(&self.targets);
+        insert(&mut targets, client_cookie, backend).map_err(untouched)?;
         if let Err(e) = insert(&mut targets, backend_cookie, client) {
             let _ = targets.remove(&client_cookie);
-            return Err(InstallError::Untouched(e));
+            return Err(untouched(e));
         }
         drop(targets);
-        let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+        let mut members = lock(&self.members);
         if let Err(e) = insert(&mut members, backend_cookie, backend) {
-            let mut targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+            let mut targets = lock(&self.targets);
             let _ = targets.remove(&client_cookie);
             let _ = targets.remove(&backend_cookie);
-            return Err(InstallError::Untouched(e));
+            return Err(untouched(e));
         }
-        insert(&mut members, client_cookie, client).map_err(InstallError::HalfInstalled)
+        match insert(&mut members, client_cookie, client) {
+            Ok(()) => Ok(Installed::Both),
+            Err(_) => Ok(Installed::BackendOnly),
+        }
+    }
+
+    fn open_ledger(&self, cookie: u64) -> std::io::Result<()> {
+        lock(&self.ledger)
+            .insert(cookie, CopyLedger::default(), 0)
+            .map_err(io_error)?;
+        self.allow(
+            cookie,
+            CopyAllowance {
+                total: COPY_WINDOW,
+                copied: 0,
+            },
+        )
+    }
+
+    /// What the program has done with `cookie`'s bytes so far.
+    pub fn ledger(&self, cookie: u64) -> std::io::Result<CopyLedger> {
+        lock(&self.ledger).get(&cookie, 0).map_err(io_error)
+    }
+
+    /// What the program may do with `cookie`'s bytes.
+    #[cfg(test)]
+    pub fn allowance(&self, cookie: u64) -> std::io::Result<CopyAllowance> {
+        lock(&self.allowance).get(&cookie, 0).map_err(io_error)
+    }
+
+    /// Tells the program what it may do with `cookie`'s bytes from now on.
+    pub fn allow(&self, cookie: u64, allowance: CopyAllowance) -> std::io::Result<()> {
+        lock(&self.allowance)
+            .insert(cookie, allowance, 0)
+            .map_err(io_error)
+    }
+
+    /// Deletes the pair's ledgers and allowances (the sockets leave the SOCKHASHes by
+    /// themselves when they close).
+    pub fn forget(&self, cookies: [u64; 2]) {
+        let (mut ledger, mut allowance) = (lock(&self.ledger), lock(&self.allowance));
+        for cookie in cookies {
+            let _ = ledger.remove(&cookie);
+            let _ = allowance.remove(&cookie);
+        }
+    }
+
+    /// The notice ring, for the worker's epoll set: readable when the program left notices.
+    pub fn notices_fd(&self) -> std::os::fd::RawFd {
+        lock(&self.notices).as_raw_fd()
+    }
+
+    /// Hands every notice waiting in the ring (the cookie of a socket that needs the worker)
+    /// to `each`.
+    pub fn take_notices(&self, mut each: impl FnMut(u64)) {
+        let mut ring = lock(&self.notices);
+        while let Some(item) = ring.next() {
+            if let Ok(bytes) = <[u8; 8]>::try_from(&*item) {
+                each(u64::from_ne_bytes(bytes));
+            }
+        }
     }
 }
 
-/// Why a pair could not be installed.
-#[derive(Debug, thiserror::Error)]
-pub enum InstallError {
-    /// Nothing changed: the caller can still copy the pair itself.
-    #[error("kernel copy not installed: {0}")]
-    Untouched(std::io::Error),
-    /// The backend's bytes already flow through the kernel, the client's cannot: the
-    /// connection cannot be copied in order any more.
-    #[error("kernel copy half installed: {0}")]
-    HalfInstalled(std::io::Error),
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn io_error(e: MapError) -> std::io::Error {
+    match e {
+        MapError::SyscallError(SyscallError { io_error, .. }) => io_error,
+        other => std::io::Error::other(other),
+    }
+}
+
+/// How much of a pair [`Pairs::install`] put in the kernel's hands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Installed {
+    /// Both sockets' bytes are moved by the program.
+    Both,
+    /// The backend's bytes are moved by the program; the client's stay in its socket.
+    BackendOnly,
 }

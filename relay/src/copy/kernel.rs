@@ -1,7 +1,8 @@
 //! plain → plain inside the kernel: the pair of sockets is handed to the `relay_copy` verdict
 //! program ([`crate::sockmap`]), which moves every segment arriving on one socket to the
-//! other's send queue. Steady traffic never wakes the worker: the connection's task sleeps
-//! until a socket reports its peer's end (`EPOLLRDHUP`) or an error, or until the idle timer.
+//! other's send queue. Steady traffic does not wake the worker: the connection's task sleeps
+//! until a socket reports its peer's end (`EPOLLRDHUP`) or an error, the program asks for a
+//! larger allowance (once per 4 MiB), or the idle timer fires.
 //!
 //! The kernel moves bytes but not ends, so the task does what splice's pumps do at an end:
 //! - a peer's FIN: once the other socket has taken every byte that arrived before it (its
@@ -19,15 +20,24 @@
 //! the pair would be installed (a request sent and half-closed before the backend answered
 //! the connect) is copied by splice instead.
 //!
-//! The sockets are taken off tokio's reactor for the pair's life: tokio would be woken by
-//! every segment. One epoll instance per worker ([`Watch`]) watches all pairs, for ends and
-//! errors only, and wakes the one task concerned.
+//! The kernel holds what it moved for a peer that does not read without charging anyone, so
+//! the program moves at most [`COPY_WINDOW`] bytes beyond what the other socket has taken
+//! (relay-ebpf's `copy.rs`). A quarter of the way, it asks for more ([`Pair::top_up`]). Past
+//! it, the direction is *lagging* and its bytes stay in the source socket, where TCP's flow
+//! control holds the sender back: the task copies those bytes itself ([`Pair::copy_left`]),
+//! after the other socket has taken every byte moved before, until the program can move them
+//! again.
+//!
+//! The sockets are off tokio's reactor while the kernel moves their bytes: tokio would be
+//! woken by every segment. One epoll instance per worker ([`Watch`]) watches all pairs, for
+//! ends, errors and the program's notices only, and wakes the direction concerned.
 
 use std::{
     collections::HashMap,
     io,
+    io::Write as _,
     net::{Shutdown, TcpStream as StdStream},
-    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -35,7 +45,14 @@ use std::{
     time::Duration,
 };
 
-use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::{
+    errno::Errno,
+    sys::{
+        epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout},
+        socket::{MsgFlags, recv},
+    },
+};
+use relay_common::{COPY_ASK_BELOW, COPY_WINDOW, CopyAllowance, CopyLedger};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     net::TcpStream,
@@ -46,12 +63,12 @@ use tokio::{
 use super::{CopyError, DRAIN, Peer, PlainCopy, Transfer, reset_after_drain};
 use crate::{
     net::io::{bytes_written, set_recv_lowat, socket_cookie, tcp_counts},
-    sockmap::{InstallError, Pairs},
+    sockmap::{Installed, Pairs},
 };
 
 /// The worker's kernel copy: the maps, and the watch over installed pairs.
 pub struct KernelCopy {
-    pairs: Pairs,
+    pub(super) pairs: Pairs,
     watch: Watch,
 }
 
@@ -62,13 +79,16 @@ impl std::fmt::Debug for KernelCopy {
 }
 
 impl KernelCopy {
-    /// Must be called inside the runtime: the watch's task starts here.
+    /// Starts the watch's thread. One per process: the program's notices have one reader.
     pub fn new(pairs: Pairs) -> io::Result<&'static KernelCopy> {
         let kc: &'static KernelCopy = Box::leak(Box::new(KernelCopy {
             pairs,
             watch: Watch::new()?,
         }));
-        tokio::spawn(kc.watch.run());
+        kc.watch.add_notices(kc.pairs.notices_fd())?;
+        std::thread::Builder::new()
+            .name("kernel-copy".into())
+            .spawn(|| kc.watch.run(&kc.pairs))?;
         Ok(kc)
     }
 }
@@ -113,19 +133,39 @@ enum Refused {
     Broken(io::Error),
 }
 
+/// How [`Pair::copy_left`] ended.
+enum Copied {
+    /// The program moves the direction's bytes again.
+    Resumed,
+    /// The direction ended and its end was passed on.
+    Ended,
+}
+
 /// An installed pair; dropping it closes both sockets, which takes them out of the maps.
 struct Pair {
     client: StdStream,
     backend: StdStream,
+    /// The client's, then the backend's socket cookie: their keys in the maps and the watch.
+    cookies: [u64; 2],
     /// Bytes the relay wrote itself before the kernel took over (a PROXY header).
     backend_base: u64,
     client_base: u64,
     /// Whether the client's, then the backend's, FIN arrived: it counts in
     /// `tcpi_bytes_received` as one byte that is not payload.
     fin: [AtomicBool; 2],
-    token: u64,
-    woken: Arc<Notify>,
-    watch: &'static Watch,
+    /// The allowance last given for the client's, then the backend's, bytes.
+    allowed: [AtomicU64; 2],
+    /// Whether the client → backend, then the backend → client direction went to the worker.
+    lagged: [AtomicBool; 2],
+    /// Bytes the program left with the client's, then the backend's socket that this task
+    /// copied.
+    copied: [AtomicU64; 2],
+    /// Whether the client's, then the backend's bytes never go through the program (the
+    /// socket could not join the maps as a member).
+    worker_only: [AtomicBool; 2],
+    /// Wakes the client → backend, then the backend → client direction.
+    woken: [Arc<Notify>; 2],
+    kc: &'static KernelCopy,
 }
 
 impl Pair {
@@ -147,33 +187,39 @@ impl Pair {
             (Ok(c), Ok(b)) => (c, b),
             (Err(e), _) | (_, Err(e)) => return Err(Refused::Broken(e)),
         };
-        let (token, woken) = match kc.watch.add(&client, &backend) {
+        let cookies = [client_id, backend_id];
+        let sockets = [client.as_fd(), backend.as_fd()];
+        let woken = match kc.watch.add(sockets, cookies) {
             Ok(w) => w,
             Err(e) => return Err(back_to_tokio(client, backend, e)),
         };
-        match kc
+        let installed = match kc
             .pairs
             .install((client.as_fd(), client_id), (backend.as_fd(), backend_id))
         {
-            Ok(()) => {}
-            Err(InstallError::Untouched(e)) => {
-                kc.watch.remove(token, &client, &backend);
+            Ok(installed) => installed,
+            Err(e) => {
+                kc.watch.remove([client.as_fd(), backend.as_fd()], cookies);
                 return Err(back_to_tokio(client, backend, e));
             }
-            Err(e @ InstallError::HalfInstalled(_)) => {
-                kc.watch.remove(token, &client, &backend);
-                return Err(Refused::Broken(io::Error::other(e)));
-            }
-        }
+        };
         let pair = Pair {
             client,
             backend,
+            cookies,
             backend_base,
             client_base,
             fin: [AtomicBool::new(false), AtomicBool::new(false)],
-            token,
+            allowed: [AtomicU64::new(COPY_WINDOW), AtomicU64::new(COPY_WINDOW)],
+            lagged: [AtomicBool::new(false), AtomicBool::new(false)],
+            copied: [AtomicU64::new(0), AtomicU64::new(0)],
+            // A client that ended between the two installs is copied by this task.
+            worker_only: [
+                AtomicBool::new(installed == Installed::BackendOnly),
+                AtomicBool::new(false),
+            ],
             woken,
-            watch: &kc.watch,
+            kc,
         };
         // Bytes that arrived before the pair was installed wait in the receive queues: this
         // hands them to the program, ahead of anything arriving later.
@@ -211,24 +257,55 @@ impl Pair {
         Ok(tcp_counts(self.socket(peer))?.received - u64::from(fin))
     }
 
+    /// Bytes from `from` that the other side's socket has taken.
+    fn taken(&self, from: Peer) -> Result<u64, CopyError> {
+        let to = self.socket(from.other());
+        let written = bytes_written(to).map_err(|e| io_error(e, from.other()))?;
+        Ok(written.saturating_sub(self.base(from)))
+    }
+
+    fn ledger(&self, from: Peer) -> Result<CopyLedger, CopyError> {
+        let cookie = self.cookies[from as usize];
+        self.kc.pairs.ledger(cookie).map_err(|e| io_error(e, from))
+    }
+
     fn transfer(&self) -> Transfer {
+        let lagged = self.lagged.iter().any(|l| l.load(Ordering::Relaxed));
+        let in_kernel = [Peer::Client, Peer::Backend]
+            .iter()
+            .filter_map(|p| self.ledger(*p).ok())
+            .map(|l| l.moved)
+            .sum();
         Transfer {
+            in_kernel,
             up: self.received(Peer::Client).unwrap_or(0),
             down: self.received(Peer::Backend).unwrap_or(0),
-            path: Some(PlainCopy::Kernel),
+            path: Some(if lagged {
+                PlainCopy::Lagged
+            } else {
+                PlainCopy::Kernel
+            }),
         }
     }
 
     /// Waits until the other side's socket has taken every byte that arrived from `from`
     /// (beyond what the relay wrote there itself). `Ok(false)` if `give_up` says so first.
     async fn delivered(&self, from: Peer, give_up: impl Fn() -> bool) -> Result<bool, CopyError> {
+        let received = || self.received(from).map_err(|e| io_error(e, from));
+        self.taken_up_to(from, received, give_up).await
+    }
+
+    /// Waits until the other side's socket has taken `want()` bytes from `from`.
+    async fn taken_up_to(
+        &self,
+        from: Peer,
+        want: impl Fn() -> Result<u64, CopyError>,
+        give_up: impl Fn() -> bool,
+    ) -> Result<bool, CopyError> {
         let to = self.socket(from.other());
-        let base = self.base(from);
         let mut pause = Duration::from_micros(50);
         loop {
-            let received = self.received(from).map_err(|e| io_error(e, from))?;
-            let written = bytes_written(to).map_err(|e| io_error(e, from.other()))?;
-            if written.saturating_sub(base) >= received {
+            if self.taken(from)? >= want()? {
                 return Ok(true);
             }
             if let Some(e) = to.take_error().map_err(|e| io_error(e, from.other()))? {
@@ -238,7 +315,7 @@ impl Pair {
                 return Ok(false);
             }
             // The kernel's worker sends what it holds as soon as the socket has room; this
-            // wait happens once per direction, at its end.
+            // wait happens once per direction, at its end or when it starts lagging.
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(20));
         }
@@ -247,30 +324,178 @@ impl Pair {
     /// Until both peers have ended cleanly (each end passed on), one fails, or nothing moves
     /// for `idle`.
     async fn run(&self, idle: Duration) -> Result<(), CopyError> {
-        let (mut up_done, mut down_done) = (false, false);
+        let both = async {
+            tokio::try_join!(
+                self.direction(Peer::Client, idle),
+                self.direction(Peer::Backend, idle)
+            )
+        };
+        tokio::select! {
+            r = both => r.map(|_| ()),
+            e = self.idle(idle) => Err(e),
+        }
+    }
+
+    /// One direction: moved by the kernel; while the other side lags, copied by this task
+    /// ([`Pair::copy_left`]); its end passed on.
+    async fn direction(&self, from: Peer, idle: Duration) -> Result<(), CopyError> {
+        let src = self.socket(from);
         loop {
-            for (done, from, to, peer) in [
-                (&mut up_done, &self.client, &self.backend, Peer::Client),
-                (&mut down_done, &self.backend, &self.client, Peer::Backend),
-            ] {
-                if *done {
+            let ledger = self.ledger(from)?;
+            if self.left_with_socket(&ledger, from) {
+                if let Copied::Ended = self.copy_left(from, idle).await? {
+                    return Ok(());
+                }
+                continue;
+            }
+            self.top_up(from, ledger.moved)?;
+            if ended(src, from)? {
+                // A segment left for this task may still be on its way to the socket's queue.
+                if self.left_with_socket(&self.ledger(from)?, from) {
                     continue;
                 }
-                if ended(from, peer)? {
-                    self.fin(peer).store(true, Ordering::Relaxed);
-                    let quiet_since = Instant::now();
-                    let stalled = || quiet_since.elapsed() >= idle;
-                    if !self.delivered(peer, stalled).await? {
+                return self.pass_end(from, idle).await;
+            }
+            self.woken[from as usize].notified().await;
+        }
+    }
+
+    /// Whether the program is leaving `from`'s bytes with its socket, or left some that this
+    /// task has not copied yet.
+    fn left_with_socket(&self, ledger: &CopyLedger, from: Peer) -> bool {
+        ledger.lagging != 0
+            || ledger.passed > self.copied[from as usize].load(Ordering::Relaxed)
+            || self.worker_only[from as usize].load(Ordering::Relaxed)
+    }
+
+    /// `from` has ended its stream: once the other side has taken every byte before the end,
+    /// the relay ends its own stream toward it.
+    async fn pass_end(&self, from: Peer, idle: Duration) -> Result<(), CopyError> {
+        self.fin(from).store(true, Ordering::Relaxed);
+        let quiet_since = Instant::now();
+        if !self
+            .delivered(from, || quiet_since.elapsed() >= idle)
+            .await?
+        {
+            return Err(CopyError::Idle(idle));
+        }
+        shutdown_write(self.socket(from.other())).map_err(|e| io_error(e, from.other()))
+    }
+
+    /// Bytes from `from` that the kernel, not this task, handed to the other side's socket.
+    fn kernel_taken(&self, from: Peer) -> Result<u64, CopyError> {
+        let copied = self.copied[from as usize].load(Ordering::Relaxed);
+        Ok(self.taken(from)?.saturating_sub(copied))
+    }
+
+    /// Raises `from`'s allowance to [`COPY_WINDOW`] beyond what the other side has taken,
+    /// once less than [`COPY_ASK_BELOW`] of it is left (when the program asks).
+    fn top_up(&self, from: Peer, moved: u64) -> Result<(), CopyError> {
+        let allowed = self.allowed[from as usize].load(Ordering::Relaxed);
+        if allowed.saturating_sub(moved) >= COPY_ASK_BELOW {
+            return Ok(());
+        }
+        let more = self.kernel_taken(from)? + COPY_WINDOW;
+        if more > allowed {
+            self.allow(from, more)?;
+        }
+        Ok(())
+    }
+
+    /// Tells the program it may move `total` bytes from `from` in all, and how many of those
+    /// it left with the socket this task has copied.
+    fn allow(&self, from: Peer, total: u64) -> Result<(), CopyError> {
+        let allowance = CopyAllowance {
+            total,
+            copied: self.copied[from as usize].load(Ordering::Relaxed),
+        };
+        let cookie = self.cookies[from as usize];
+        self.kc
+            .pairs
+            .allow(cookie, allowance)
+            .map_err(|e| io_error(e, from))?;
+        self.allowed[from as usize].store(total, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Copies what the program left with `from`'s socket while the other side lagged: each
+    /// byte after every byte the kernel moved before it. Until the program moves bytes again
+    /// (`Resumed`), or `from` ends (`Ended`, the end passed on).
+    async fn copy_left(&self, from: Peer, idle: Duration) -> Result<Copied, CopyError> {
+        self.lagged[from as usize].store(true, Ordering::Relaxed);
+        let to = from.other();
+        let reg = |s: &StdStream, interest, peer| {
+            let s = s.try_clone().map_err(|e| io_error(e, peer))?;
+            // SAFETY: the AsyncFd owns this duplicate, which stays open as long as it does.
+            unsafe { AsyncFd::register_with_interest(s, interest) }
+                .map_err(|e| io_error(io::Error::other(e.to_string()), peer))
+        };
+        // On tokio's reactor only while lagging: in the kernel, every segment would wake it.
+        let src = reg(self.socket(from), Interest::READABLE, from)?;
+        let dst = reg(self.socket(to), Interest::WRITABLE, to)?;
+        let copied = &self.copied[from as usize];
+        let mut buf = vec![0u8; 64 << 10];
+        // The program may have moved bytes since this task last looked (it can only after
+        // this task said it copied everything): those go out before anything read now.
+        let mut moved_may_have_grown = true;
+        let since = Instant::now();
+        loop {
+            let mut ready = src.readable().await.map_err(|e| io_error(e, from))?;
+            let read = ready.try_io(|s| {
+                recv(s.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
+            });
+            let n = match read {
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => return Err(io_error(e, from)),
+                Err(_would_block) => {
+                    // All copied: the program may move bytes again once the allowance has
+                    // room. It learns that from here.
+                    let total = self.kernel_taken(from)? + COPY_WINDOW;
+                    let allowed = self.allowed[from as usize].load(Ordering::Relaxed);
+                    self.allow(from, total.max(allowed))?;
+                    moved_may_have_grown = true;
+                    if !self.left_with_socket(&self.ledger(from)?, from) {
+                        return Ok(Copied::Resumed);
+                    }
+                    continue;
+                }
+            };
+            if n == 0 {
+                // The end; the bytes before it may still be on their way to the queue.
+                if self.ledger(from)?.passed > copied.load(Ordering::Relaxed) {
+                    if since.elapsed() >= idle + DRAIN {
                         return Err(CopyError::Idle(idle));
                     }
-                    shutdown_write(to).map_err(|e| io_error(e, peer.other()))?;
-                    *done = true;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
                 }
+                return self.pass_end(from, idle).await.map(|()| Copied::Ended);
             }
-            if up_done && down_done {
-                return Ok(());
+            if moved_may_have_grown {
+                let moved = self.ledger(from)?.moved;
+                let want = || Ok(moved + copied.load(Ordering::Relaxed));
+                let stalled = Instant::now();
+                let give_up = || stalled.elapsed() >= idle;
+                if !Box::pin(self.taken_up_to(from, want, give_up)).await? {
+                    return Err(CopyError::Idle(idle));
+                }
+                moved_may_have_grown = false;
             }
-            // The data keeps the connection alive: the kernel says when it last arrived.
+            let mut off = 0;
+            while off < n {
+                off += dst
+                    .async_io(Interest::WRITABLE, |s| (&*s).write(&buf[off..n]))
+                    .await
+                    .map_err(|e| io_error(e, to))?;
+            }
+            copied.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Ends when neither peer has sent anything for `idle`: the kernel says when data last
+    /// arrived.
+    async fn idle(&self, idle: Duration) -> CopyError {
+        loop {
             let quiet = [&self.client, &self.backend]
                 .iter()
                 .filter_map(|s| tcp_counts(*s).ok())
@@ -278,19 +503,18 @@ impl Pair {
                 .min()
                 .unwrap_or_default();
             if quiet >= idle {
-                return Err(CopyError::Idle(idle));
+                return CopyError::Idle(idle);
             }
-            tokio::select! {
-                () = self.woken.notified() => {}
-                () = tokio::time::sleep(idle - quiet) => {}
-            }
+            tokio::time::sleep(idle - quiet).await;
         }
     }
 }
 
 impl Drop for Pair {
     fn drop(&mut self) {
-        self.watch.remove(self.token, &self.client, &self.backend);
+        let sockets = [self.client.as_fd(), self.backend.as_fd()];
+        self.kc.watch.remove(sockets, self.cookies);
+        self.kc.pairs.forget(self.cookies);
     }
 }
 
@@ -312,15 +536,15 @@ fn ended(from: &StdStream, peer: Peer) -> Result<bool, CopyError> {
         return Err(io_error(e, peer));
     }
     let mut byte = [0u8; 1];
-    match nix::sys::socket::recv(
+    match recv(
         from.as_raw_fd(),
         &mut byte,
-        nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
     ) {
         Ok(0) => Ok(true),
         // A byte the program is about to take: not an end yet.
         Ok(_) => Ok(false),
-        Err(nix::errno::Errno::EAGAIN) => Ok(false),
+        Err(Errno::EAGAIN) => Ok(false),
         Err(e) => Err(io_error(e.into(), peer)),
     }
 }
@@ -333,79 +557,83 @@ fn shutdown_write(to: &StdStream) -> io::Result<()> {
 }
 
 /// One epoll instance for every installed pair of the worker, registered for ends and
-/// errors only (`EPOLLRDHUP`, and the `EPOLLERR`/`EPOLLHUP` epoll always reports): a segment
-/// that the program moves does not wake it.
+/// errors only (`EPOLLRDHUP`, and the `EPOLLERR`/`EPOLLHUP` epoll always reports), and for
+/// the program's notice ring: a segment that the program moves does not wake it. Events
+/// carry the socket's cookie (the ring's is 0, which no socket has). A thread of its own waits
+/// on it and wakes the tasks concerned, whatever runtime they run on.
 struct Watch {
     epoll: Epoll,
-    /// The same instance, as tokio waits on it.
-    ready: AsyncFd<OwnedFd>,
-    tasks: Mutex<HashMap<u64, Arc<Notify>>>,
-    next: AtomicU64,
+    /// By socket cookie: the direction whose source that socket is.
+    directions: Mutex<HashMap<u64, Arc<Notify>>>,
 }
+
+/// The notice ring's key in the watch.
+const NOTICES: u64 = 0;
 
 impl Watch {
     fn new() -> io::Result<Watch> {
-        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
-        let dup = epoll.0.try_clone()?;
-        // SAFETY: the descriptor stays open and unchanged for as long as the AsyncFd owns it.
-        let ready = unsafe { AsyncFd::register_with_interest(dup, Interest::READABLE) }
-            .map_err(|e| io::Error::other(e.to_string()))?;
         Ok(Watch {
-            epoll,
-            ready,
-            tasks: Mutex::new(HashMap::new()),
-            next: AtomicU64::new(1),
+            epoll: Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?,
+            directions: Mutex::new(HashMap::new()),
         })
     }
 
-    fn add(&self, a: &StdStream, b: &StdStream) -> io::Result<(u64, Arc<Notify>)> {
-        let token = self.next.fetch_add(1, Ordering::Relaxed);
-        let woken = Arc::new(Notify::new());
-        self.tasks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(token, Arc::clone(&woken));
+    fn add_notices(&self, ring: std::os::fd::RawFd) -> io::Result<()> {
+        // SAFETY: the ring belongs to the worker's `Pairs`, which lives as long as the watch.
+        let ring = unsafe { BorrowedFd::borrow_raw(ring) };
+        let event = EpollEvent::new(EpollFlags::EPOLLIN, NOTICES);
+        Ok(self.epoll.add(ring, event)?)
+    }
+
+    fn add(&self, sockets: [BorrowedFd<'_>; 2], cookies: [u64; 2]) -> io::Result<[Arc<Notify>; 2]> {
+        let woken = [Arc::new(Notify::new()), Arc::new(Notify::new())];
+        {
+            let mut directions = self.directions.lock().unwrap_or_else(|e| e.into_inner());
+            for (cookie, w) in cookies.iter().zip(&woken) {
+                directions.insert(*cookie, Arc::clone(w));
+            }
+        }
         let flags = EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET;
-        for s in [a, b] {
-            if let Err(e) = self.epoll.add(s, EpollEvent::new(flags, token)) {
-                self.remove(token, a, b);
+        for (s, cookie) in sockets.iter().zip(cookies) {
+            if let Err(e) = self.epoll.add(s, EpollEvent::new(flags, cookie)) {
+                self.remove(sockets, cookies);
                 return Err(e.into());
             }
         }
-        Ok((token, woken))
+        Ok(woken)
     }
 
-    fn remove(&self, token: u64, a: &StdStream, b: &StdStream) {
-        for s in [a, b] {
+    fn remove(&self, sockets: [BorrowedFd<'_>; 2], cookies: [u64; 2]) {
+        for s in sockets {
             let _ = self.epoll.delete(s);
         }
-        self.tasks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&token);
+        let mut directions = self.directions.lock().unwrap_or_else(|e| e.into_inner());
+        for cookie in cookies {
+            directions.remove(&cookie);
+        }
     }
 
-    async fn run(&'static self) {
+    fn run(&self, pairs: &Pairs) {
         let mut events = vec![EpollEvent::empty(); 256];
         loop {
-            let Ok(mut ready) = self.ready.readable().await else {
-                return;
-            };
-            let n = match self.epoll.wait(&mut events, EpollTimeout::ZERO) {
+            let n = match self.epoll.wait(&mut events, EpollTimeout::NONE) {
                 Ok(n) => n,
-                Err(nix::errno::Errno::EINTR) => continue,
+                Err(Errno::EINTR) => continue,
                 Err(e) => {
                     tracing::error!("kernel copy watch failed: {e}");
                     return;
                 }
             };
-            if n < events.len() {
-                ready.clear_ready();
-            }
-            let tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            let directions = self.directions.lock().unwrap_or_else(|e| e.into_inner());
+            let wake = |cookie| {
+                if let Some(direction) = directions.get(&cookie) {
+                    direction.notify_one();
+                }
+            };
             for e in &events[..n] {
-                if let Some(task) = tasks.get(&e.data()) {
-                    task.notify_one();
+                match e.data() {
+                    NOTICES => pairs.take_notices(wake),
+                    cookie => wake(cookie),
                 }
             }
         }

@@ -121,23 +121,29 @@ pub struct Transfer {
     pub down: u64,
     /// How a plain ↔ plain connection was copied (`None` when a side is TLS).
     pub path: Option<PlainCopy>,
+    /// Of `up + down`, the bytes the kernel copy program moved itself (the rest, the worker).
+    pub in_kernel: u64,
 }
 
-/// The two ways of copying plain ↔ plain.
+/// The ways of copying plain ↔ plain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PlainCopy {
     /// By the `relay_copy` verdict program: no byte wakes the worker.
     Kernel,
+    /// In the kernel until a peer fell a window behind, then that direction by the worker
+    /// (`copy::kernel`).
+    Lagged,
     /// By `splice(2)` through a pipe: the fallback.
     Splice,
 }
 
 impl PlainCopy {
-    pub const ALL: [PlainCopy; 2] = [PlainCopy::Kernel, PlainCopy::Splice];
+    pub const ALL: [PlainCopy; 3] = [PlainCopy::Kernel, PlainCopy::Lagged, PlainCopy::Splice];
 
     pub fn label(self) -> &'static str {
         match self {
             PlainCopy::Kernel => "kernel",
+            PlainCopy::Lagged => "kernel_lagged",
             PlainCopy::Splice => "splice",
         }
     }
@@ -268,6 +274,7 @@ impl Meter {
             up: self.up.load(Ordering::Relaxed),
             down: self.down.load(Ordering::Relaxed),
             path: None,
+            in_kernel: 0,
         }
     }
 

@@ -435,19 +435,23 @@ async fn splice_reports_a_reset() {
 // These load the verdict program: they need CAP_BPF (CI runs as root) and fail, saying so,
 // without it.
 
-/// The worker's kernel copy, as a worker gets it: the maps by descriptor.
+/// The worker's kernel copy, as a worker gets it: the maps by descriptor. One for all tests,
+/// as in a worker: the program's notices have one reader.
 fn kernel_copy() -> &'static KernelCopy {
     static PROGRAM: std::sync::OnceLock<crate::sockmap::Program> = std::sync::OnceLock::new();
-    let program = PROGRAM.get_or_init(|| {
-        crate::sockmap::Program::load(64).expect(
-            "loading the kernel copy program needs CAP_BPF (run the tests as root, as CI does)",
-        )
-    });
-    let fds = program
-        .map_fds()
-        .unwrap()
-        .map(|fd| fd.try_clone_to_owned().unwrap());
-    KernelCopy::new(crate::sockmap::Pairs::inherited(fds).unwrap()).unwrap()
+    static COPY: std::sync::OnceLock<&'static KernelCopy> = std::sync::OnceLock::new();
+    COPY.get_or_init(|| {
+        let program = PROGRAM.get_or_init(|| {
+            crate::sockmap::Program::load(64).expect(
+                "loading the kernel copy program needs CAP_BPF (run the tests as root, as CI does)",
+            )
+        });
+        let fds = program
+            .map_fds()
+            .unwrap()
+            .map(|fd| fd.try_clone_to_owned().unwrap());
+        KernelCopy::new(crate::sockmap::Pairs::inherited(fds).unwrap()).unwrap()
+    })
 }
 
 /// Relays `client_side` and `backend_side` through the kernel copy, in a task.
@@ -589,14 +593,151 @@ async fn an_idle_kernel_copied_connection_is_closed() {
     assert_eq!(transfer.path, Some(PlainCopy::Kernel));
 }
 
+#[tokio::test]
+async fn a_backend_that_does_not_read_holds_the_client_back_then_gets_every_byte_in_order() {
+    let (client, client_side) = tcp_pair().await;
+    let (backend_side, mut backend) = tcp_pair().await;
+    let cookie = crate::net::io::socket_cookie(&client_side).unwrap();
+    let relay = spawn_in_kernel(client_side, backend_side, Duration::from_secs(60));
+    let (mut from_relay, mut to_relay) = client.into_split();
+    // Without the bound the kernel takes everything (gigabytes within seconds): the cap only
+    // keeps this test finite if the bound is broken.
+    const CAP: u64 = 256 << 20;
+    let mut sent = 0u64;
+    loop {
+        let chunk = pattern(sent, 64 << 10);
+        // TCP holds the client back once the kernel copy stops taking its bytes: a write
+        // that makes no progress for a second is that.
+        match tokio::time::timeout(Duration::from_secs(1), to_relay.write(&chunk)).await {
+            Ok(Ok(n)) => sent += n as u64,
+            Ok(Err(e)) => panic!("client write failed after {sent} bytes: {e}"),
+            Err(_) => break,
+        }
+        assert!(
+            sent < CAP,
+            "the client sent {sent} bytes to a backend that reads nothing"
+        );
+    }
+    // What TCP alone lets a sender queue toward a peer that does not read (send and receive
+    // buffers on both hops), plus one window of the kernel copy: well under 64 MiB here.
+    assert!(
+        sent < 64 << 20,
+        "{sent} bytes sent before the client was held back"
+    );
+    let lagging = kernel_copy().pairs.ledger(cookie).unwrap();
+    assert_eq!(lagging.lagging, 1, "{lagging:?}");
+    // The backend now reads it all, in order.
+    let mut got = 0u64;
+    read_pattern(&mut backend, &mut got, sent).await;
+    // Once the worker says it copied everything left with the socket (a counter), the
+    // program moves bytes again: the next ones go through the kernel.
+    let copied_all = async {
+        loop {
+            let allowance = kernel_copy().pairs.allowance(cookie).unwrap();
+            if allowance.copied == kernel_copy().pairs.ledger(cookie).unwrap().passed {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), copied_all)
+        .await
+        .expect("the worker never caught up");
+    let before = kernel_copy().pairs.ledger(cookie).unwrap();
+    let more = 1u64 << 20;
+    to_relay
+        .write_all(&pattern(sent, more as usize))
+        .await
+        .unwrap();
+    to_relay.shutdown().await.unwrap();
+    read_pattern(&mut backend, &mut got, sent + more).await;
+    let after = kernel_copy().pairs.ledger(cookie).unwrap();
+    assert_eq!(after.lagging, 0, "{after:?}");
+    assert_eq!(after.moved, before.moved + more, "{before:?} → {after:?}");
+    assert_eq!(after.passed, before.passed, "{before:?} → {after:?}");
+    let mut end = [0u8; 1];
+    assert_eq!(backend.read(&mut end).await.unwrap(), 0, "the client's end");
+    // The other direction still works.
+    backend.write_all(b"thanks").await.unwrap();
+    backend.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    from_relay.read_to_end(&mut answer).await.unwrap();
+    assert_eq!(answer, b"thanks");
+    let (transfer, result) = relay.await.unwrap();
+    result.unwrap();
+    assert_eq!((transfer.up, transfer.down), (sent + more, 6));
+    assert_eq!(transfer.path, Some(PlainCopy::Lagged));
+}
+
+/// `len` bytes of the bound tests' stream, from `offset` on.
+fn pattern(offset: u64, len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| ((offset + i) % 251) as u8)
+        .collect()
+}
+
+/// Reads the bound tests' stream from `got` up to `until`, checking every byte.
+async fn read_pattern(from: &mut TcpStream, got: &mut u64, until: u64) {
+    let mut buf = vec![0u8; 256 << 10];
+    while *got < until {
+        let want = buf.len().min((until - *got) as usize);
+        let n = from.read(&mut buf[..want]).await.unwrap();
+        assert!(n > 0, "the stream ended after {got} of {until} bytes");
+        assert!(
+            buf[..n] == pattern(*got, n)[..],
+            "bytes {got}..{} out of order or lost",
+            *got + n as u64
+        );
+        *got += n as u64;
+    }
+}
+
+// Two threads, so that the reader reads all along (on one, the writer starves it whenever
+// the kernel takes its bytes without blocking it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_transfers_keep_every_byte_in_order_whoever_copies_them() {
+    // Four windows each way. On loopback the sender outruns the kernel's own sender now and
+    // then; the relay copies until it catches up, then the kernel moves bytes again.
+    // (`exchange` reads the answer only once it is all sent, so each direction gets its own
+    // connection.)
+    let bytes = 4 * relay_common::COPY_WINDOW;
+    for direction in ["client → backend", "backend → client"] {
+        let (client, client_side) = tcp_pair().await;
+        let (backend_side, backend) = tcp_pair().await;
+        let relay = spawn_in_kernel(client_side, backend_side, Duration::from_secs(10));
+        let (done, relay) = watch_transfer(relay);
+        if direction == "client → backend" {
+            exchange(client, backend, relay, bytes as usize, 11).await;
+        } else {
+            exchange(backend, client, swap(relay), bytes as usize, 11).await;
+        }
+        let transfer = done.await.unwrap();
+        // How the bytes went varies from run to run; that every one arrived does not.
+        eprintln!("{direction}: {transfer:?}");
+        assert!(transfer.in_kernel > 0, "{direction}: {transfer:?}");
+    }
+}
+
 type RelayTask = tokio::task::JoinHandle<(Transfer, Result<(), CopyError>)>;
 
 /// Splits off the path a relay task took, for a check after `exchange` consumed the task.
 fn watch_path(relay: RelayTask) -> (tokio::sync::oneshot::Receiver<Option<PlainCopy>>, RelayTask) {
     let (tx, rx) = tokio::sync::oneshot::channel();
+    let (transfer, relay) = watch_transfer(relay);
+    tokio::spawn(async move {
+        if let Ok(t) = transfer.await {
+            let _ = tx.send(t.path);
+        }
+    });
+    (rx, relay)
+}
+
+/// Splits off what a relay task counted, for a check after `exchange` consumed the task.
+fn watch_transfer(relay: RelayTask) -> (tokio::sync::oneshot::Receiver<Transfer>, RelayTask) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
     let relay = tokio::spawn(async move {
         let done = relay.await.unwrap();
-        let _ = tx.send(done.0.path);
+        let _ = tx.send(done.0);
         done
     });
     (rx, relay)
@@ -611,6 +752,7 @@ fn swap(relay: RelayTask) -> RelayTask {
                 up: t.down,
                 down: t.up,
                 path: t.path,
+                in_kernel: t.in_kernel,
             },
             r,
         )

@@ -299,6 +299,11 @@ impl Supervisor {
     /// Starts a worker and hands it the configuration in force (from memory: no file is read
     /// again); its answer comes back as [`Event::WorkerStarted`].
     fn start_worker(&mut self) {
+        // The pair ledgers of an earlier worker died with its sockets; only one worker copies
+        // at a time, and this one has not started.
+        if let Some(program) = &mut self.kernel_copy {
+            program.forget_pairs();
+        }
         let user = self.config.relay.user.as_deref().unwrap_or("nobody");
         let identity = match crate::sys::worker_ids(user) {
             Ok(ids) => ids.map(|(uid, gid)| Identity { uid, gid }),
