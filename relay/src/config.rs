@@ -82,7 +82,9 @@ pub struct RelaySection {
     #[serde(with = "humantime_serde")]
     pub ticket_rotation: Duration,
     /// plain ↔ plain connections are copied inside the kernel (a SOCKHASH verdict program)
-    /// where the relay can load it (the default); `false` copies them with `splice(2)`.
+    /// where the relay can load it; `false` (the default) copies them with `splice(2)`, which
+    /// moves bulk traffic faster on the machines measured (README, "plain ↔ plain inside the
+    /// kernel").
     pub kernel_copy: bool,
     /// The worker's threads; absent: one per CPU the relay may run on.
     pub threads: Option<usize>,
@@ -101,7 +103,7 @@ impl Default for RelaySection {
             max_buffer: 64 << 10,
             user: None,
             ticket_rotation: Duration::from_secs(3600),
-            kernel_copy: true,
+            kernel_copy: false,
             threads: None,
         }
     }

@@ -602,8 +602,8 @@ async fn plain_to_plain_moves_in_the_kernel_and_counts_what_splice_counts() {
     let env = env();
     let backend = env.backend("plain").await;
     let mut totals = Vec::new();
-    // The same exchanges, through the kernel copy (the default) and through splice.
-    for (relay_extra, path) in [("", "kernel"), ("kernel_copy = false", "splice")] {
+    // The same exchanges, through the kernel copy and through splice (the default).
+    for (relay_extra, path) in [("kernel_copy = true", "kernel"), ("", "splice")] {
         let front = listen();
         let metrics = listen();
         let config = env.write_config(
