@@ -222,8 +222,13 @@ pub struct CopyLedger {
     /// itself only once the worker has copied every byte it left (no byte can overtake an
     /// earlier one) and the allowance has room again.
     pub lagging: u32,
-    /// 1 once the worker was told about this lag.
+    /// 1 once the worker was told about this lag (or overrun).
     pub lag_told: u32,
+    /// 1 once more bytes were left with the socket than its receive buffer can hold: they
+    /// were not charged to it (see relay-ebpf's `copy.rs`), so the program drops from then on
+    /// and the worker resets the connection.
+    pub overrun: u32,
+    pub _pad: u32,
 }
 
 /// What the worker lets the program do with one socket's bytes (`ALLOWANCE`). Only the worker
@@ -235,6 +240,9 @@ pub struct CopyAllowance {
     pub total: u64,
     /// How many of the bytes the program left with the socket the worker has copied.
     pub copied: u64,
+    /// How many bytes beyond `copied` the program may leave with the socket: more than its
+    /// receive buffer holds, so only bytes that escaped its charge reach it.
+    pub pass_room: u64,
 }
 
 /// Bytes the kernel copy may move from one socket beyond what its peer socket has taken.
@@ -263,7 +271,7 @@ mod pod {
     unsafe impl aya::Pod for super::Bucket<super::ServerEntryV4> {}
     unsafe impl aya::Pod for super::Bucket<super::ServerEntryV6> {}
     unsafe impl aya::Pod for super::ServiceName {}
-    // SAFETY: u64s, then two u32s: no padding.
+    // SAFETY: u64s, then u32s in pairs: no padding.
     unsafe impl aya::Pod for super::CopyLedger {}
     unsafe impl aya::Pod for super::CopyAllowance {}
 }

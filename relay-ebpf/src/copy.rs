@@ -29,6 +29,12 @@
 //! - The program moves segments again once the worker has copied every byte left with the
 //!   socket (`CopyAllowance::copied`) and the allowance has room: no byte can overtake an
 //!   earlier one either way.
+//! - A segment left with a socket is charged to it only once it reaches the socket's queue.
+//!   If the socket's psock still holds the other direction's segments waiting to leave through
+//!   it (both peers stopped reading), it queues behind them uncharged, and the sender's window
+//!   stays open. More left over than the receive buffer could hold (`pass_room`) means that:
+//!   the program drops from then on (*overrun*), and the worker resets the connection, so the
+//!   loss is seen by both peers.
 #![no_std]
 #![no_main]
 
@@ -81,6 +87,10 @@ pub fn relay_copy(ctx: SkBuffContext) -> u32 {
     // SAFETY: a map value, valid for this run; only this program writes it, and runs for one
     // socket do not overlap (they hold the socket's lock).
     let ledger = unsafe { &mut *ledger };
+    if ledger.overrun != 0 {
+        tell_lagging(ledger, cookie);
+        return sk_action::SK_DROP;
+    }
     // SAFETY: read-only use of a map value.
     let allowance = unsafe { ALLOWANCE.get(&cookie) }
         .copied()
@@ -88,7 +98,7 @@ pub fn relay_copy(ctx: SkBuffContext) -> u32 {
     let room = ledger.moved + len <= allowance.total;
     if ledger.lagging != 0 {
         if !(room && allowance.copied == ledger.passed) {
-            return leave_for_worker(ledger, cookie, len);
+            return leave_for_worker(ledger, &allowance, cookie, len);
         }
         // The worker has copied everything left with the socket: moving again keeps order.
         ledger.lag_told = 0;
@@ -98,7 +108,7 @@ pub fn relay_copy(ctx: SkBuffContext) -> u32 {
         // SAFETY: as above. Volatile so that the worker, reading the ledger concurrently,
         // never sees `lagging` before the last `moved`.
         unsafe { core::ptr::write_volatile(&mut ledger.lagging, 1) };
-        return leave_for_worker(ledger, cookie, len);
+        return leave_for_worker(ledger, &allowance, cookie, len);
     }
     // SK_PASS once redirected to the peer's egress, SK_DROP if the peer is gone.
     let verdict = TARGETS.redirect_skb(&ctx, cookie, 0) as u32;
@@ -115,15 +125,29 @@ pub fn relay_copy(ctx: SkBuffContext) -> u32 {
 }
 
 /// Leaves the segment with its socket, for the worker; counted before the worker can read it.
-fn leave_for_worker(ledger: &mut CopyLedger, cookie: u64, len: u64) -> u32 {
-    // SAFETY: a field of the map value the caller holds.
+/// Past `pass_room`, drops it and every later one instead (see the module doc).
+fn leave_for_worker(
+    ledger: &mut CopyLedger,
+    allowance: &CopyAllowance,
+    cookie: u64,
+    len: u64,
+) -> u32 {
+    let left = (ledger.passed + len).saturating_sub(allowance.copied);
+    if left > allowance.pass_room {
+        // SAFETY: a field of the map value the caller holds.
+        unsafe { core::ptr::write_volatile(&mut ledger.overrun, 1) };
+        ledger.lag_told = 0;
+        tell_lagging(ledger, cookie);
+        return sk_action::SK_DROP;
+    }
+    // SAFETY: as above.
     unsafe { core::ptr::write_volatile(&mut ledger.passed, ledger.passed + len) };
     tell_lagging(ledger, cookie);
     sk_action::SK_PASS
 }
 
-/// Tells the worker once that `cookie` is lagging; again on its next segment if the ring was
-/// full, so that the worker is never left waiting.
+/// Tells the worker once that `cookie` is lagging (or overran); again on its next segment if
+/// the ring was full, so that the worker is never left waiting.
 fn tell_lagging(ledger: &mut CopyLedger, cookie: u64) {
     if ledger.lag_told == 0 && NOTICES.output::<u64>(cookie, 0).is_ok() {
         ledger.lag_told = 1;

@@ -43,6 +43,19 @@ pub struct Program {
 impl Program {
     /// Loads and attaches the program, with room for `max_connections` pairs.
     pub fn load(max_connections: usize) -> anyhow::Result<Program> {
+        // Bytes the program leaves with a socket are read through tcp_bpf; before 6.4 such a
+        // read did not advance `copied_seq` nor open the window again (e5c6de5fa025), and a
+        // held-back sender would wait on probes.
+        let release = nix::sys::utsname::uname().context("uname")?;
+        let release = release.release().to_string_lossy().into_owned();
+        let mut numbers = release
+            .split(|c: char| !c.is_ascii_digit())
+            .map(|n| n.parse::<u32>().unwrap_or(0));
+        let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+        anyhow::ensure!(
+            version >= (6, 4),
+            "kernel {release} is older than 6.4, whose SOCKHASH receive path the kernel copy needs"
+        );
         // Two entries per connection in each map; the maps allocate per entry, so the bound
         // costs nothing until it is used.
         let entries = u32::try_from(max_connections.saturating_mul(2))
@@ -148,8 +161,8 @@ impl Pairs {
             self.forget(cookies);
             e
         };
-        for cookie in cookies {
-            self.open_ledger(cookie).map_err(untouched)?;
+        for (cookie, fd) in [(client_cookie, client), (backend_cookie, backend)] {
+            self.open_ledger(cookie, fd).map_err(untouched)?;
         }
         let insert = |map: &mut SockHash<MapData, u64>, key: u64, fd: BorrowedFd<'_>| {
             map.insert(key, fd.as_raw_fd(), 0).map_err(io_error)
@@ -174,7 +187,7 @@ impl Pairs {
         }
     }
 
-    fn open_ledger(&self, cookie: u64) -> std::io::Result<()> {
+    fn open_ledger(&self, cookie: u64, socket: BorrowedFd<'_>) -> std::io::Result<()> {
         lock(&self.ledger)
             .insert(cookie, CopyLedger::default(), 0)
             .map_err(io_error)?;
@@ -183,6 +196,7 @@ impl Pairs {
             CopyAllowance {
                 total: COPY_WINDOW,
                 copied: 0,
+                pass_room: pass_room(socket),
             },
         )
     }
@@ -230,6 +244,17 @@ impl Pairs {
             }
         }
     }
+}
+
+/// What the program may leave with `socket` beyond what the worker copied
+/// ([`CopyAllowance::pass_room`]): twice its receive buffer as it is now (it grows as the
+/// worker reads, and the worker says so at each copy), and a margin for segments in flight.
+/// Bytes left with a socket are charged to its buffer, so only uncharged ones get past this.
+pub fn pass_room(socket: BorrowedFd<'_>) -> u64 {
+    let rcvbuf = socket2::SockRef::from(&socket)
+        .recv_buffer_size()
+        .unwrap_or(32 << 20);
+    2 * rcvbuf as u64 + COPY_WINDOW / 4
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

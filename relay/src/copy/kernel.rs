@@ -63,7 +63,7 @@ use tokio::{
 use super::{CopyError, DRAIN, Peer, PlainCopy, Transfer, reset_after_drain};
 use crate::{
     net::io::{bytes_written, set_recv_lowat, socket_cookie, tcp_counts},
-    sockmap::{Installed, Pairs},
+    sockmap::{Installed, Pairs, pass_room},
 };
 
 /// The worker's kernel copy: the maps, and the watch over installed pairs.
@@ -117,12 +117,18 @@ pub(super) async fn relay_in_kernel(
         }
     };
     let result = pair.run(idle).await;
-    if let Err(e) = &result
+    if pair.overran.load(Ordering::Relaxed) {
+        // The program has been dropping bytes: nothing is left to deliver, and every moment
+        // waited lets the sender send more into the void. Both peers are reset at once.
+        for s in [&pair.client, &pair.backend] {
+            let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+        }
+    } else if let Err(e) = &result
         && let Some(peer) = e.aborted_by()
     {
         // What the kernel still holds for the other side goes first, then the reset.
         let deadline = Instant::now() + DRAIN;
-        let _ = Box::pin(pair.delivered(peer, || Instant::now() >= deadline)).await;
+        let _ = Box::pin(pair.delivered(peer, |_| Instant::now() >= deadline)).await;
         Box::pin(reset_after_drain(pair.socket(peer.other()))).await;
     }
     Ok((pair.transfer(), result))
@@ -161,8 +167,14 @@ struct Pair {
     /// copied.
     copied: [AtomicU64; 2],
     /// Whether the client's, then the backend's bytes never go through the program (the
-    /// socket could not join the maps as a member).
+    /// socket could not join the maps as a member, or left them).
     worker_only: [AtomicBool; 2],
+    /// Whether a FIN toward the client, then the backend, waits for [`Pair::settle_owed_end`].
+    owed_end: [AtomicBool; 2],
+    /// The `copied` the program last heard of, per direction.
+    published: [AtomicU64; 2],
+    /// Whether the program overran on either socket (see [`Pair::ledger`]).
+    overran: AtomicBool,
     /// Wakes the client → backend, then the backend → client direction.
     woken: [Arc<Notify>; 2],
     kc: &'static KernelCopy,
@@ -218,6 +230,9 @@ impl Pair {
                 AtomicBool::new(installed == Installed::BackendOnly),
                 AtomicBool::new(false),
             ],
+            owed_end: [AtomicBool::new(false), AtomicBool::new(false)],
+            published: [AtomicU64::new(0), AtomicU64::new(0)],
+            overran: AtomicBool::new(false),
             woken,
             kc,
         };
@@ -264,16 +279,30 @@ impl Pair {
         Ok(written.saturating_sub(self.base(from)))
     }
 
+    /// The program's ledger of `from`'s bytes; an error once it overran (more left with the
+    /// socket than its buffer holds: both peers stopped reading), after which the program
+    /// drops `from`'s bytes, so the connection must end with resets both ways.
     fn ledger(&self, from: Peer) -> Result<CopyLedger, CopyError> {
         let cookie = self.cookies[from as usize];
-        self.kc.pairs.ledger(cookie).map_err(|e| io_error(e, from))
+        let ledger = self
+            .kc
+            .pairs
+            .ledger(cookie)
+            .map_err(|e| io_error(e, from))?;
+        if ledger.overrun != 0 {
+            self.overran.store(true, Ordering::Relaxed);
+            let why = "kernel copy limit: the peer kept sending while neither peer read";
+            return Err(io_error(io::Error::other(why), from));
+        }
+        Ok(ledger)
     }
 
     fn transfer(&self) -> Transfer {
         let lagged = self.lagged.iter().any(|l| l.load(Ordering::Relaxed));
-        let in_kernel = [Peer::Client, Peer::Backend]
+        let in_kernel = self
+            .cookies
             .iter()
-            .filter_map(|p| self.ledger(*p).ok())
+            .filter_map(|cookie| self.kc.pairs.ledger(*cookie).ok())
             .map(|l| l.moved)
             .sum();
         Transfer {
@@ -289,29 +318,40 @@ impl Pair {
     }
 
     /// Waits until the other side's socket has taken every byte that arrived from `from`
-    /// (beyond what the relay wrote there itself). `Ok(false)` if `give_up` says so first.
-    async fn delivered(&self, from: Peer, give_up: impl Fn() -> bool) -> Result<bool, CopyError> {
+    /// (beyond what the relay wrote there itself). `Ok(false)` if `give_up`, given how long
+    /// nothing has been taken, says so first.
+    async fn delivered(
+        &self,
+        from: Peer,
+        give_up: impl Fn(Duration) -> bool,
+    ) -> Result<bool, CopyError> {
         let received = || self.received(from).map_err(|e| io_error(e, from));
         self.taken_up_to(from, received, give_up).await
     }
 
-    /// Waits until the other side's socket has taken `want()` bytes from `from`.
+    /// Waits until the other side's socket has taken `want()` bytes from `from`. A slow reader
+    /// is not a stalled one: `give_up` is asked with the time since the last byte was taken.
     async fn taken_up_to(
         &self,
         from: Peer,
         want: impl Fn() -> Result<u64, CopyError>,
-        give_up: impl Fn() -> bool,
+        give_up: impl Fn(Duration) -> bool,
     ) -> Result<bool, CopyError> {
         let to = self.socket(from.other());
         let mut pause = Duration::from_micros(50);
+        let (mut last, mut since) = (None, Instant::now());
         loop {
-            if self.taken(from)? >= want()? {
+            let taken = self.taken(from)?;
+            if taken >= want()? {
                 return Ok(true);
+            }
+            if last != Some(taken) {
+                (last, since) = (Some(taken), Instant::now());
             }
             if let Some(e) = to.take_error().map_err(|e| io_error(e, from.other()))? {
                 return Err(io_error(e, from.other()));
             }
-            if give_up() {
+            if give_up(since.elapsed()) {
                 return Ok(false);
             }
             // The kernel's worker sends what it holds as soon as the socket has room; this
@@ -348,16 +388,35 @@ impl Pair {
                 }
                 continue;
             }
+            self.settle_owed_end(from)?;
             self.top_up(from, ledger.moved)?;
-            if ended(src, from)? {
-                // A segment left for this task may still be on its way to the socket's queue.
-                if self.left_with_socket(&self.ledger(from)?, from) {
+            match ended(src, from)? {
+                End::No => {}
+                End::Fin => {
+                    // A segment left for this task may still be on its way to the queue.
+                    if self.left_with_socket(&self.ledger(from)?, from) {
+                        continue;
+                    }
+                    return self.pass_end(from, idle).await;
+                }
+                End::LeftTheMaps => {
+                    // Both ends' FINs are through, so the socket left the maps; its last
+                    // segment (data with the FIN) came after and waits in its queue.
+                    self.worker_only[from as usize].store(true, Ordering::Relaxed);
                     continue;
                 }
-                return self.pass_end(from, idle).await;
             }
             self.woken[from as usize].notified().await;
         }
+    }
+
+    /// Sends the FIN owed toward `peer` ([`Pair::pass_end`]) once this task no longer copies
+    /// `peer`'s bytes out of its socket's queue.
+    fn settle_owed_end(&self, peer: Peer) -> Result<(), CopyError> {
+        if self.owed_end[peer as usize].swap(false, Ordering::Relaxed) {
+            shutdown_write(self.socket(peer)).map_err(|e| io_error(e, peer))?;
+        }
+        Ok(())
     }
 
     /// Whether the program is leaving `from`'s bytes with its socket, or left some that this
@@ -369,17 +428,22 @@ impl Pair {
     }
 
     /// `from` has ended its stream: once the other side has taken every byte before the end,
-    /// the relay ends its own stream toward it.
+    /// the relay ends its own stream toward it. Not while this task copies the other side's
+    /// bytes out of its socket's queue: with both FINs through, the socket leaves the maps and
+    /// the kernel frees that queue. The FIN is then owed, and sent once the other direction
+    /// is done with the queue ([`Pair::settle_owed_end`]).
     async fn pass_end(&self, from: Peer, idle: Duration) -> Result<(), CopyError> {
         self.fin(from).store(true, Ordering::Relaxed);
-        let quiet_since = Instant::now();
-        if !self
-            .delivered(from, || quiet_since.elapsed() >= idle)
-            .await?
-        {
+        if !self.delivered(from, |stalled| stalled >= idle).await? {
             return Err(CopyError::Idle(idle));
         }
-        shutdown_write(self.socket(from.other())).map_err(|e| io_error(e, from.other()))
+        let to = from.other();
+        if !self.fin(to).load(Ordering::Relaxed) && self.left_with_socket(&self.ledger(to)?, to) {
+            self.owed_end[to as usize].store(true, Ordering::Relaxed);
+            return Ok(());
+        }
+        shutdown_write(self.socket(to)).map_err(|e| io_error(e, to))?;
+        self.settle_owed_end(from)
     }
 
     /// Bytes from `from` that the kernel, not this task, handed to the other side's socket.
@@ -408,6 +472,7 @@ impl Pair {
         let allowance = CopyAllowance {
             total,
             copied: self.copied[from as usize].load(Ordering::Relaxed),
+            pass_room: pass_room(self.socket(from).as_fd()),
         };
         let cookie = self.cookies[from as usize];
         self.kc
@@ -415,6 +480,7 @@ impl Pair {
             .allow(cookie, allowance)
             .map_err(|e| io_error(e, from))?;
         self.allowed[from as usize].store(total, Ordering::Relaxed);
+        self.published[from as usize].store(allowance.copied, Ordering::Relaxed);
         Ok(())
     }
 
@@ -438,9 +504,17 @@ impl Pair {
         // The program may have moved bytes since this task last looked (it can only after
         // this task said it copied everything): those go out before anything read now.
         let mut moved_may_have_grown = true;
-        let since = Instant::now();
+        let mut end_seen: Option<Instant> = None;
         loop {
-            let mut ready = src.readable().await.map_err(|e| io_error(e, from))?;
+            // The program's notices still count here: it may have overrun, leaving nothing
+            // to read (see `Pair::ledger`).
+            let mut ready = tokio::select! {
+                ready = src.readable() => ready.map_err(|e| io_error(e, from))?,
+                () = self.woken[from as usize].notified() => {
+                    self.ledger(from)?;
+                    continue;
+                }
+            };
             let read = ready.try_io(|s| {
                 recv(s.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
             });
@@ -463,7 +537,15 @@ impl Pair {
             if n == 0 {
                 // The end; the bytes before it may still be on their way to the queue.
                 if self.ledger(from)?.passed > copied.load(Ordering::Relaxed) {
-                    if since.elapsed() >= idle + DRAIN {
+                    let closed = tcp_counts(self.socket(from)).is_ok_and(|c| c.closed);
+                    if closed {
+                        // The socket left the maps and the kernel freed its queue with them
+                        // (a FIN toward it was already out when it lagged): say so with a
+                        // reset rather than end the stream short.
+                        let why = "kernel copy: the socket closed before its bytes were copied";
+                        return Err(io_error(io::Error::other(why), from));
+                    }
+                    if end_seen.get_or_insert_with(Instant::now).elapsed() >= idle {
                         return Err(CopyError::Idle(idle));
                     }
                     tokio::time::sleep(Duration::from_millis(1)).await;
@@ -474,8 +556,7 @@ impl Pair {
             if moved_may_have_grown {
                 let moved = self.ledger(from)?.moved;
                 let want = || Ok(moved + copied.load(Ordering::Relaxed));
-                let stalled = Instant::now();
-                let give_up = || stalled.elapsed() >= idle;
+                let give_up = |stalled| stalled >= idle;
                 if !Box::pin(self.taken_up_to(from, want, give_up)).await? {
                     return Err(CopyError::Idle(idle));
                 }
@@ -488,20 +569,40 @@ impl Pair {
                     .await
                     .map_err(|e| io_error(e, to))?;
             }
-            copied.fetch_add(n as u64, Ordering::Relaxed);
+            let now = copied.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+            // The program weighs what it leaves with the socket against what this task says
+            // it copied: say so as it goes, not only when the queue runs dry.
+            if now - self.published[from as usize].load(Ordering::Relaxed) >= COPY_WINDOW / 16 {
+                let allowed = self.allowed[from as usize].load(Ordering::Relaxed);
+                self.allow(from, allowed)?;
+            }
         }
     }
 
-    /// Ends when neither peer has sent anything for `idle`: the kernel says when data last
-    /// arrived.
+    /// Ends when neither peer has sent anything, nor taken anything, for `idle`: the kernel
+    /// says when data last arrived, and what each peer acknowledged so far shows whether a
+    /// slow reader is still reading (a peer that never reads only answers window probes).
     async fn idle(&self, idle: Duration) -> CopyError {
+        let acked = || {
+            [&self.client, &self.backend]
+                .iter()
+                .filter_map(|s| tcp_counts(*s).ok())
+                .map(|c| c.acked)
+                .sum::<u64>()
+        };
+        let (mut last_acked, mut acked_at) = (acked(), Instant::now());
         loop {
+            let now_acked = acked();
+            if now_acked != last_acked {
+                (last_acked, acked_at) = (now_acked, Instant::now());
+            }
             let quiet = [&self.client, &self.backend]
                 .iter()
                 .filter_map(|s| tcp_counts(*s).ok())
                 .map(|c| Duration::from_millis(c.since_data_in_ms.into()))
                 .min()
-                .unwrap_or_default();
+                .unwrap_or_default()
+                .min(acked_at.elapsed());
             if quiet >= idle {
                 return CopyError::Idle(idle);
             }
@@ -529,9 +630,18 @@ fn io_error(error: io::Error, peer: Peer) -> CopyError {
     CopyError::Io { peer, error }
 }
 
-/// Whether `from`'s peer has ended its stream (`Ok(true)`), or failed (`Err`). Peeks, so that a
-/// byte the program has not taken yet stays where it is.
-fn ended(from: &StdStream, peer: Peer) -> Result<bool, CopyError> {
+/// What [`ended`] found.
+enum End {
+    No,
+    /// The peer's FIN, after every byte before it.
+    Fin,
+    /// Bytes wait in a socket that has left the maps: no program will take them.
+    LeftTheMaps,
+}
+
+/// Whether `from`'s peer has ended its stream, or failed (`Err`). Peeks, so that a byte the
+/// program has not taken yet stays where it is.
+fn ended(from: &StdStream, peer: Peer) -> Result<End, CopyError> {
     if let Some(e) = from.take_error().map_err(|e| io_error(e, peer))? {
         return Err(io_error(e, peer));
     }
@@ -541,10 +651,11 @@ fn ended(from: &StdStream, peer: Peer) -> Result<bool, CopyError> {
         &mut byte,
         MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
     ) {
-        Ok(0) => Ok(true),
-        // A byte the program is about to take: not an end yet.
-        Ok(_) => Ok(false),
-        Err(Errno::EAGAIN) => Ok(false),
+        Ok(0) => Ok(End::Fin),
+        // A byte the program is about to take, unless the socket is no longer in the maps.
+        Ok(_) if tcp_counts(from).is_ok_and(|c| c.closed) => Ok(End::LeftTheMaps),
+        Ok(_) => Ok(End::No),
+        Err(Errno::EAGAIN) => Ok(End::No),
         Err(e) => Err(io_error(e.into(), peer)),
     }
 }
@@ -620,8 +731,10 @@ impl Watch {
                 Ok(n) => n,
                 Err(Errno::EINTR) => continue,
                 Err(e) => {
-                    tracing::error!("kernel copy watch failed: {e}");
-                    return;
+                    // Without the watch no pair would ever be woken again: better a new
+                    // worker (the supervisor starts one) than connections that hang.
+                    tracing::error!("kernel copy watch failed, the worker exits: {e}");
+                    std::process::exit(70);
                 }
             };
             let directions = self.directions.lock().unwrap_or_else(|e| e.into_inner());

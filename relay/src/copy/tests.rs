@@ -600,24 +600,10 @@ async fn a_backend_that_does_not_read_holds_the_client_back_then_gets_every_byte
     let cookie = crate::net::io::socket_cookie(&client_side).unwrap();
     let relay = spawn_in_kernel(client_side, backend_side, Duration::from_secs(60));
     let (mut from_relay, mut to_relay) = client.into_split();
-    // Without the bound the kernel takes everything (gigabytes within seconds): the cap only
-    // keeps this test finite if the bound is broken.
-    const CAP: u64 = 256 << 20;
-    let mut sent = 0u64;
-    loop {
-        let chunk = pattern(sent, 64 << 10);
-        // TCP holds the client back once the kernel copy stops taking its bytes: a write
-        // that makes no progress for a second is that.
-        match tokio::time::timeout(Duration::from_secs(1), to_relay.write(&chunk)).await {
-            Ok(Ok(n)) => sent += n as u64,
-            Ok(Err(e)) => panic!("client write failed after {sent} bytes: {e}"),
-            Err(_) => break,
-        }
-        assert!(
-            sent < CAP,
-            "the client sent {sent} bytes to a backend that reads nothing"
-        );
-    }
+    let sent = match fill(&mut to_relay).await {
+        Filled::HeldBack(sent) => sent,
+        Filled::Failed(sent, e) => panic!("client write failed after {sent} bytes: {e}"),
+    };
     // What TCP alone lets a sender queue toward a peer that does not read (send and receive
     // buffers on both hops), plus one window of the kernel copy: well under 64 MiB here.
     assert!(
@@ -667,6 +653,143 @@ async fn a_backend_that_does_not_read_holds_the_client_back_then_gets_every_byte
     result.unwrap();
     assert_eq!((transfer.up, transfer.down), (sent + more, 6));
     assert_eq!(transfer.path, Some(PlainCopy::Lagged));
+}
+
+#[tokio::test]
+async fn a_client_that_ends_while_lagging_gets_every_byte_and_its_end_through() {
+    let (client, client_side) = tcp_pair().await;
+    let (backend_side, mut backend) = tcp_pair().await;
+    let relay = spawn_in_kernel(client_side, backend_side, Duration::from_secs(60));
+    let (mut from_relay, mut to_relay) = client.into_split();
+    let sent = match fill(&mut to_relay).await {
+        Filled::HeldBack(sent) => sent,
+        Filled::Failed(sent, e) => panic!("client write failed after {sent} bytes: {e}"),
+    };
+    // The client ends while its bytes wait in the relay's socket for the worker.
+    to_relay.shutdown().await.unwrap();
+    let mut got = 0u64;
+    read_pattern(&mut backend, &mut got, sent).await;
+    assert_eq!(
+        backend.read(&mut [0u8; 1]).await.unwrap(),
+        0,
+        "the client's end"
+    );
+    backend.write_all(b"bye").await.unwrap();
+    backend.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    from_relay.read_to_end(&mut answer).await.unwrap();
+    assert_eq!(answer, b"bye");
+    let (transfer, result) = relay.await.unwrap();
+    result.unwrap();
+    assert_eq!((transfer.up, transfer.down), (sent, 3));
+    assert_eq!(transfer.path, Some(PlainCopy::Lagged));
+}
+
+#[tokio::test]
+async fn peers_that_both_stop_reading_while_the_client_floods_are_reset_not_buffered() {
+    let (client, client_side) = tcp_pair().await;
+    let (backend_side, backend) = tcp_pair().await;
+    let relay = spawn_in_kernel(client_side, backend_side, Duration::from_secs(60));
+    let (client_in, mut client_out) = client.into_split();
+    let (mut backend_in, mut backend_out) = backend.into_split();
+    // The backend answers until it is held back: its bytes wait in the kernel to leave
+    // through the client's socket, which the client never drains.
+    let Filled::HeldBack(_) = fill(&mut backend_out).await else {
+        panic!("the backend's writes failed");
+    };
+    // Then the client floods and never reads. Its bytes left for the worker queue behind the
+    // backend's, where no receive buffer is charged for them: the relay must cut it off.
+    match fill(&mut client_out).await {
+        Filled::Failed(sent, e) => {
+            // The reset, seen by the writer (reported once: a read after it sees the end).
+            let reset = [io::ErrorKind::ConnectionReset, io::ErrorKind::BrokenPipe];
+            assert!(reset.contains(&e.kind()), "{e}");
+            assert!(
+                sent < 256 << 20,
+                "{sent} bytes taken before the reset ({e})"
+            );
+            eprintln!("reset after {sent} bytes");
+        }
+        Filled::HeldBack(sent) => panic!("held back after {sent} bytes: no reset"),
+    }
+    let (_, result) = relay.await.unwrap();
+    match result {
+        Err(CopyError::Io { peer, error }) => {
+            assert_eq!(peer, Peer::Client);
+            assert!(error.to_string().contains("kernel copy limit"), "{error}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // The backend sees a reset too, not a clean end.
+    assert_eq!(
+        drain(&mut backend_in).await.map_err(|e| e.kind()),
+        Err(io::ErrorKind::ConnectionReset)
+    );
+    drop(client_in);
+}
+
+#[tokio::test]
+async fn a_client_that_speaks_after_the_relays_fin_gets_its_last_bytes_and_end_through() {
+    let (mut client, client_side) = tcp_pair().await;
+    let (backend_side, mut backend) = tcp_pair().await;
+    let relay = spawn_in_kernel(client_side, backend_side, Duration::from_secs(10));
+    // The backend speaks and ends first: the relay's FIN goes to the client.
+    backend.write_all(b"hello").await.unwrap();
+    backend.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    client.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"hello");
+    // Then the client's last bytes and its FIN, corked so that they may share a segment: with
+    // both FINs through, the relay's socket leaves the maps, and bytes that arrive with the
+    // FIN are the worker's to copy (`End::LeftTheMaps`; loopback does not always send them
+    // together, so this checks the outcome, not that path).
+    socket2::SockRef::from(&client).set_tcp_cork(true).unwrap();
+    client.write_all(b"last words").await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut up = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), backend.read_to_end(&mut up))
+        .await
+        .expect("the client's last segment never arrived")
+        .unwrap();
+    assert_eq!(up, b"last words");
+    let (transfer, result) = relay.await.unwrap();
+    result.unwrap();
+    assert_eq!((transfer.up, transfer.down), (10, 5));
+}
+
+/// Reads until the end: `Ok(())` for a clean one.
+async fn drain(from: &mut (impl AsyncRead + Unpin)) -> io::Result<()> {
+    let mut sink = vec![0u8; 1 << 20];
+    while from.read(&mut sink).await? > 0 {}
+    Ok(())
+}
+
+/// How [`fill`] stopped.
+enum Filled {
+    /// A write made no progress for a second: TCP holds the writer back.
+    HeldBack(u64),
+    /// A write failed.
+    Failed(u64, io::Error),
+}
+
+/// Writes the bound tests' stream until TCP holds the writer back or a write fails. Without
+/// the bound, the kernel takes everything (gigabytes within seconds): a cap of 512 MiB keeps
+/// the test finite if the bound is broken.
+async fn fill(to: &mut (impl AsyncWrite + Unpin)) -> Filled {
+    const CAP: u64 = 512 << 20;
+    let mut sent = 0u64;
+    loop {
+        let chunk = pattern(sent, 64 << 10);
+        match tokio::time::timeout(Duration::from_secs(1), to.write(&chunk)).await {
+            Ok(Ok(n)) => sent += n as u64,
+            Ok(Err(e)) => return Filled::Failed(sent, e),
+            Err(_) => return Filled::HeldBack(sent),
+        }
+        assert!(
+            sent < CAP,
+            "{sent} bytes sent toward a peer that reads nothing"
+        );
+    }
 }
 
 /// `len` bytes of the bound tests' stream, from `offset` on.

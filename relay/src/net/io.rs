@@ -97,6 +97,8 @@ pub struct TcpCounts {
     pub acked: u64,
     /// Milliseconds since payload last arrived.
     pub since_data_in_ms: u32,
+    /// Whether the connection is closed (`TCP_CLOSE`): both ends' FINs exchanged, or reset.
+    pub closed: bool,
 }
 
 /// Reads [`TcpCounts`] (`TCP_INFO`).
@@ -122,6 +124,8 @@ pub fn tcp_counts(socket: &impl AsRawFd) -> io::Result<TcpCounts> {
         received: info.tcpi_bytes_received,
         acked: info.tcpi_bytes_acked,
         since_data_in_ms: info.tcpi_last_data_recv,
+        // TCP_CLOSE of include/net/tcp_states.h (the libc crate has it for Hurd only).
+        closed: info.tcpi_state == 7,
     })
 }
 
