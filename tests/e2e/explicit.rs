@@ -627,7 +627,11 @@ async fn plain_to_plain_moves_in_the_kernel_and_counts_what_splice_counts() {
         // Through the kernel copy, a connection the worker helped with counts as
         // `kernel_lagged`: both count as the kernel path here.
         let kernel = copies("kernel") + copies("kernel_lagged");
-        let expected = if path == "kernel" { (2.0, 0.0) } else { (0.0, 2.0) };
+        let expected = if path == "kernel" {
+            (2.0, 0.0)
+        } else {
+            (0.0, 2.0)
+        };
         assert_eq!((kernel, copies("splice")), expected, "connections by path");
         let up = sample("relay_bytes_total{service=\"p\",direction=\"up\"}");
         let down = sample("relay_bytes_total{service=\"p\",direction=\"down\"}");
