@@ -29,17 +29,19 @@
 //! again.
 //!
 //! The sockets are off tokio's reactor while the kernel moves their bytes: tokio would be
-//! woken by every segment. One epoll instance per worker ([`Watch`]) watches all pairs, for
-//! ends, errors and the program's notices only, and wakes the direction concerned.
+//! woken by every segment. One epoll instance per worker ([`Watch`], `kernel/watch.rs`)
+//! watches all pairs, for ends, errors and the program's notices only, and wakes the
+//! direction concerned.
+
+mod watch;
 
 use std::{
-    collections::HashMap,
     io,
     io::Write as _,
     net::{Shutdown, TcpStream as StdStream},
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+    os::fd::{AsFd as _, AsRawFd as _},
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
@@ -47,10 +49,7 @@ use std::{
 
 use nix::{
     errno::Errno,
-    sys::{
-        epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout},
-        socket::{MsgFlags, recv},
-    },
+    sys::socket::{MsgFlags, recv},
 };
 use relay_common::{COPY_ASK_BELOW, COPY_WINDOW, CopyAllowance, CopyLedger};
 use tokio::{
@@ -60,6 +59,7 @@ use tokio::{
     time::Instant,
 };
 
+use self::watch::Watch;
 use super::{CopyError, DRAIN, Peer, PlainCopy, Transfer, reset_after_drain};
 use crate::{
     net::io::{bytes_written, set_recv_lowat, socket_cookie, tcp_counts},
@@ -664,91 +664,5 @@ fn shutdown_write(to: &StdStream) -> io::Result<()> {
     match to.shutdown(Shutdown::Write) {
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
         other => other,
-    }
-}
-
-/// One epoll instance for every installed pair of the worker, registered for ends and
-/// errors only (`EPOLLRDHUP`, and the `EPOLLERR`/`EPOLLHUP` epoll always reports), and for
-/// the program's notice ring: a segment that the program moves does not wake it. Events
-/// carry the socket's cookie (the ring's is 0, which no socket has). A thread of its own waits
-/// on it and wakes the tasks concerned, whatever runtime they run on.
-struct Watch {
-    epoll: Epoll,
-    /// By socket cookie: the direction whose source that socket is.
-    directions: Mutex<HashMap<u64, Arc<Notify>>>,
-}
-
-/// The notice ring's key in the watch.
-const NOTICES: u64 = 0;
-
-impl Watch {
-    fn new() -> io::Result<Watch> {
-        Ok(Watch {
-            epoll: Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?,
-            directions: Mutex::new(HashMap::new()),
-        })
-    }
-
-    fn add_notices(&self, ring: std::os::fd::RawFd) -> io::Result<()> {
-        // SAFETY: the ring belongs to the worker's `Pairs`, which lives as long as the watch.
-        let ring = unsafe { BorrowedFd::borrow_raw(ring) };
-        let event = EpollEvent::new(EpollFlags::EPOLLIN, NOTICES);
-        Ok(self.epoll.add(ring, event)?)
-    }
-
-    fn add(&self, sockets: [BorrowedFd<'_>; 2], cookies: [u64; 2]) -> io::Result<[Arc<Notify>; 2]> {
-        let woken = [Arc::new(Notify::new()), Arc::new(Notify::new())];
-        {
-            let mut directions = self.directions.lock().unwrap_or_else(|e| e.into_inner());
-            for (cookie, w) in cookies.iter().zip(&woken) {
-                directions.insert(*cookie, Arc::clone(w));
-            }
-        }
-        let flags = EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET;
-        for (s, cookie) in sockets.iter().zip(cookies) {
-            if let Err(e) = self.epoll.add(s, EpollEvent::new(flags, cookie)) {
-                self.remove(sockets, cookies);
-                return Err(e.into());
-            }
-        }
-        Ok(woken)
-    }
-
-    fn remove(&self, sockets: [BorrowedFd<'_>; 2], cookies: [u64; 2]) {
-        for s in sockets {
-            let _ = self.epoll.delete(s);
-        }
-        let mut directions = self.directions.lock().unwrap_or_else(|e| e.into_inner());
-        for cookie in cookies {
-            directions.remove(&cookie);
-        }
-    }
-
-    fn run(&self, pairs: &Pairs) {
-        let mut events = vec![EpollEvent::empty(); 256];
-        loop {
-            let n = match self.epoll.wait(&mut events, EpollTimeout::NONE) {
-                Ok(n) => n,
-                Err(Errno::EINTR) => continue,
-                Err(e) => {
-                    // Without the watch no pair would ever be woken again: better a new
-                    // worker (the supervisor starts one) than connections that hang.
-                    tracing::error!("kernel copy watch failed, the worker exits: {e}");
-                    std::process::exit(70);
-                }
-            };
-            let directions = self.directions.lock().unwrap_or_else(|e| e.into_inner());
-            let wake = |cookie| {
-                if let Some(direction) = directions.get(&cookie) {
-                    direction.notify_one();
-                }
-            };
-            for e in &events[..n] {
-                match e.data() {
-                    NOTICES => pairs.take_notices(wake),
-                    cookie => wake(cookie),
-                }
-            }
-        }
     }
 }

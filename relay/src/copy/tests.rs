@@ -599,11 +599,8 @@ async fn a_backend_that_does_not_read_holds_the_client_back_then_gets_every_byte
     let (backend_side, mut backend) = tcp_pair().await;
     let cookie = crate::net::io::socket_cookie(&client_side).unwrap();
     let relay = spawn_in_kernel(client_side, backend_side, Duration::from_secs(60));
-    let (mut from_relay, mut to_relay) = client.into_split();
-    let sent = match fill(&mut to_relay).await {
-        Filled::HeldBack(sent) => sent,
-        Filled::Failed(sent, e) => panic!("client write failed after {sent} bytes: {e}"),
-    };
+    let (from_relay, mut to_relay) = client.into_split();
+    let sent = held_back(&mut to_relay).await;
     // What TCP alone lets a sender queue toward a peer that does not read (send and receive
     // buffers on both hops), plus one window of the kernel copy: well under 64 MiB here.
     assert!(
@@ -644,15 +641,7 @@ async fn a_backend_that_does_not_read_holds_the_client_back_then_gets_every_byte
     let mut end = [0u8; 1];
     assert_eq!(backend.read(&mut end).await.unwrap(), 0, "the client's end");
     // The other direction still works.
-    backend.write_all(b"thanks").await.unwrap();
-    backend.shutdown().await.unwrap();
-    let mut answer = Vec::new();
-    from_relay.read_to_end(&mut answer).await.unwrap();
-    assert_eq!(answer, b"thanks");
-    let (transfer, result) = relay.await.unwrap();
-    result.unwrap();
-    assert_eq!((transfer.up, transfer.down), (sent + more, 6));
-    assert_eq!(transfer.path, Some(PlainCopy::Lagged));
+    answer_and_end(backend, from_relay, relay, b"thanks", sent + more).await;
 }
 
 #[tokio::test]
@@ -660,11 +649,8 @@ async fn a_client_that_ends_while_lagging_gets_every_byte_and_its_end_through() 
     let (client, client_side) = tcp_pair().await;
     let (backend_side, mut backend) = tcp_pair().await;
     let relay = spawn_in_kernel(client_side, backend_side, Duration::from_secs(60));
-    let (mut from_relay, mut to_relay) = client.into_split();
-    let sent = match fill(&mut to_relay).await {
-        Filled::HeldBack(sent) => sent,
-        Filled::Failed(sent, e) => panic!("client write failed after {sent} bytes: {e}"),
-    };
+    let (from_relay, mut to_relay) = client.into_split();
+    let sent = held_back(&mut to_relay).await;
     // The client ends while its bytes wait in the relay's socket for the worker.
     to_relay.shutdown().await.unwrap();
     let mut got = 0u64;
@@ -674,14 +660,26 @@ async fn a_client_that_ends_while_lagging_gets_every_byte_and_its_end_through() 
         0,
         "the client's end"
     );
-    backend.write_all(b"bye").await.unwrap();
+    answer_and_end(backend, from_relay, relay, b"bye", sent).await;
+}
+
+/// The backend sends `answer` and ends; the client gets exactly that; the relay ends cleanly,
+/// having counted `up` bytes up and the answer down, and the worker copied some of them.
+async fn answer_and_end(
+    mut backend: TcpStream,
+    mut from_relay: impl AsyncRead + Unpin,
+    relay: RelayTask,
+    answer: &[u8],
+    up: u64,
+) {
+    backend.write_all(answer).await.unwrap();
     backend.shutdown().await.unwrap();
-    let mut answer = Vec::new();
-    from_relay.read_to_end(&mut answer).await.unwrap();
-    assert_eq!(answer, b"bye");
+    let mut got = Vec::new();
+    from_relay.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, answer);
     let (transfer, result) = relay.await.unwrap();
     result.unwrap();
-    assert_eq!((transfer.up, transfer.down), (sent, 3));
+    assert_eq!((transfer.up, transfer.down), (up, answer.len() as u64));
     assert_eq!(transfer.path, Some(PlainCopy::Lagged));
 }
 
@@ -770,6 +768,14 @@ enum Filled {
     HeldBack(u64),
     /// A write failed.
     Failed(u64, io::Error),
+}
+
+/// [`fill`], where TCP must hold the writer back: the bytes it sent.
+async fn held_back(to: &mut (impl AsyncWrite + Unpin)) -> u64 {
+    match fill(to).await {
+        Filled::HeldBack(sent) => sent,
+        Filled::Failed(sent, e) => panic!("write failed after {sent} bytes: {e}"),
+    }
 }
 
 /// Writes the bound tests' stream until TCP holds the writer back or a write fails. Without
