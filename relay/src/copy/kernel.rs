@@ -452,23 +452,22 @@ impl Pair {
         Ok(self.taken(from)?.saturating_sub(copied))
     }
 
-    /// Raises `from`'s allowance to [`COPY_WINDOW`] beyond what the other side has taken,
-    /// once less than [`COPY_ASK_BELOW`] of it is left (when the program asks).
+    /// Publishes `from`'s allowance once less than [`COPY_ASK_BELOW`] of it is left (when
+    /// the program asks).
     fn top_up(&self, from: Peer, moved: u64) -> Result<(), CopyError> {
         let allowed = self.allowed[from as usize].load(Ordering::Relaxed);
         if allowed.saturating_sub(moved) >= COPY_ASK_BELOW {
             return Ok(());
         }
-        let more = self.kernel_taken(from)? + COPY_WINDOW;
-        if more > allowed {
-            self.allow(from, more)?;
-        }
-        Ok(())
+        self.publish(from)
     }
 
-    /// Tells the program it may move `total` bytes from `from` in all, and how many of those
-    /// it left with the socket this task has copied.
-    fn allow(&self, from: Peer, total: u64) -> Result<(), CopyError> {
+    /// Tells the program what it may do with `from`'s bytes: move them up to [`COPY_WINDOW`]
+    /// beyond what the other side has taken (never less than before), and how many of those it
+    /// left with the socket this task has copied.
+    fn publish(&self, from: Peer) -> Result<(), CopyError> {
+        let allowed = self.allowed[from as usize].load(Ordering::Relaxed);
+        let total = (self.kernel_taken(from)? + COPY_WINDOW).max(allowed);
         let allowance = CopyAllowance {
             total,
             copied: self.copied[from as usize].load(Ordering::Relaxed),
@@ -524,9 +523,7 @@ impl Pair {
                 Err(_would_block) => {
                     // All copied: the program may move bytes again once the allowance has
                     // room. It learns that from here.
-                    let total = self.kernel_taken(from)? + COPY_WINDOW;
-                    let allowed = self.allowed[from as usize].load(Ordering::Relaxed);
-                    self.allow(from, total.max(allowed))?;
+                    self.publish(from)?;
                     moved_may_have_grown = true;
                     if !self.left_with_socket(&self.ledger(from)?, from) {
                         return Ok(Copied::Resumed);
@@ -573,8 +570,7 @@ impl Pair {
             // The program weighs what it leaves with the socket against what this task says
             // it copied: say so as it goes, not only when the queue runs dry.
             if now - self.published[from as usize].load(Ordering::Relaxed) >= COPY_WINDOW / 16 {
-                let allowed = self.allowed[from as usize].load(Ordering::Relaxed);
-                self.allow(from, allowed)?;
+                self.publish(from)?;
             }
         }
     }
@@ -583,22 +579,18 @@ impl Pair {
     /// says when data last arrived, and what each peer acknowledged so far shows whether a
     /// slow reader is still reading (a peer that never reads only answers window probes).
     async fn idle(&self, idle: Duration) -> CopyError {
-        let acked = || {
-            [&self.client, &self.backend]
-                .iter()
-                .filter_map(|s| tcp_counts(*s).ok())
-                .map(|c| c.acked)
-                .sum::<u64>()
-        };
-        let (mut last_acked, mut acked_at) = (acked(), Instant::now());
+        let (mut last_acked, mut acked_at) = (None, Instant::now());
         loop {
-            let now_acked = acked();
-            if now_acked != last_acked {
-                (last_acked, acked_at) = (now_acked, Instant::now());
-            }
-            let quiet = [&self.client, &self.backend]
+            let counts: Vec<_> = [&self.client, &self.backend]
                 .iter()
                 .filter_map(|s| tcp_counts(*s).ok())
+                .collect();
+            let acked = counts.iter().map(|c| c.acked).sum::<u64>();
+            if last_acked != Some(acked) {
+                (last_acked, acked_at) = (Some(acked), Instant::now());
+            }
+            let quiet = counts
+                .iter()
                 .map(|c| Duration::from_millis(c.since_data_in_ms.into()))
                 .min()
                 .unwrap_or_default()
