@@ -43,6 +43,10 @@ pub enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// The members of this gateway's cluster (from etcd) and whether they agree on the
+        /// service set.
+        #[arg(long)]
+        cluster: bool,
     },
     /// Add, remove or list services of the running relay.
     Service {
@@ -55,6 +59,13 @@ pub enum Command {
     Reload {
         #[command(flatten)]
         target: Target,
+    },
+    /// TLS session ticket keys of the running relay.
+    Tickets {
+        #[command(flatten)]
+        target: Target,
+        #[command(subcommand)]
+        command: TicketsCommand,
     },
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
@@ -93,6 +104,13 @@ pub struct Target {
     /// The control socket, when not given by --config (default /run/relay/control.sock).
     #[arg(long, global = true)]
     pub socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TicketsCommand {
+    /// Draw a new current key now (the previous stays valid for decryption); with [cluster],
+    /// for every gateway.
+    Rotate,
 }
 
 #[allow(clippy::large_enum_variant)]
@@ -149,9 +167,18 @@ pub enum ServiceCommand {
         /// PROXY protocol header toward the backend.
         #[arg(long, value_enum, default_value_t = crate::config::ProxyProtocol::None)]
         proxy_protocol: crate::config::ProxyProtocol,
+        /// Write it to the cluster (etcd): every gateway serves it. Files are named by
+        /// absolute path and must exist on every gateway.
+        #[arg(long)]
+        cluster: bool,
     },
     /// Remove a service; its established connections finish.
-    Remove { name: String },
+    Remove {
+        name: String,
+        /// Remove it from the cluster (etcd): every gateway stops taking new connections.
+        #[arg(long)]
+        cluster: bool,
+    },
     /// List the running services.
     List,
 }

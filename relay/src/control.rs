@@ -12,7 +12,8 @@
 //! ```
 //!
 //! Requests: `status`, `service_list`, `service_add` (`service`: a service table as in the
-//! config file, paths absolute), `service_remove` (`name`), `reload`, and for tests of debug
+//! config file, paths absolute; `cluster`: write it to etcd), `service_remove` (`name`,
+//! `cluster`), `reload`, `cluster_status`, `rotate_tickets`, and for tests of debug
 //! builds `debug` (`what`: see `handoff::DebugOp`). A request that cannot be
 //! parsed gets an error answer; nothing a client sends can stop the relay. Every result is one
 //! of the typed replies below ([`Status`], the services, [`ChangeSummary`]), shared by the
@@ -46,13 +47,22 @@ pub enum Request {
     // Empty braces rather than unit variants: serde then rejects unknown fields here too.
     Status {},
     ServiceList {},
+    /// `cluster`: write it to etcd (every gateway applies it) instead of adding it here.
     ServiceAdd {
         service: Box<Service>,
+        #[serde(default)]
+        cluster: bool,
     },
     ServiceRemove {
         name: String,
+        #[serde(default)]
+        cluster: bool,
     },
     Reload {},
+    /// The members of this gateway's cluster (`relay status --cluster`).
+    ClusterStatus {},
+    /// New TLS session ticket keys now: this gateway's, or with `[cluster]` every gateway's.
+    RotateTickets {},
     /// Tests only (refused by release builds): make the worker misbehave on purpose.
     Debug {
         what: crate::handoff::DebugOp,
@@ -103,6 +113,37 @@ pub struct Status {
     /// The worker's counters; `None` when it did not answer in time.
     pub connections: Option<Vec<ServiceStatus>>,
     pub datapath: Option<DatapathStatus>,
+    /// This gateway's view of its cluster; `None` without `[cluster]`.
+    #[serde(default)]
+    pub cluster: Option<ClusterInfo>,
+}
+
+/// The cluster as this gateway sees it, without asking etcd.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    pub name: String,
+    pub connected: bool,
+    pub leader: bool,
+    /// The etcd revision of the service set applied.
+    pub revision: i64,
+    /// Cluster changes applied and refused since start.
+    pub applied: u64,
+    pub refused: u64,
+    /// Services that came from the cluster.
+    pub services: Vec<String>,
+    /// Digest of those services and their revisions (equal on members serving the same set).
+    pub digest: String,
+    /// Age of the cluster's current ticket key; past `ticket_rotation` while rotation pauses
+    /// (etcd unreachable, no leader). `None`: none from the cluster yet.
+    pub tickets_age_s: Option<u64>,
+}
+
+/// What a write to the cluster (`--cluster`, `rotate_tickets`) did.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterWrite {
+    pub key: String,
+    /// The etcd revision of the write; every gateway applies it from its watch.
+    pub revision: i64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -215,7 +256,7 @@ mod tests {
         ));
         assert!(matches!(
             parse(r#"{"op":"service_remove","name":"shop"}"#),
-            Ok(Request::ServiceRemove { name }) if name == "shop"
+            Ok(Request::ServiceRemove { name, cluster: false }) if name == "shop"
         ));
         for bad in [
             "",

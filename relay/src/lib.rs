@@ -26,6 +26,7 @@
 
 pub mod access;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod copy;

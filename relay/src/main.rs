@@ -9,9 +9,10 @@ use std::{
 
 use clap::{CommandFactory as _, Parser as _};
 use relay::{
-    cli::{Cli, Command, LogFormat, ServiceCommand, Target},
+    cli::{Cli, Command, LogFormat, ServiceCommand, Target, TicketsCommand},
+    cluster::ClusterStatus,
     config::Config,
-    control::{self, ChangeSummary, DatapathStatus, Request, Status},
+    control::{self, ChangeSummary, ClusterWrite, DatapathStatus, Request, Status},
     datapath, service, supervisor, worker,
 };
 use tracing_subscriber::EnvFilter;
@@ -78,7 +79,32 @@ fn main() -> ExitCode {
             };
             exit(worker::main(start), EXIT_RUNTIME)
         }
-        Command::Status { target, json } => exit(status(&target, json), EXIT_RUNTIME),
+        Command::Status {
+            target,
+            json,
+            cluster: false,
+        } => exit(status(&target, json), EXIT_RUNTIME),
+        Command::Status {
+            target,
+            json,
+            cluster: true,
+        } => exit(cluster_status(&target, json), EXIT_RUNTIME),
+        Command::Tickets {
+            target,
+            command: TicketsCommand::Rotate,
+        } => exit(
+            call::<ClusterWrite>(&target, &Request::RotateTickets {}).map(|w| {
+                if w.key.is_empty() {
+                    println!("ticket keys rotated");
+                } else {
+                    println!(
+                        "ticket keys rotated in {} at revision {}: every gateway takes them",
+                        w.key, w.revision
+                    );
+                }
+            }),
+            EXIT_RUNTIME,
+        ),
         Command::Service { target, command } => exit(service(&target, command), EXIT_RUNTIME),
         Command::Reload { target } => exit(
             call::<ChangeSummary>(&target, &Request::Reload {}).map(|s| println!("reloaded: {s}")),
@@ -164,6 +190,55 @@ fn status(target: &Target, json: bool) -> anyhow::Result<()> {
     }
 }
 
+fn cluster_status(target: &Target, json: bool) -> anyhow::Result<()> {
+    let c: ClusterStatus = call(target, &Request::ClusterStatus {})?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&c)?);
+        return Ok(());
+    }
+    println!(
+        "cluster: this gateway {:?}, {}, revision {} applied; leader {}",
+        c.name,
+        if c.connected {
+            "connected to etcd"
+        } else {
+            "NOT connected to etcd (serving its last state)"
+        },
+        c.revision,
+        c.leader.as_deref().unwrap_or("(none)")
+    );
+    if let Some(e) = &c.error {
+        println!("  members unknown: {e}");
+        return Ok(());
+    }
+    println!(
+        "\n  {:<20} {:>10} {:<13} {:>9} {:<16} {:<7} version",
+        "member", "revision", "service set", "services", "health", "leader"
+    );
+    for m in &c.members {
+        println!(
+            "  {:<20} {:>10} {:<13} {:>9} {:<16} {:<7} {}",
+            m.name,
+            m.revision,
+            m.digest,
+            m.services,
+            m.health,
+            if m.leader { "yes" } else { "" },
+            m.version
+        );
+    }
+    println!(
+        "\n  {}",
+        if c.agree {
+            "all members serve the same cluster service set"
+        } else {
+            "members DISAGREE on the service set (a change still propagating, an entry refused \
+             somewhere, or a member cut off)"
+        }
+    );
+    Ok(())
+}
+
 fn print_status(s: &Status) {
     let worker = s.worker.as_ref().map_or_else(
         || "being started".to_string(),
@@ -197,6 +272,23 @@ fn print_status(s: &Status) {
             }
         }
         None => println!("  (the worker did not answer)"),
+    }
+    if let Some(c) = &s.cluster {
+        println!(
+            "\n  cluster member {:?}: {}, revision {}, {} change(s) applied, {} refused{}; \
+             services from the cluster: {:?}",
+            c.name,
+            if c.connected {
+                "connected"
+            } else {
+                "NOT connected (fail static)"
+            },
+            c.revision,
+            c.applied,
+            c.refused,
+            if c.leader { ", leader" } else { "" },
+            c.services
+        );
     }
     if let Some(d) = &s.datapath {
         println!();
@@ -255,7 +347,33 @@ fn service(target: &Target, command: ServiceCommand) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&services)?);
             return Ok(());
         }
-        ServiceCommand::Remove { name } => call(target, &Request::ServiceRemove { name })?,
+        ServiceCommand::Remove {
+            name,
+            cluster: true,
+        } => {
+            let w: ClusterWrite = call(
+                target,
+                &Request::ServiceRemove {
+                    name,
+                    cluster: true,
+                },
+            )?;
+            println!(
+                "removed {} at revision {}: every gateway stops taking new connections for it",
+                w.key, w.revision
+            );
+            return Ok(());
+        }
+        ServiceCommand::Remove {
+            name,
+            cluster: false,
+        } => call(
+            target,
+            &Request::ServiceRemove {
+                name,
+                cluster: false,
+            },
+        )?,
         ServiceCommand::Add {
             name,
             server,
@@ -277,6 +395,7 @@ fn service(target: &Target, command: ServiceCommand) -> anyhow::Result<()> {
             outbound_cert,
             outbound_key,
             proxy_protocol,
+            cluster,
         } => {
             // The relay resolves nothing relative to its own directory: send absolute paths.
             let abs = |p: Option<PathBuf>| -> anyhow::Result<Option<PathBuf>> {
@@ -314,12 +433,19 @@ fn service(target: &Target, command: ServiceCommand) -> anyhow::Result<()> {
                     resumption: true,
                 },
             };
-            call(
-                target,
-                &Request::ServiceAdd {
-                    service: Box::new(service),
-                },
-            )?
+            let request = Request::ServiceAdd {
+                service: Box::new(service),
+                cluster,
+            };
+            if cluster {
+                let w: ClusterWrite = call(target, &request)?;
+                println!(
+                    "written to {} at revision {}: every gateway applies it",
+                    w.key, w.revision
+                );
+                return Ok(());
+            }
+            call(target, &request)?
         }
     };
     println!("{summary}");

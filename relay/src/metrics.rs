@@ -499,6 +499,51 @@ pub struct ServiceStatus {
     pub outcomes: BTreeMap<String, u64>,
 }
 
+/// `[cluster]`: connected, revision applied, changes, leadership.
+fn register_cluster(registry: &mut Registry, c: &crate::control::ClusterInfo) {
+    let gauge = |v: i64| {
+        let g = Gauge::<i64>::default();
+        g.set(v);
+        g
+    };
+    registry.register(
+        "cluster_connected",
+        "1 while this gateway is connected to etcd; 0: it serves the last state applied",
+        gauge(i64::from(c.connected)),
+    );
+    registry.register(
+        "cluster_revision",
+        "The etcd revision of the service set this gateway applied",
+        gauge(c.revision),
+    );
+    registry.register(
+        "cluster_leader",
+        "1 while this gateway leads the cluster (it rotates the ticket keys)",
+        gauge(i64::from(c.leader)),
+    );
+    if let Some(age) = c.tickets_age_s {
+        registry.register(
+            "cluster_ticket_key_age_seconds",
+            "Age of the cluster's current session ticket key: it grows past the rotation \
+             period while rotation pauses (etcd unreachable, no leader)",
+            gauge(age as i64),
+        );
+    }
+    let changes = Family::<ResultLabel, Counter>::default();
+    for (result, n) in [("applied", c.applied), ("refused", c.refused)] {
+        changes
+            .get_or_create(&ResultLabel {
+                result: result.to_string(),
+            })
+            .inc_by(n);
+    }
+    registry.register(
+        "cluster_changes",
+        "Service entries from the cluster, by whether they were applied or refused",
+        changes,
+    );
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: String,
@@ -517,6 +562,7 @@ pub fn encode_supervisor(
     (applied, refused): (u64, u64),
     late_answers: u64,
     datapath: &[crate::datapath::ServiceCounters],
+    cluster: Option<&crate::control::ClusterInfo>,
 ) -> String {
     let mut registry = Registry::with_prefix("relay");
     let r = Counter::<u64>::default();
@@ -564,6 +610,9 @@ pub fn encode_supervisor(
         "Packets seen by the data path, by service and action",
         packets,
     );
+    if let Some(c) = cluster {
+        register_cluster(&mut registry, c);
+    }
     let mut out = String::new();
     let _ = encode(&mut out, &registry);
     out.strip_suffix("# EOF\n").unwrap_or(&out).to_string()

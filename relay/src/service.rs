@@ -150,5 +150,14 @@ pub fn check(config: Config, source: Option<&Source>) -> Result<Checked, ConfigE
 pub fn check_file(file: &Path) -> Result<Checked, ConfigError> {
     let source = Source::read(file)?;
     let config = source.parse()?;
+    if let Some(c) = &config.cluster
+        && let Err(e) = crate::cluster::sealed::Kek::read(&c.key_encryption_key)
+    {
+        use crate::config::Seg::Key;
+        return Err(source.at(
+            &[Key("cluster"), Key("key_encryption_key")],
+            format!("{e:#}"),
+        ));
+    }
     check(config, Some(&source))
 }

@@ -75,6 +75,14 @@ impl KeySchedule {
     pub fn keys(&self) -> &[TicketKey] {
         &self.keys
     }
+
+    /// Keys drawn elsewhere (the cluster's leader), newest first; an empty list changes nothing.
+    pub fn replace(&mut self, keys: Vec<TicketKey>) {
+        if !keys.is_empty() {
+            self.keys = keys;
+            self.keys.truncate(2);
+        }
+    }
 }
 
 /// A `ProducesTickets` over keys that can be replaced while connections use it.

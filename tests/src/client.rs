@@ -187,12 +187,22 @@ pub fn openssl_get<S: AsRef<std::ffi::OsStr>>(
     path: &str,
     extra: &[S],
 ) -> std::process::Output {
-    use std::{
-        io::Write as _,
-        process::{Command, Stdio},
-    };
-    let mut child = Command::new("openssl")
-        .args(["s_client", "-connect", &addr.to_string()])
+    let openssl = std::process::Command::new("openssl");
+    openssl_get_with(openssl, &addr.to_string(), ca, path, extra)
+}
+
+/// [`openssl_get`] with a prepared `openssl` command (e.g. `ip netns exec NS openssl`) and
+/// `host:port` as s_client takes it.
+pub fn openssl_get_with<S: AsRef<std::ffi::OsStr>>(
+    mut openssl: std::process::Command,
+    connect: &str,
+    ca: &Path,
+    path: &str,
+    extra: &[S],
+) -> std::process::Output {
+    use std::{io::Write as _, process::Stdio};
+    let mut child = openssl
+        .args(["s_client", "-connect", connect])
         .args(["-servername", "localhost", "-ign_eof", "-CAfile"])
         .arg(ca)
         .args(extra)

@@ -10,6 +10,7 @@
 
 pub mod backend;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod env;
 pub mod haproxy;

@@ -46,7 +46,7 @@ pub fn require_root() {
     );
 }
 
-fn run(cmd: &mut Command) -> anyhow::Result<Output> {
+pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<Output> {
     let out = cmd.output().with_context(|| format!("{cmd:?}"))?;
     if !out.status.success() {
         bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
@@ -54,7 +54,7 @@ fn run(cmd: &mut Command) -> anyhow::Result<Output> {
     Ok(out)
 }
 
-fn ip(args: &[&str]) -> anyhow::Result<Output> {
+pub(crate) fn ip(args: &[&str]) -> anyhow::Result<Output> {
     run(Command::new("ip").args(args))
 }
 
@@ -204,29 +204,32 @@ impl Topology {
             _ => ip.to_string(),
         }
     }
+}
 
-    fn pids(&self, ns: &str) -> Vec<i32> {
-        Command::new("ip")
-            .args(["netns", "pids", ns])
-            .output()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .split_whitespace()
-                    .filter_map(|p| p.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default()
+/// Kills the processes left in namespace `ns` (by PID) and deletes it, which deletes its
+/// veths. For namespaces a test created, named by its unique prefix.
+pub fn remove(ns: &str) {
+    let pids: Vec<i32> = Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    for pid in pids {
+        // SAFETY: kill(2) on a process inside a namespace the caller created.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
     }
+    let _ = Command::new("ip").args(["netns", "del", ns]).status();
 }
 
 impl Drop for Topology {
     fn drop(&mut self) {
         for ns in [&self.cli, &self.gw, &self.srv] {
-            for pid in self.pids(ns) {
-                // SAFETY: kill(2) on a process inside a namespace this topology created.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            remove(ns);
         }
     }
 }

@@ -29,11 +29,11 @@ use relay_tests::{
 const PAGE: &str =
     "<h1>shop</h1><p>served in plaintext on :8080, delivered over TLS by relay</p>\n";
 
-fn say(step: &str) {
+pub fn say(step: &str) {
     eprintln!("\n\x1b[1;36m==>\x1b[0m \x1b[1m{step}\x1b[0m");
 }
 
-fn show(line: &str) {
+pub fn show(line: &str) {
     eprintln!("    {line}");
 }
 

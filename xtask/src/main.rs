@@ -5,6 +5,7 @@
 
 mod bench;
 mod demo;
+mod demo_cluster;
 mod dist;
 mod setup;
 
@@ -33,7 +34,11 @@ enum Cmd {
         release: bool,
     },
     /// Show relay at work: real curl over TLS through the relay to a real HTTP backend.
-    Demo,
+    Demo {
+        /// Two gateways sharing services and session keys through etcd, behind an ECMP route.
+        #[arg(long)]
+        cluster: bool,
+    },
     /// Run the relay in the foreground with a config (default: examples/relay.toml).
     Run {
         #[arg(long, default_value = "examples/relay.toml")]
@@ -86,9 +91,13 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
         Cmd::Setup => Ok(()),
         Cmd::Build { release } => build(release),
-        Cmd::Demo => {
+        Cmd::Demo { cluster } => {
             build(false)?;
-            demo::demo(&relay_bin(false))
+            if cluster {
+                demo_cluster::demo(&relay_bin(false))
+            } else {
+                demo::demo(&relay_bin(false))
+            }
         }
         Cmd::Run { config } => {
             build(false)?;

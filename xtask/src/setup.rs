@@ -40,6 +40,11 @@ const APT_PACKAGES: &[&str] = &[
     "tshark",
     // libFuzzer (the fuzzing step) is C++.
     "g++",
+    // The cluster's store: the tests and `demo --cluster` run a real etcd and write with
+    // etcdctl; the etcd client crate compiles etcd's protobuf definitions with protoc.
+    "etcd-server",
+    "etcd-client",
+    "protobuf-compiler",
 ];
 
 pub fn setup() -> anyhow::Result<()> {

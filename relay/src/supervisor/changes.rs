@@ -52,6 +52,19 @@ enum Kind {
     Remove(String),
     /// Watched files changed: the configuration in force, with its files read again.
     Files(Vec<PathBuf>),
+    /// A service entry from the cluster: added, or in place of the one of its name that came
+    /// from the cluster before (decided when the change is taken: see `check`).
+    ClusterPut {
+        service: Box<Service>,
+        key: String,
+        revision: i64,
+    },
+    /// A service the cluster no longer has.
+    ClusterRemove {
+        name: String,
+        key: String,
+        revision: i64,
+    },
 }
 
 impl Change {
@@ -82,6 +95,37 @@ impl Change {
             reply: None,
         }
     }
+
+    pub fn cluster_put(service: Service, key: String, revision: i64) -> Change {
+        Change {
+            kind: Kind::ClusterPut {
+                service: Box::new(service),
+                key,
+                revision,
+            },
+            reply: None,
+        }
+    }
+
+    /// The service a change from the cluster is about.
+    pub fn cluster_name(&self) -> Option<&str> {
+        match &self.kind {
+            Kind::ClusterPut { service, .. } => Some(&service.name),
+            Kind::ClusterRemove { name, .. } => Some(name),
+            _ => None,
+        }
+    }
+
+    pub fn cluster_remove(name: String, key: String, revision: i64) -> Change {
+        Change {
+            kind: Kind::ClusterRemove {
+                name,
+                key,
+                revision,
+            },
+            reply: None,
+        }
+    }
 }
 
 /// The change in flight.
@@ -96,7 +140,14 @@ pub enum Pending {
 }
 
 /// A change's next configuration, with the bytes of its files and what they warn of.
-pub type CheckResult = anyhow::Result<Box<service::Checked>>;
+pub type CheckResult = anyhow::Result<Box<Next>>;
+
+/// A checked change.
+pub struct Next {
+    checked: service::Checked,
+    /// Services from the cluster that a reloaded file now defines itself (the file's win).
+    shadowed: Vec<String>,
+}
 
 /// Everything a change needs, checked.
 pub struct Prepared {
@@ -107,6 +158,7 @@ pub struct Prepared {
     opened: Vec<(Role, std::net::TcpListener)>,
     close: Vec<Role>,
     summary: ChangeSummary,
+    shadowed: Vec<String>,
 }
 
 impl Supervisor {
@@ -133,8 +185,9 @@ impl Supervisor {
         let has_datapath = self.datapath.is_some();
         let kind = change.kind.clone();
         let events = self.events.clone();
+        let keep = self.cluster_services();
         tokio::task::spawn_blocking(move || {
-            let result = check(current, &path, has_datapath, &kind);
+            let result = check(current, &path, has_datapath, &kind, keep);
             let _ = events.send(Event::Checked { change: id, result });
         });
         self.pending = Some(Pending::Checking { id, change });
@@ -223,12 +276,13 @@ impl Supervisor {
 
     /// Everything checked, nothing changed yet: the next configuration, its files, its
     /// listeners (bound now: the loop owns them).
-    fn prepare(&mut self, id: u64, checked: Box<service::Checked>) -> anyhow::Result<Prepared> {
+    fn prepare(&mut self, id: u64, checked: Box<Next>) -> anyhow::Result<Prepared> {
+        let Next { checked, shadowed } = *checked;
         let service::Checked {
             config: next,
             files,
             warnings,
-        } = *checked;
+        } = checked;
         for w in warnings {
             warn!("{w}");
         }
@@ -241,6 +295,7 @@ impl Supervisor {
             opened,
             close,
             summary,
+            shadowed,
         })
     }
 
@@ -310,12 +365,36 @@ impl Supervisor {
         self.config = p.next;
         self.files = p.files;
         self.watch_files();
+        self.cluster_forget(&p.shadowed);
         self.finish(change, Ok(p.summary));
     }
 
     /// Tells whoever asked for `change` how it went.
     fn finish(&mut self, change: Change, result: anyhow::Result<ChangeSummary>) {
         match (&change.kind, &result) {
+            (
+                Kind::ClusterPut {
+                    service,
+                    key,
+                    revision,
+                    ..
+                },
+                r,
+            ) => {
+                let error = r.as_ref().err().map(|e| format!("{e:#}"));
+                self.cluster_finished(&service.name, key, *revision, Some(service), error);
+            }
+            (
+                Kind::ClusterRemove {
+                    name,
+                    key,
+                    revision,
+                },
+                r,
+            ) => {
+                let error = r.as_ref().err().map(|e| format!("{e:#}"));
+                self.cluster_finished(name, key, *revision, None, error);
+            }
             (Kind::Files(paths), _) => {
                 let files = paths
                     .iter()
@@ -387,9 +466,17 @@ impl Supervisor {
 }
 
 /// The configuration `kind` makes of `current`, its files read once and compiled: blocking
-/// work, done off the loop.
-fn check(current: Config, config_path: &Path, has_datapath: bool, kind: &Kind) -> CheckResult {
+/// work, done off the loop. `keep` are the services from the cluster, which a reload of the
+/// file keeps.
+fn check(
+    current: Config,
+    config_path: &Path,
+    has_datapath: bool,
+    kind: &Kind,
+    keep: Vec<Service>,
+) -> CheckResult {
     let mut next = current;
+    let mut shadowed = Vec::new();
     let source = match kind {
         Kind::Reload => {
             let source = Source::read(config_path)?;
@@ -399,8 +486,21 @@ fn check(current: Config, config_path: &Path, has_datapath: bool, kind: &Kind) -
             {
                 warn!("reload: [datapath] changes take effect at the next start");
             }
+            if file.cluster.as_ref().map(|c| (&c.etcd, &c.prefix, &c.name))
+                != next.cluster.as_ref().map(|c| (&c.etcd, &c.prefix, &c.name))
+            {
+                warn!("reload: [cluster] changes take effect at the next start");
+            }
             next.relay = file.relay;
             next.services = file.services;
+            for s in keep {
+                if next.services.iter().any(|f| f.name == s.name) {
+                    warn!(service = %s.name, "reload: the file's service replaces the cluster's of the same name");
+                    shadowed.push(s.name);
+                } else {
+                    next.services.push(s);
+                }
+            }
             Some(source)
         }
         Kind::Add(service) => {
@@ -416,12 +516,32 @@ fn check(current: Config, config_path: &Path, has_datapath: bool, kind: &Kind) -
             None
         }
         Kind::Files(_) => None,
+        Kind::ClusterPut { service, .. } => {
+            let service = Service::clone(service);
+            let owned = keep.iter().any(|k| k.name == service.name);
+            match next.services.iter_mut().find(|s| s.name == service.name) {
+                Some(slot) if owned => *slot = service,
+                // A service of the file or added here of that name: refused as a duplicate.
+                _ => next.services.push(service),
+            }
+            None
+        }
+        Kind::ClusterRemove { name, .. } => {
+            // Only what the cluster owns: never a service of the file of the same name.
+            if keep.iter().any(|k| k.name == *name) {
+                next.services.retain(|s| s.name != *name);
+            }
+            None
+        }
     };
     next.check().map_err(anyhow::Error::msg)?;
     if !has_datapath && next.services.iter().any(|s| s.listen.is_none()) {
         bail!("services without `listen` need the data path: add [datapath] and restart");
     }
-    Ok(Box::new(service::check(next, source.as_ref())?))
+    Ok(Box::new(Next {
+        checked: service::check(next, source.as_ref())?,
+        shadowed,
+    }))
 }
 
 /// The worker's answer to `Apply`.
@@ -450,4 +570,22 @@ fn summary(old: &Config, new: &Config) -> ChangeSummary {
             .map(|s| s.name.clone())
             .collect(),
     }
+}
+
+/// Checks `service` as the cluster would apply it on this gateway, applying nothing: `relay
+/// service add --cluster` refuses what the gateways would refuse, before it is written.
+/// `owned`: the services this gateway has from the cluster.
+pub(super) fn check_cluster_put(
+    current: Config,
+    config_path: &Path,
+    has_datapath: bool,
+    service: Service,
+    owned: Vec<Service>,
+) -> anyhow::Result<()> {
+    let kind = Kind::ClusterPut {
+        service: Box::new(service),
+        key: String::new(),
+        revision: 0,
+    };
+    check(current, config_path, has_datapath, &kind, owned).map(drop)
 }

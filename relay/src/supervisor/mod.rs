@@ -15,6 +15,7 @@
 //! process is [`worker_proc`]'s; the metrics endpoint is [`metrics_http`]'s.
 
 mod changes;
+mod cluster;
 mod control_server;
 mod metrics_http;
 mod worker_proc;
@@ -119,6 +120,8 @@ struct Supervisor {
     watch: Option<Watch>,
     /// Changed files applied, and refused.
     file_reloads: (u64, u64),
+    /// `[cluster]`: the link to etcd and what came from it.
+    cluster: Option<cluster::Link>,
 }
 
 pub async fn run(
@@ -180,14 +183,34 @@ pub async fn run(
         next_change: 1,
         watch,
         file_reloads: (0, 0),
+        cluster: None,
     };
+    // Without [cluster] nothing ever arrives here.
+    let (_no_cluster, mut cluster_updates) = mpsc::unbounded_channel();
     let result = async {
+        let mut cached = None;
+        if let Some(c) = &sup.config.cluster {
+            let (link, updates, from_cache) =
+                cluster::start(c, sup.config.relay.ticket_rotation).context("[cluster]")?;
+            sup.cluster = Some(link);
+            cluster_updates = updates;
+            cached = from_cache;
+        }
         sup.open_listeners()?;
         sup.load_kernel_copy();
+        if let Some((state, tickets)) = cached {
+            sup.start_from_cache(state, tickets);
+        }
         sup.start_worker();
         sup.watch_files();
-        sup.main_loop(&mut asked, &mut scrapes, &mut events, &mut changed)
-            .await
+        sup.main_loop(
+            &mut asked,
+            &mut scrapes,
+            &mut events,
+            &mut changed,
+            &mut cluster_updates,
+        )
+        .await
     }
     .await;
     sup.stop(&mut events).await;
@@ -202,6 +225,7 @@ impl Supervisor {
         scrapes: &mut mpsc::Receiver<oneshot::Sender<String>>,
         events: &mut mpsc::UnboundedReceiver<Event>,
         changed: &mut mpsc::UnboundedReceiver<PathBuf>,
+        cluster_updates: &mut mpsc::UnboundedReceiver<crate::cluster::Update>,
     ) -> anyhow::Result<()> {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
@@ -236,7 +260,9 @@ impl Supervisor {
                     settling = false;
                     self.change(Change::files(std::mem::take(&mut changed_files)));
                 }
-                _ = rotate.tick() => self.rotate_tickets(),
+                // With [cluster], the cluster's leader rotates for every gateway.
+                _ = rotate.tick(), if self.cluster.is_none() => self.rotate_tickets(),
+                Some(update) = cluster_updates.recv() => self.cluster_update(update),
             }
         }
     }
@@ -260,9 +286,33 @@ impl Supervisor {
             Request::ServiceList {} => {
                 let _ = reply.send(Response::ok(&self.config.services));
             }
-            Request::ServiceAdd { service } => self.change(Change::add(*service, reply)),
-            Request::ServiceRemove { name } => self.change(Change::remove(name, reply)),
+            Request::ServiceAdd {
+                service,
+                cluster: false,
+            } => self.change(Change::add(*service, reply)),
+            Request::ServiceAdd {
+                service,
+                cluster: true,
+            } => self.cluster_add(*service, reply),
+            Request::ServiceRemove {
+                name,
+                cluster: false,
+            } if self.is_cluster_service(&name) => {
+                let _ = reply.send(Response::error(format!(
+                    "service {name:?} comes from the cluster: remove it with --cluster"
+                )));
+            }
+            Request::ServiceRemove {
+                name,
+                cluster: false,
+            } => self.change(Change::remove(name, reply)),
+            Request::ServiceRemove {
+                name,
+                cluster: true,
+            } => self.cluster_remove(name, reply),
             Request::Reload {} => self.change(Change::reload(Some(reply))),
+            Request::ClusterStatus {} => self.cluster_status(reply),
+            Request::RotateTickets {} => self.rotate_now(reply),
             Request::Debug { what } => self.debug(what, reply),
         }
     }
@@ -375,6 +425,9 @@ impl Supervisor {
         } else {
             info!(worker = pid, "new worker accepting");
         }
+        // Keys that came (from the cluster) while it started went to no worker.
+        self.send_tickets();
+        self.publish_member();
         // A change that waited for a worker goes on now.
         self.next_queued();
     }
@@ -405,6 +458,7 @@ impl Supervisor {
         self.worker = Worker::Down {
             restart_at: tokio::time::Instant::now() + wait,
         };
+        self.publish_member();
         // A change the dead worker was taking is answered when its request fails (the
         // channel closed); nothing to do here.
     }
@@ -412,6 +466,11 @@ impl Supervisor {
     fn rotate_tickets(&mut self) {
         self.tickets.rotate();
         info!("session ticket key rotated");
+        self.send_tickets();
+    }
+
+    /// Hands the ticket keys in force to the worker.
+    fn send_tickets(&self) {
         if let Worker::Running(w) = &self.worker {
             let (asker, keys) = (w.asker.clone(), self.tickets.keys().to_vec());
             tokio::spawn(async move {
@@ -454,6 +513,7 @@ impl Supervisor {
             services: self.config.services.iter().map(ServiceInfo::from).collect(),
             connections: None,
             datapath,
+            cluster: self.cluster_info(),
         };
         let Some((_, _, asker)) = running else {
             let _ = reply.send(Response::ok(&status));
@@ -478,8 +538,13 @@ impl Supervisor {
             Worker::Running(w) | Worker::Starting(w) => w.asker.late_answers(),
             Worker::Down { .. } => 0,
         };
-        let mut text =
-            crate::metrics::encode_supervisor(self.restarts, self.file_reloads, late, &counters);
+        let mut text = crate::metrics::encode_supervisor(
+            self.restarts,
+            self.file_reloads,
+            late,
+            &counters,
+            self.cluster_info().as_ref(),
+        );
         let asker = match &self.worker {
             Worker::Running(w) => Some(w.asker.clone()),
             _ => None,
@@ -589,6 +654,7 @@ impl Supervisor {
 
     async fn stop(&mut self, events: &mut mpsc::UnboundedReceiver<Event>) {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        self.leave_cluster().await;
         // Close our copies of the listeners at once: new clients are refused (or, steered, find
         // no listener) rather than queued for a worker that is only draining.
         self.listeners.clear();
