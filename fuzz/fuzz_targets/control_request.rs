@@ -5,10 +5,11 @@ use libfuzzer_sys::fuzz_target;
 use relay::control::{Request, parse};
 
 fuzz_target!(|line: &str| {
-    if let Ok(Request::ServiceAdd { service }) = parse(line) {
+    if let Ok(Request::ServiceAdd { service, .. }) = parse(line) {
         let config = relay::config::Config {
             relay: Default::default(),
             datapath: None,
+            cluster: None,
             services: vec![*service],
         };
         let _ = config.check();
