@@ -10,6 +10,7 @@ fuzz_target!(|line: &str| {
             relay: Default::default(),
             datapath: None,
             cluster: None,
+            directory: None,
             services: vec![*service],
         };
         let _ = config.check();

@@ -8,6 +8,9 @@
 //! - `uri:spiffe://example.org/ns/*/sa/web` — a URI SAN; `*` in the path matches within one
 //!   path segment (never across `/`).
 //! - `cn:ops-console` — the subject common name, exactly.
+//! - `group:cn=ops,ou=groups,dc=example,dc=org` — the identity's directory entry is a member
+//!   of the group (nested groups too); `attr:employeeType=staff` — the entry has the value.
+//!   Both are decided by the `[directory]` (see `directory`), after the static rules.
 //!
 //! With `allow` set, a client matching no rule is denied. The decision is the last step of
 //! the service's client policy (`tls::verify`), taken on every connection, resumed ones too;
@@ -72,15 +75,17 @@ pub enum Rule {
     Dns(String),
     Uri(String),
     Cn(String),
+    /// Decided by the directory.
+    Directory(crate::directory::Rule),
 }
 
 impl FromStr for Rule {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Rule, String> {
-        let (kind, value) = s
-            .split_once(':')
-            .ok_or_else(|| format!("{s:?}: expected dns:NAME, uri:URI or cn:NAME"))?;
+        let (kind, value) = s.split_once(':').ok_or_else(|| {
+            format!("{s:?}: expected dns:NAME, uri:URI, cn:NAME, group:DN or attr:NAME=VALUE")
+        })?;
         if value.is_empty() {
             return Err(format!("{s:?}: the name after {kind}: is empty"));
         }
@@ -111,8 +116,31 @@ impl FromStr for Rule {
                 Ok(Rule::Uri(value.to_owned()))
             }
             "cn" => Ok(Rule::Cn(value.to_owned())),
+            "group" => {
+                if !value.split(',').all(|rdn| rdn.contains('=')) {
+                    return Err(format!(
+                        "{s:?}: not a DN (expected e.g. group:cn=ops,ou=groups,dc=example,dc=org)"
+                    ));
+                }
+                Ok(Rule::Directory(crate::directory::Rule::Group(
+                    value.to_owned(),
+                )))
+            }
+            "attr" => {
+                let (name, v) = value
+                    .split_once('=')
+                    .filter(|(n, v)| !n.is_empty() && !v.is_empty())
+                    .ok_or_else(|| format!("{s:?}: expected attr:NAME=VALUE"))?;
+                if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+                    return Err(format!("{s:?}: {name:?} is not an attribute name"));
+                }
+                Ok(Rule::Directory(crate::directory::Rule::Attr(
+                    name.to_owned(),
+                    v.to_owned(),
+                )))
+            }
             other => Err(format!(
-                "{s:?}: unknown kind {other:?}; use dns:, uri: or cn:"
+                "{s:?}: unknown kind {other:?}; use dns:, uri:, cn:, group: or attr:"
             )),
         }
     }
@@ -124,6 +152,7 @@ impl fmt::Display for Rule {
             Rule::Dns(v) => write!(f, "dns:{v}"),
             Rule::Uri(v) => write!(f, "uri:{v}"),
             Rule::Cn(v) => write!(f, "cn:{v}"),
+            Rule::Directory(r) => r.fmt(f),
         }
     }
 }
@@ -143,6 +172,8 @@ impl Rule {
                 .find(|u| uri_matches(pattern, u))
                 .map(|u| format!("uri:{u}")),
             Rule::Cn(cn) => (id.cn.as_deref() == Some(cn)).then(|| format!("cn:{cn}")),
+            // Not decided from the certificate alone.
+            Rule::Directory(_) => None,
         }
     }
 }
@@ -229,6 +260,17 @@ impl Allow {
 
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
+    }
+
+    /// The rules the directory decides (`group:`, `attr:`).
+    pub fn directory_rules(&self) -> Vec<crate::directory::Rule> {
+        self.rules
+            .iter()
+            .filter_map(|r| match r {
+                Rule::Directory(d) => Some(d.clone()),
+                _ => None,
+            })
+            .collect()
     }
 
     /// The first rule that lets `id` pass, with the name it accepted; or the denial.
@@ -344,6 +386,25 @@ mod tests {
     }
 
     #[test]
+    fn directory_rules_are_left_to_the_directory() {
+        let a = Allow::parse(&[
+            "cn:ops".into(),
+            "group:cn=staff,ou=groups,dc=example,dc=org".into(),
+            "attr:employeeType=staff".into(),
+        ])
+        .unwrap();
+        assert_eq!(a.directory_rules().len(), 2);
+        assert!(
+            a.decide(&id(Some("ops"), &[], &[])).is_ok(),
+            "static rules still decide"
+        );
+        assert!(
+            a.decide(&id(Some("alice"), &[], &[])).is_err(),
+            "a directory rule never matches from the certificate alone"
+        );
+    }
+
+    #[test]
     fn bad_rules_are_refused_with_their_index() {
         for (rule, needle) in [
             ("api.example.org", "expected dns:NAME"),
@@ -352,6 +413,9 @@ mod tests {
             ("dns:a.*.org", "only start with"),
             ("uri:spiffe://*.org/web", "path only"),
             ("uri:web", "not a URI"),
+            ("group:ops", "not a DN"),
+            ("attr:employeeType", "attr:NAME=VALUE"),
+            ("attr:bad name=x", "not an attribute name"),
         ] {
             let (i, e) = Allow::parse(&["cn:ok".into(), rule.into()]).unwrap_err();
             assert_eq!(i, 1);

@@ -116,6 +116,9 @@ pub struct Status {
     /// This gateway's view of its cluster; `None` without `[cluster]`.
     #[serde(default)]
     pub cluster: Option<ClusterInfo>,
+    /// The directory as the worker sees it; `None` without `[directory]` (or no answer).
+    #[serde(default)]
+    pub directory: Option<crate::directory::Status>,
 }
 
 /// The cluster as this gateway sees it, without asking etcd.

@@ -63,6 +63,8 @@ pub struct Apply {
     pub tickets: Vec<crate::tickets::TicketKey>,
     pub add: Vec<Role>,
     pub close: Vec<Role>,
+    /// `[directory]`, ready to connect from a process that reads no file.
+    pub directory: Option<crate::directory::Settings>,
 }
 
 /// Supervisor to worker.
@@ -98,7 +100,11 @@ pub enum FromWorker {
     Applied {
         error: Option<String>,
     },
-    Status(Vec<crate::metrics::ServiceStatus>),
+    /// The services' counters, and the directory's state when there is one.
+    Status(
+        Vec<crate::metrics::ServiceStatus>,
+        Option<crate::directory::Status>,
+    ),
     Metrics(String),
     /// The answer to `Debug`: what happened.
     Debug(String),

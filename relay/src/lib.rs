@@ -31,6 +31,7 @@ pub mod config;
 pub mod control;
 pub mod copy;
 pub mod datapath;
+pub mod directory;
 pub mod handoff;
 pub mod metrics;
 pub mod net;

@@ -273,6 +273,22 @@ fn print_status(s: &Status) {
         }
         None => println!("  (the worker did not answer)"),
     }
+    if let Some(d) = &s.directory {
+        println!(
+            "\n  directory {}: {}; {} lookup(s), {} cache hit(s), {} failure(s), {} stale \
+             decision(s), {} identit(ies) cached",
+            d.url,
+            match &d.last_error {
+                None => "reachable".to_string(),
+                Some(e) => format!("UNREACHABLE ({e})"),
+            },
+            d.lookups,
+            d.cache_hits,
+            d.failures,
+            d.stale,
+            d.cached
+        );
+    }
     if let Some(c) = &s.cluster {
         println!(
             "\n  cluster member {:?}: {}, revision {}, {} change(s) applied, {} refused{}; \

@@ -249,7 +249,7 @@ impl Default for WorkerMetrics {
         registry.register(
             "access_denials",
             "mtls clients refused by the service's policy, by reason (not_allowed, revoked, \
-             expired, crl_expired, revocation_unknown)",
+             expired, crl_expired, revocation_unknown, untrusted, directory_unavailable)",
             m.denials.clone(),
         );
         registry.register(
@@ -497,6 +497,49 @@ pub struct ServiceStatus {
     pub bytes_down: u64,
     pub resumed: u64,
     pub outcomes: BTreeMap<String, u64>,
+}
+
+/// `[directory]`: lookups, cache hits, failures, stale decisions, reachability; OpenMetrics text
+/// without its `# EOF` (it goes inside the worker's).
+pub fn encode_directory(d: &crate::directory::Status) -> String {
+    let mut registry = Registry::with_prefix("relay_directory");
+    for (name, help, n) in [
+        (
+            "lookups",
+            "Identities looked up in the directory (cache misses)",
+            d.lookups,
+        ),
+        (
+            "cache_hits",
+            "Directory decisions taken from the cache",
+            d.cache_hits,
+        ),
+        (
+            "failures",
+            "Directory lookups that failed (unreachable, timeout, error)",
+            d.failures,
+        ),
+        (
+            "stale_decisions",
+            "Decisions taken from a cached entry past its TTL because the directory did not \
+             answer (within stale_for)",
+            d.stale,
+        ),
+    ] {
+        let c = Counter::<u64>::default();
+        c.inc_by(n);
+        registry.register(name, help, c);
+    }
+    let reachable = Gauge::<i64>::default();
+    reachable.set(i64::from(d.reachable));
+    registry.register(
+        "reachable",
+        "1 when the last lookup reached the directory",
+        reachable,
+    );
+    let mut out = String::new();
+    let _ = encode(&mut out, &registry);
+    out.strip_suffix("# EOF\n").unwrap_or(&out).to_string()
 }
 
 /// `[cluster]`: connected, revision applied, changes, leadership.

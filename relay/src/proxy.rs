@@ -89,10 +89,16 @@ pub struct ServiceRuntime {
     limit: Option<Arc<Semaphore>>,
     /// Kept across reloads of the same service, so counters do not restart.
     pub metrics: Arc<ServiceMetrics>,
+    /// `[directory]`, for services with `group:` or `attr:` rules.
+    directory: Option<Arc<crate::directory::Directory>>,
 }
 
 impl ServiceRuntime {
-    pub fn new(compiled: Compiled, metrics: Arc<ServiceMetrics>) -> Self {
+    pub fn new(
+        compiled: Compiled,
+        metrics: Arc<ServiceMetrics>,
+        directory: Option<Arc<crate::directory::Directory>>,
+    ) -> Self {
         let Compiled {
             config,
             server_side,
@@ -105,6 +111,7 @@ impl ServiceRuntime {
             connector,
             limit,
             metrics,
+            directory,
         }
     }
 
@@ -396,10 +403,14 @@ async fn establish_tls(
             }
             _ => Failure::new(Outcome::HandshakeFailed, format!("TLS handshake: {e}")),
         })?;
-    let facts = accepted.facts;
+    let mut facts = accepted.facts;
     service
         .metrics
         .handshake(started.elapsed().as_secs_f64(), facts.resumed);
+    if facts.ask_directory {
+        facts.authorised =
+            Some(ask_directory(&socket, service, server, &accepted.established, &facts).await?);
+    }
     if let Some(authorised) = &facts.authorised {
         // The policy let this client in (again, if it resumed); say which name passed, for
         // the audit trail.
@@ -414,6 +425,44 @@ async fn establish_tls(
         tls: Some(facts),
         backend: accepted.backend,
     })
+}
+
+/// The directory's decision on a client no static rule let in (within the handshake timeout
+/// around it). A refusal ends the connection with an `access_denied` alert.
+async fn ask_directory(
+    socket: &TcpStream,
+    service: &ServiceRuntime,
+    server: &tls::ServerSide,
+    established: &tls::handshake::Established,
+    facts: &TlsFacts,
+) -> Result<crate::access::Authorised, Failure> {
+    use crate::directory::Verdict;
+    let (Some(directory), Some(policy), Some(id)) =
+        (&service.directory, &server.policy, &facts.client)
+    else {
+        return Err(Failure::new(
+            Outcome::Denied,
+            "no directory to decide group:/attr: rules",
+        ));
+    };
+    let (reason, why) = match directory.decide(id, &policy.directory_rules).await {
+        Verdict::Allowed(authorised) => return Ok(authorised),
+        Verdict::Denied(why) => (tls::verify::Reason::NotAllowed, why),
+        Verdict::Unavailable(why) => (tls::verify::Reason::DirectoryUnavailable, why),
+    };
+    service.metrics.access_denied(reason);
+    let alert = established
+        .sealer
+        .lock()
+        .await
+        .fatal(rustls::AlertDescription::AccessDenied);
+    if let Ok(record) = alert {
+        let _ = crate::net::io::write_all(socket, &[&record]).await;
+    }
+    Err(Failure::new(
+        Outcome::Denied,
+        format!("{}: {why}", id.principal()),
+    ))
 }
 
 /// A client that spoke plaintext to a TLS front port, handled by the service's policy.

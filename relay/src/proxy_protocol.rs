@@ -132,6 +132,7 @@ mod tests {
                 uris: vec!["spiffe://example.org/web".into()],
             }),
             authorised: None,
+            ask_directory: false,
         };
         let bytes = header(ProxyProtocol::V2, c, d, Some(&facts)).unwrap();
         let parsed = v2::Header::try_from(bytes.as_slice()).unwrap();

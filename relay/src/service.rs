@@ -125,12 +125,20 @@ pub struct Checked {
     pub config: Config,
     pub files: Files,
     pub warnings: Vec<String>,
+    /// `[directory]` ready for the worker: its files read, its host resolved.
+    pub directory: Option<crate::directory::Settings>,
 }
 
 /// Reads and compiles `config`'s files (not needed afterwards: the worker compiles its own);
 /// errors are located in `source` when the configuration came from a file.
 pub fn check(config: Config, source: Option<&Source>) -> Result<Checked, ConfigError> {
     let files = read(&config.services).map_err(|e| e.locate(source))?;
+    let directory = match &config.directory {
+        Some(d) => Some(directory_settings(d).map_err(|(key, message)| {
+            config::locate(source, &[Seg::Key("directory"), Seg::Key(key)], message)
+        })?),
+        None => None,
+    };
     let quiet: &dyn Fn(&Service) -> OnDeclined = &|_| Arc::new(|_| {});
     compile(&config.services, &files, &Resumption::default(), quiet)
         .map_err(|e| e.locate(source))?;
@@ -143,7 +151,77 @@ pub fn check(config: Config, source: Option<&Source>) -> Result<Checked, ConfigE
         config,
         files,
         warnings,
+        directory,
     })
+}
+
+/// `[directory]` for the worker (which reads no file and resolves no name): the CA, password
+/// and client certificate read, the URL's host resolved. The error names the key.
+pub fn directory_settings(
+    d: &config::Directory,
+) -> Result<crate::directory::Settings, (&'static str, String)> {
+    use crate::directory::{Bind, Settings};
+    let read = |key: &'static str, path: &Path| {
+        tls::material::read(path)
+            .map_err(|e| (key, format!("{}: cannot read: {e}", path.display())))
+    };
+    let ca = d.ca.as_deref().map(|p| read("ca", p)).transpose()?;
+    let bind = match (&d.bind_dn, &d.bind_password_file, &d.cert, &d.key) {
+        (Some(dn), Some(file), _, _) => {
+            let bytes = read("bind_password_file", file)?;
+            let password = String::from_utf8(bytes)
+                .map_err(|_| ("bind_password_file", "not UTF-8 text".to_string()))?;
+            Bind::Simple {
+                dn: dn.clone(),
+                password: password.trim_end_matches(['\n', '\r']).to_string(),
+            }
+        }
+        (_, _, Some(cert), Some(key)) => Bind::External {
+            cert: read("cert", cert)?,
+            key: read("key", key)?,
+        },
+        _ => Bind::Anonymous,
+    };
+    let addrs = resolve(&d.url).map_err(|e| ("url", e))?;
+    Ok(Settings {
+        url: d.url.clone(),
+        starttls: d.starttls,
+        addrs,
+        ca,
+        bind,
+        base: d.base.clone(),
+        filter: d.filter.clone(),
+        timeout: d.timeout,
+        cache_ttl: d.cache_ttl,
+        negative_ttl: d.negative_ttl,
+        stale_for: d.stale_for,
+        nested_depth: d.nested_depth,
+        connections: d.connections,
+    })
+}
+
+/// The addresses of an `ldap[s]://host[:port]` URL's host (default ports 389 and 636).
+fn resolve(url: &str) -> Result<Vec<std::net::SocketAddr>, String> {
+    use std::net::ToSocketAddrs as _;
+    let (rest, port) = match url.strip_prefix("ldaps://") {
+        Some(rest) => (rest, 636),
+        None => (url.strip_prefix("ldap://").unwrap_or(url), 389),
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    let with_port = match authority.rsplit_once(':') {
+        Some((_, p)) if !authority.ends_with(']') && p.parse::<u16>().is_ok() => {
+            authority.to_string()
+        }
+        _ => format!("{authority}:{port}"),
+    };
+    let addrs: Vec<_> = with_port
+        .to_socket_addrs()
+        .map_err(|e| format!("{url:?}: cannot resolve {with_port}: {e}"))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!("{url:?}: {with_port} has no address"));
+    }
+    Ok(addrs)
 }
 
 /// A config file, parsed and checked in full.

@@ -161,12 +161,13 @@ async fn run(channel_fd: OwnedFd, pairs: Option<crate::sockmap::Pairs>) -> anyho
             }
             ToWorker::Status => Some(FromWorker::Status(
                 worker.as_ref().map(Worker::status).unwrap_or_default(),
-            )),
-            ToWorker::Metrics => Some(FromWorker::Metrics(
                 worker
                     .as_ref()
-                    .map(|w| w.registry.encode())
-                    .unwrap_or_default(),
+                    .and_then(|w| w.directory.as_ref())
+                    .map(|d| d.status()),
+            )),
+            ToWorker::Metrics => Some(FromWorker::Metrics(
+                worker.as_ref().map(Worker::encode).unwrap_or_default(),
             )),
             ToWorker::Stop => break,
             ToWorker::Debug(op) => Some(FromWorker::Debug(debug(op, &mut stall))),
@@ -212,6 +213,8 @@ struct Worker {
     ticketer: Arc<SharedTicketer>,
     relay: RelaySection,
     kernel_copy: Option<&'static KernelCopy>,
+    /// `[directory]`: one client (its connections and cache) for every service of the worker.
+    directory: Option<Arc<crate::directory::Directory>>,
 }
 
 impl Worker {
@@ -236,7 +239,18 @@ impl Worker {
             ticketer: SharedTicketer::new(tickets, relay.ticket_rotation * 2),
             relay: relay.clone(),
             kernel_copy,
+            directory: None,
         }
+    }
+
+    /// The worker's metrics, the directory's included.
+    fn encode(&self) -> String {
+        let mut text = self.registry.encode();
+        if let Some(d) = &self.directory {
+            let at = text.rfind("# EOF").unwrap_or(text.len());
+            text.insert_str(at, &crate::metrics::encode_directory(&d.status()));
+        }
+        text
     }
 
     /// Compiles every service first, then swaps them in at once: a service that fails to
@@ -249,6 +263,7 @@ impl Worker {
             tickets,
             add,
             close,
+            directory,
         } = apply;
         if add.len() != fds.len() {
             bail!("{} listeners announced, {} received", add.len(), fds.len());
@@ -264,6 +279,14 @@ impl Worker {
             })
             .collect::<std::io::Result<Vec<_>>>()
             .context("listeners received")?;
+        // The same directory settings keep the same client: its connections and its cache.
+        let directory = match directory {
+            None => None,
+            Some(settings) => match &self.directory {
+                Some(d) if *d.settings() == settings => Some(Arc::clone(d)),
+                _ => Some(crate::directory::Directory::new(settings).context("[directory]")?),
+            },
+        };
         let resumption = tls::Resumption {
             ticketer: Some(self.ticketer.clone()),
         };
@@ -301,7 +324,7 @@ impl Worker {
                 .listen
                 .is_none()
                 .then_some((c.config.server.to_canonical(), c.config.port));
-            let runtime = Arc::new(ServiceRuntime::new(c, metrics));
+            let runtime = Arc::new(ServiceRuntime::new(c, metrics, directory.clone()));
             if let Some(dst) = transparent {
                 by_destination.insert(dst, Arc::clone(&runtime));
             }
@@ -328,6 +351,7 @@ impl Worker {
         });
         self.resize_total(relay.max_connections);
         self.relay = relay;
+        self.directory = directory;
         for role in close {
             if let Some(stop) = self.listeners.remove(&role) {
                 stop.cancel();

@@ -15,6 +15,7 @@ pub mod config;
 pub mod env;
 pub mod haproxy;
 pub mod http;
+pub mod ldap;
 pub mod metrics;
 pub mod netns;
 pub mod pki;

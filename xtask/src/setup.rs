@@ -45,6 +45,9 @@ const APT_PACKAGES: &[&str] = &[
     "etcd-server",
     "etcd-client",
     "protobuf-compiler",
+    // The directory tests' real LDAP server, and the tools that change its data mid-test.
+    "slapd",
+    "ldap-utils",
 ];
 
 pub fn setup() -> anyhow::Result<()> {

@@ -346,3 +346,66 @@ fn plaintext_policy_and_sni_entries() {
     );
     assert!(message.contains("does not fit"), "{message}");
 }
+
+#[test]
+fn directory_and_cluster_sections_are_checked_with_their_keys() {
+    let f = Fixture::new();
+    let directory = |extra: &str| {
+        format!(
+            "[directory]\nurl = \"ldaps://127.0.0.1:6360\"\nca = \"ca.pem\"\nbase = \"dc=example,dc=org\"\n{extra}\n"
+        )
+    };
+    assert!(f.parse(&directory("")).is_ok(), "ldaps with a CA is fine");
+    for (text, key, needle) in [
+        (
+            directory("").replace("ldaps://", "ldap://"),
+            "directory.url",
+            "StartTLS",
+        ),
+        (
+            directory("").replace("ca = \"ca.pem\"\n", ""),
+            "directory.ca",
+            "required",
+        ),
+        (
+            directory("starttls = true"),
+            "directory.starttls",
+            "TLS already",
+        ),
+        (
+            directory("bind_dn = \"cn=relay\""),
+            "directory.bind_password_file",
+            "go together",
+        ),
+        (
+            directory("filter = \"(uid=alice)\""),
+            "directory.filter",
+            "{uri}",
+        ),
+        (
+            directory("filter = \"(cn={cn}\""),
+            "directory.filter",
+            "not an LDAP filter",
+        ),
+        (
+            directory("nested_depth = 0"),
+            "directory.nested_depth",
+            "1-16",
+        ),
+        (
+            directory("").replace("ca.pem", "missing.pem"),
+            "directory.ca",
+            "cannot read",
+        ),
+    ] {
+        let (_, k, message) = f.error(&text);
+        assert_eq!(k, key, "{text}: {message}");
+        assert!(message.contains(needle), "{text}: {message}");
+    }
+    let cluster = "[cluster]\netcd = [\"http://192.0.2.5:2379\"]\nname = \"gw\"\nkey_encryption_key = \"kek\"\n";
+    let (_, k, message) = f.error(cluster);
+    assert_eq!(k, "cluster.etcd[0]");
+    assert!(message.contains("insecure"), "{message}");
+    let (_, k, message) = f.error(&format!("{cluster}insecure = true\n"));
+    assert_eq!(k, "cluster.key_encryption_key", "{message}");
+}

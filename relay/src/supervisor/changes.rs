@@ -154,6 +154,7 @@ pub struct Prepared {
     id: u64,
     next: Config,
     files: Files,
+    directory: Option<crate::directory::Settings>,
     /// Listeners bound for it, handed to the worker with it.
     opened: Vec<(Role, std::net::TcpListener)>,
     close: Vec<Role>,
@@ -217,7 +218,13 @@ impl Supervisor {
         };
         let p = &prepared;
         let add = p.opened.iter().map(|(r, _)| r.clone()).collect();
-        let msg = ToWorker::Apply(self.apply_message(&p.next, &p.files, add, p.close.clone()));
+        let msg = ToWorker::Apply(self.apply_message(
+            &p.next,
+            &p.files,
+            &p.directory,
+            add,
+            p.close.clone(),
+        ));
         let listeners = match p
             .opened
             .iter()
@@ -282,6 +289,7 @@ impl Supervisor {
             config: next,
             files,
             warnings,
+            directory,
         } = checked;
         for w in warnings {
             warn!("{w}");
@@ -292,6 +300,7 @@ impl Supervisor {
             id,
             next,
             files,
+            directory,
             opened,
             close,
             summary,
@@ -364,6 +373,7 @@ impl Supervisor {
         }
         self.config = p.next;
         self.files = p.files;
+        self.directory = p.directory;
         self.watch_files();
         self.cluster_forget(&p.shadowed);
         self.finish(change, Ok(p.summary));
@@ -451,6 +461,7 @@ impl Supervisor {
         &self,
         config: &Config,
         files: &Files,
+        directory: &Option<crate::directory::Settings>,
         add: Vec<Role>,
         close: Vec<Role>,
     ) -> Apply {
@@ -461,6 +472,7 @@ impl Supervisor {
             tickets: self.tickets.keys().to_vec(),
             add,
             close,
+            directory: directory.clone(),
         }
     }
 }
@@ -492,6 +504,7 @@ fn check(
                 warn!("reload: [cluster] changes take effect at the next start");
             }
             next.relay = file.relay;
+            next.directory = file.directory;
             next.services = file.services;
             for s in keep {
                 if next.services.iter().any(|f| f.name == s.name) {

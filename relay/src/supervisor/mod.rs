@@ -99,6 +99,8 @@ struct Supervisor {
     /// The bytes of every file `config` reads, as read when it was checked: a new worker gets
     /// these, without reading the disk again.
     files: Files,
+    /// `[directory]` as the worker gets it (read and resolved with the files).
+    directory: Option<crate::directory::Settings>,
     log_format: LogFormat,
     listeners: HashMap<Role, std::net::TcpListener>,
     datapath: Option<Datapath>,
@@ -134,6 +136,7 @@ pub async fn run(
         config,
         files,
         warnings,
+        directory,
     } = checked;
     for w in warnings {
         warn!("{w}");
@@ -165,6 +168,7 @@ pub async fn run(
         config_path,
         config,
         files,
+        directory,
         log_format,
         listeners: HashMap::new(),
         datapath: None,
@@ -374,7 +378,13 @@ impl Supervisor {
             Ok(l) => l,
             Err(e) => return self.worker_failed(Some(proc.pid), e),
         };
-        let msg = ToWorker::Apply(self.apply_message(&self.config, &self.files, roles, vec![]));
+        let msg = ToWorker::Apply(self.apply_message(
+            &self.config,
+            &self.files,
+            &self.directory,
+            roles,
+            vec![],
+        ));
         let pid = proc.pid;
         self.apply_in_task(&proc.asker, msg, listeners, move |answer| {
             Event::WorkerStarted {
@@ -514,14 +524,18 @@ impl Supervisor {
             connections: None,
             datapath,
             cluster: self.cluster_info(),
+            directory: None,
         };
         let Some((_, _, asker)) = running else {
             let _ = reply.send(Response::ok(&status));
             return;
         };
         tokio::spawn(async move {
-            if let Ok(FromWorker::Status(s)) = asker.ask(ToWorker::Status, &[], ASK_TIMEOUT).await {
+            if let Ok(FromWorker::Status(s, d)) =
+                asker.ask(ToWorker::Status, &[], ASK_TIMEOUT).await
+            {
                 status.connections = Some(s);
+                status.directory = d;
             }
             let _ = reply.send(Response::ok(&status));
         });

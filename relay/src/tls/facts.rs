@@ -16,6 +16,8 @@ pub struct TlsFacts {
     pub client: Option<Identity>,
     /// The name an `allow` rule accepted, and the rule (mtls with `allow`).
     pub authorised: Option<Authorised>,
+    /// No static rule accepted the client: the directory decides (see `directory`).
+    pub ask_directory: bool,
 }
 
 impl TlsFacts {
@@ -44,6 +46,7 @@ impl TlsFacts {
                 .and_then(|chain| chain.first())
                 .and_then(|der| Identity::from_der(der)),
             authorised: None,
+            ask_directory: false,
         }
     }
 

@@ -157,7 +157,10 @@ pub async fn accept(socket: &TcpStream, server: &ServerSide) -> Result<Accepted,
     let mut keys = Keys::server(conn)?;
     match admitted {
         None => {}
-        Some(Ok(admitted)) => facts.authorised = admitted.authorised,
+        Some(Ok(admitted)) => {
+            facts.authorised = admitted.authorised;
+            facts.ask_directory = admitted.ask_directory;
+        }
         Some(Err(refusal)) => {
             let alert = rustls::AlertDescription::from(match &refusal.error {
                 rustls::Error::InvalidCertificate(e) => e.clone(),

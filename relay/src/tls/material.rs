@@ -138,7 +138,8 @@ fn system_roots() -> Result<Vec<u8>, TlsError> {
     Ok(pem::encode_many(&pems).into_bytes())
 }
 
-fn read(path: &Path) -> std::io::Result<Vec<u8>> {
+/// Reads `path`, refusing more than [`MAX_FILE`] bytes.
+pub fn read(path: &Path) -> std::io::Result<Vec<u8>> {
     let mut bytes = Vec::new();
     std::fs::File::open(path)?
         .take(MAX_FILE + 1)

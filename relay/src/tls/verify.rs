@@ -59,16 +59,20 @@ pub enum Reason {
     RevocationUnknown,
     /// Its chain does not verify: unknown issuer, bad signature, bad encoding, no certificate.
     Untrusted,
+    /// The directory that decides its `group:`/`attr:` rules did not answer, and no cached
+    /// decision may stand in (fail closed).
+    DirectoryUnavailable,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 6] = [
+    pub const ALL: [Reason; 7] = [
         Reason::NotAllowed,
         Reason::Revoked,
         Reason::Expired,
         Reason::CrlExpired,
         Reason::RevocationUnknown,
         Reason::Untrusted,
+        Reason::DirectoryUnavailable,
     ];
 
     /// The label in metrics.
@@ -80,6 +84,7 @@ impl Reason {
             Reason::CrlExpired => "crl_expired",
             Reason::RevocationUnknown => "revocation_unknown",
             Reason::Untrusted => "untrusted",
+            Reason::DirectoryUnavailable => "directory_unavailable",
         }
     }
 
@@ -141,6 +146,12 @@ impl fmt::Display for Refusal {
                 "no CRL from the issuer of the client certificate: revocation status unknown"
             ),
             Reason::Untrusted => write!(f, "client certificate not trusted: {}", self.error),
+            Reason::DirectoryUnavailable => {
+                write!(
+                    f,
+                    "the directory is unreachable: clients are refused (fail closed)"
+                )
+            }
         }
     }
 }
@@ -153,6 +164,9 @@ pub struct Admitted {
     pub identity: Option<Identity>,
     /// The name the matching rule accepted, and the rule; `None` without `allow` rules.
     pub authorised: Option<Authorised>,
+    /// No static rule matched, and the service has directory rules: the directory decides,
+    /// once the handshake is done (it may take a lookup; see `directory`).
+    pub ask_directory: bool,
 }
 
 /// An `mtls` service's decision on client certificates (see the module doc).
@@ -164,6 +178,8 @@ pub struct ClientPolicy {
     /// With CRLs: revocation of every certificate of the chain, unknown status allowed.
     whole_chain: Option<Arc<dyn ClientCertVerifier>>,
     allow: Allow,
+    /// The `allow` rules the directory decides.
+    pub directory_rules: Vec<crate::directory::Rule>,
 }
 
 impl ClientPolicy {
@@ -175,6 +191,7 @@ impl ClientPolicy {
         ClientPolicy {
             end_entity,
             whole_chain,
+            directory_rules: allow.directory_rules(),
             allow,
         }
     }
@@ -217,12 +234,19 @@ impl ClientPolicy {
             return Ok(Admitted {
                 identity: Some(identity),
                 authorised: None,
+                ask_directory: false,
             });
         }
         match self.allow.decide(&identity) {
             Ok(authorised) => Ok(Admitted {
                 authorised: Some(authorised),
                 identity: Some(identity),
+                ask_directory: false,
+            }),
+            Err(_) if !self.directory_rules.is_empty() => Ok(Admitted {
+                authorised: None,
+                identity: Some(identity),
+                ask_directory: true,
             }),
             Err(denied) => Err(Refusal {
                 reason: Reason::NotAllowed,
