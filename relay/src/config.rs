@@ -241,8 +241,10 @@ pub struct Directory {
     pub connections: usize,
 }
 
+/// People only: a group entry shares `cn` with nothing a CA should issue, but must never be
+/// taken for a client (a CN "ops" would otherwise be the group ops, member of its parents).
 fn default_directory_filter() -> String {
-    "(|(seeAlso={uri})(cn={cn}))".into()
+    "(&(objectClass=person)(|(labeledURI={uri})(cn={cn})))".into()
 }
 
 fn default_directory_timeout() -> Duration {

@@ -156,10 +156,12 @@ pub struct Status {
     pub stale: u64,
 }
 
-/// One connection slot of the pool.
+/// One connection slot of the pool. Its lock is held only to look at it or to (re)connect:
+/// lookups use a clone of the handle, and ldap3 runs several operations on one connection.
 #[derive(Default)]
 struct Slot {
-    ldap: Option<Ldap>,
+    /// The connection, and its number (to forget exactly the one that failed).
+    ldap: Option<(u64, Ldap)>,
     /// After a failure: not before then.
     retry_at: Option<Instant>,
     backoff: Duration,
@@ -170,6 +172,8 @@ pub struct Directory {
     tls: Option<Arc<rustls::ClientConfig>>,
     slots: Vec<tokio::sync::Mutex<Slot>>,
     next: AtomicUsize,
+    /// Numbers the connections opened.
+    opened: AtomicU64,
     cache: Mutex<HashMap<String, Cached>>,
     pub counters: Counters,
     last_error: Mutex<Option<String>>,
@@ -190,6 +194,7 @@ impl Directory {
             tls,
             slots,
             next: AtomicUsize::new(0),
+            opened: AtomicU64::new(0),
             cache: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             last_error: Mutex::new(None),
@@ -201,8 +206,9 @@ impl Directory {
     }
 
     /// Decides `rules` for `id`: from the cache while fresh, else from the directory; when it
-    /// does not answer, from a stale cache entry up to `stale_for`, else refused.
-    pub async fn decide(&self, id: &Identity, rules: &[Rule]) -> Verdict {
+    /// does not answer by `not_after` (or within `timeout`), from a stale cache entry up to
+    /// `stale_for`, else refused.
+    pub async fn decide(&self, id: &Identity, rules: &[Rule], not_after: Instant) -> Verdict {
         let key = cache_key(id);
         let now = Instant::now();
         let cached = self.cached(&key, now);
@@ -213,10 +219,8 @@ impl Directory {
             return verdict(facts, rules);
         }
         self.counters.lookups.fetch_add(1, Ordering::Relaxed);
-        let looked_up = match tokio::time::timeout(self.settings.timeout, self.lookup(id)).await {
-            Ok(r) => r,
-            Err(_) => Err(format!("no answer within {:?}", self.settings.timeout)),
-        };
+        let deadline = not_after.min(now + self.settings.timeout);
+        let looked_up = self.lookup(id, deadline.into()).await;
         match looked_up {
             Ok(facts) => {
                 if let Some(e) = self
@@ -316,42 +320,73 @@ impl Directory {
         }
     }
 
-    /// The entry of `id`, its groups and attributes.
-    async fn lookup(&self, id: &Identity) -> Result<Facts, String> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+    /// The entry of `id`, its groups and attributes, by `deadline`.
+    async fn lookup(&self, id: &Identity, deadline: tokio::time::Instant) -> Result<Facts, String> {
+        let (n, number, mut ldap) = self.connection(deadline).await?;
+        let searched = tokio::time::timeout_at(deadline, self.search(&mut ldap, id)).await;
+        let e = match searched {
+            Ok(Ok(facts)) => return Ok(facts),
+            Ok(Err(e)) => e,
+            Err(_) => format!("no answer within {:?}", self.settings.timeout),
+        };
+        // The connection may be broken (or silent): the next lookup opens a new one.
         let mut slot = self.slots[n].lock().await;
-        if slot.ldap.is_none() {
+        if slot.ldap.as_ref().is_some_and(|(k, _)| *k == number) {
+            slot.ldap = None;
+        }
+        Err(e)
+    }
+
+    /// A connection to search with: a connected slot if there is one (starting from the next
+    /// in turn), else one not waiting out a backoff, connected now.
+    async fn connection(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<(usize, u64, Ldap), String> {
+        let first = self.next.fetch_add(1, Ordering::Relaxed);
+        let order: Vec<usize> = (0..self.slots.len())
+            .map(|i| (first + i) % self.slots.len())
+            .collect();
+        for &n in &order {
+            if let Ok(slot) = self.slots[n].try_lock()
+                && let Some((number, ldap)) = &slot.ldap
+            {
+                return Ok((n, *number, ldap.clone()));
+            }
+        }
+        let mut waiting = None;
+        for &n in &order {
+            let Ok(mut slot) = tokio::time::timeout_at(deadline, self.slots[n].lock()).await else {
+                return Err(format!("no connection within {:?}", self.settings.timeout));
+            };
+            if let Some((number, ldap)) = &slot.ldap {
+                return Ok((n, *number, ldap.clone()));
+            }
             if let Some(at) = slot.retry_at
                 && Instant::now() < at
             {
-                return Err(format!(
-                    "reconnecting after a failure (next try in {:?})",
-                    at - Instant::now()
-                ));
+                waiting = Some(at - Instant::now());
+                continue;
             }
-            match self.connect().await {
-                Ok(ldap) => {
-                    slot.ldap = Some(ldap);
+            let failed = match tokio::time::timeout_at(deadline, self.connect()).await {
+                Ok(Ok(ldap)) => {
+                    let number = self.opened.fetch_add(1, Ordering::Relaxed);
+                    slot.ldap = Some((number, ldap.clone()));
                     slot.retry_at = None;
                     slot.backoff = Duration::ZERO;
+                    return Ok((n, number, ldap));
                 }
-                Err(e) => {
-                    slot.backoff =
-                        (slot.backoff * 2).clamp(Duration::from_millis(200), BACKOFF_MAX);
-                    slot.retry_at = Some(Instant::now() + slot.backoff);
-                    return Err(e);
-                }
-            }
+                Ok(Err(e)) => e,
+                Err(_) => format!("connect: no answer within {:?}", self.settings.timeout),
+            };
+            slot.backoff = (slot.backoff * 2).clamp(Duration::from_millis(200), BACKOFF_MAX);
+            slot.retry_at = Some(Instant::now() + slot.backoff);
+            return Err(failed);
         }
-        let ldap = slot.ldap.as_mut().expect("connected above");
-        match self.search(ldap, id).await {
-            Ok(facts) => Ok(facts),
-            Err(e) => {
-                // The connection may be broken: the next lookup opens a new one.
-                slot.ldap = None;
-                Err(e)
-            }
-        }
+        Err(format!(
+            "reconnecting after a failure (next try in {:?})",
+            waiting.unwrap_or_default()
+        ))
     }
 
     async fn connect(&self) -> Result<Ldap, String> {
@@ -370,6 +405,11 @@ impl Directory {
                         continue;
                     }
                 };
+            // A connection that goes silent (a firewall forgetting it) is found out.
+            let keepalive = socket2::TcpKeepalive::new()
+                .with_time(Duration::from_secs(30))
+                .with_interval(Duration::from_secs(10));
+            let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
             let std = stream.into_std().map_err(|e| e.to_string())?;
             let mut settings = LdapConnSettings::new()
                 .set_conn_timeout(s.timeout)
@@ -492,7 +532,7 @@ impl Directory {
 
 /// The rustls client configuration toward the directory: its CA, and the client certificate
 /// for SASL EXTERNAL.
-fn tls_config(s: &Settings) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+pub fn tls_config(s: &Settings) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
     let mut roots = rustls::RootCertStore::empty();
     if let Some(ca) = &s.ca {
@@ -519,10 +559,30 @@ pub fn render_filter(template: &str, id: &Identity) -> String {
         Some(v) => ldap_escape(v.as_str()).into_owned(),
         None => "\\00".to_string(),
     };
-    template
-        .replace("{uri}", &value(id.uris.first()))
-        .replace("{dns}", &value(id.dns.first()))
-        .replace("{cn}", &value(id.cn.as_ref()))
+    // One pass over the template: a value is never searched for placeholders itself (a URI
+    // SAN containing `{cn}` stays that text).
+    let mut out = String::with_capacity(template.len() + 64);
+    let mut rest = template;
+    while let Some(i) = rest.find('{') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        let (name, len) = if tail.starts_with("{uri}") {
+            (Some(value(id.uris.first())), 5)
+        } else if tail.starts_with("{dns}") {
+            (Some(value(id.dns.first())), 5)
+        } else if tail.starts_with("{cn}") {
+            (Some(value(id.cn.as_ref())), 4)
+        } else {
+            (None, 1)
+        };
+        match name {
+            Some(v) => out.push_str(&v),
+            None => out.push('{'),
+        }
+        rest = &tail[len..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// A DN as compared: lowercase, no spaces around `,` and `=`.
@@ -583,6 +643,19 @@ mod tests {
             "(|(seeAlso=spiffe://example.org/a\\5cb)(cn=\\2a\\29\\28cn=\\2a)(dNSName=\\00))"
         );
         assert!(ldap3::parse_filter(&f).is_ok(), "still one valid filter");
+    }
+
+    #[test]
+    fn a_placeholder_inside_a_name_is_not_substituted() {
+        let id = Identity {
+            cn: Some("admin".into()),
+            dns: vec![],
+            uris: vec!["spiffe://x/{cn}".into()],
+        };
+        assert_eq!(
+            render_filter("(|(labeledURI={uri})(cn={cn}))", &id),
+            "(|(labeledURI=spiffe://x/{cn})(cn=admin))"
+        );
     }
 
     #[test]

@@ -358,7 +358,10 @@ async fn accept_inbound(
     let Some(server) = &service.server_side else {
         return Ok(Accepted::plain(socket));
     };
-    match timeout(limit, establish_tls(socket, service, server)).await {
+    // A directory lookup inside must end a little before the handshake's time does, so its
+    // own failure (and the stale fallback) decides rather than the timeout.
+    let directory_by = Instant::now() + limit.saturating_sub(Duration::from_millis(200));
+    match timeout(limit, establish_tls(socket, service, server, directory_by)).await {
         Err(_) => Err(Failure::new(
             Outcome::HandshakeTimeout,
             format!("no TLS handshake within {limit:?}"),
@@ -372,6 +375,7 @@ async fn establish_tls(
     socket: TcpStream,
     service: &ServiceRuntime,
     server: &tls::ServerSide,
+    directory_by: Instant,
 ) -> Result<Accepted, Failure> {
     let started = Instant::now();
     let recognised = recognise::recognise(&socket)
@@ -408,8 +412,23 @@ async fn establish_tls(
         .metrics
         .handshake(started.elapsed().as_secs_f64(), facts.resumed);
     if facts.ask_directory {
-        facts.authorised =
-            Some(ask_directory(&socket, service, server, &accepted.established, &facts).await?);
+        let established = &accepted.established;
+        let decided = ask_directory(service, server, &facts, directory_by).await;
+        match decided {
+            Ok(authorised) => facts.authorised = Some(authorised),
+            Err((reason, why)) => {
+                service.metrics.access_denied(reason);
+                let alert = established
+                    .sealer
+                    .lock()
+                    .await
+                    .fatal(rustls::AlertDescription::AccessDenied);
+                if let Ok(record) = alert {
+                    let _ = crate::net::io::write_all(&socket, &[&record]).await;
+                }
+                return Err(Failure::new(Outcome::Denied, why));
+            }
+        }
     }
     if let Some(authorised) = &facts.authorised {
         // The policy let this client in (again, if it resumed); say which name passed, for
@@ -427,42 +446,33 @@ async fn establish_tls(
     })
 }
 
-/// The directory's decision on a client no static rule let in (within the handshake timeout
-/// around it). A refusal ends the connection with an `access_denied` alert.
+/// The directory's decision on a client no static rule let in, by `not_after`; a refusal
+/// comes with its reason and what to log.
 async fn ask_directory(
-    socket: &TcpStream,
     service: &ServiceRuntime,
     server: &tls::ServerSide,
-    established: &tls::handshake::Established,
     facts: &TlsFacts,
-) -> Result<crate::access::Authorised, Failure> {
+    not_after: Instant,
+) -> Result<crate::access::Authorised, (tls::verify::Reason, String)> {
     use crate::directory::Verdict;
+    use tls::verify::Reason;
     let (Some(directory), Some(policy), Some(id)) =
         (&service.directory, &server.policy, &facts.client)
     else {
-        return Err(Failure::new(
-            Outcome::Denied,
-            "no directory to decide group:/attr: rules",
+        return Err((
+            Reason::DirectoryUnavailable,
+            "no directory to decide the group:/attr: rules".into(),
         ));
     };
-    let (reason, why) = match directory.decide(id, &policy.directory_rules).await {
+    let verdict = directory
+        .decide(id, &policy.directory_rules, not_after)
+        .await;
+    let (reason, why) = match verdict {
         Verdict::Allowed(authorised) => return Ok(authorised),
-        Verdict::Denied(why) => (tls::verify::Reason::NotAllowed, why),
-        Verdict::Unavailable(why) => (tls::verify::Reason::DirectoryUnavailable, why),
+        Verdict::Denied(why) => (Reason::NotAllowed, why),
+        Verdict::Unavailable(why) => (Reason::DirectoryUnavailable, why),
     };
-    service.metrics.access_denied(reason);
-    let alert = established
-        .sealer
-        .lock()
-        .await
-        .fatal(rustls::AlertDescription::AccessDenied);
-    if let Ok(record) = alert {
-        let _ = crate::net::io::write_all(socket, &[&record]).await;
-    }
-    Err(Failure::new(
-        Outcome::Denied,
-        format!("{}: {why}", id.principal()),
-    ))
+    Err((reason, format!("{}: {why}", id.principal())))
 }
 
 /// A client that spoke plaintext to a TLS front port, handled by the service's policy.

@@ -171,9 +171,14 @@ pub fn directory_settings(
             let bytes = read("bind_password_file", file)?;
             let password = String::from_utf8(bytes)
                 .map_err(|_| ("bind_password_file", "not UTF-8 text".to_string()))?;
+            let password = password.trim_end_matches(['\n', '\r']).to_string();
+            if password.is_empty() {
+                // An empty password makes a simple bind unauthenticated (RFC 4513 5.1.2).
+                return Err(("bind_password_file", format!("{}: empty", file.display())));
+            }
             Bind::Simple {
                 dn: dn.clone(),
-                password: password.trim_end_matches(['\n', '\r']).to_string(),
+                password,
             }
         }
         (_, _, Some(cert), Some(key)) => Bind::External {
@@ -183,7 +188,7 @@ pub fn directory_settings(
         _ => Bind::Anonymous,
     };
     let addrs = resolve(&d.url).map_err(|e| ("url", e))?;
-    Ok(Settings {
+    let settings = Settings {
         url: d.url.clone(),
         starttls: d.starttls,
         addrs,
@@ -197,7 +202,19 @@ pub fn directory_settings(
         stale_for: d.stale_for,
         nested_depth: d.nested_depth,
         connections: d.connections,
-    })
+    };
+    // The worker builds the same from these bytes: a bad PEM is refused here, by key.
+    if settings.ca.is_some() {
+        crate::directory::tls_config(&settings).map_err(|e| {
+            let key = if matches!(settings.bind, Bind::External { .. }) {
+                "cert"
+            } else {
+                "ca"
+            };
+            (key, format!("{e:#}"))
+        })?;
+    }
+    Ok(settings)
 }
 
 /// The addresses of an `ldap[s]://host[:port]` URL's host (default ports 389 and 636).
@@ -214,10 +231,14 @@ fn resolve(url: &str) -> Result<Vec<std::net::SocketAddr>, String> {
         }
         _ => format!("{authority}:{port}"),
     };
-    let addrs: Vec<_> = with_port
+    let mut addrs: Vec<_> = with_port
         .to_socket_addrs()
         .map_err(|e| format!("{url:?}: cannot resolve {with_port}: {e}"))?
         .collect();
+    // In a stable order: the same answers in another order are the same settings (the worker
+    // keeps its directory client, cache and connections).
+    addrs.sort();
+    addrs.dedup();
     if addrs.is_empty() {
         return Err(format!("{url:?}: {with_port} has no address"));
     }
