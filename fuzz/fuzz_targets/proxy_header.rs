@@ -46,6 +46,7 @@ fuzz_target!(|data: &[u8]| {
             uris: parts.map(str::to_owned).collect(),
         }),
         authorised,
+        ask_directory: false,
     };
     if let Ok(bytes) = header(ProxyProtocol::V2, client, destination, Some(&facts)) {
         let parsed = ppp::v2::Header::try_from(bytes.as_slice()).expect("decodable");

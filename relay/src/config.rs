@@ -23,6 +23,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::access;
 
+mod cluster;
+mod directory;
+
+pub use cluster::Cluster;
+pub use directory::Directory;
+
 /// Security level of one side of a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -155,136 +161,6 @@ fn default_pin_path() -> PathBuf {
 fn default_route_table() -> u32 {
     // 0x5e1a: "sela(y)", unlikely to collide with an operator's own table numbers.
     24090
-}
-
-/// `[cluster]`: this gateway as one of several that share their services and TLS session ticket
-/// keys through etcd.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Cluster {
-    /// etcd client endpoints: `https://host:2379` (`http://` only with `insecure = true`).
-    pub etcd: Vec<String>,
-    /// Key prefix of this cluster in etcd; several clusters can share one etcd.
-    #[serde(default = "default_cluster_prefix")]
-    pub prefix: String,
-    /// This gateway's name among the members (unique in the cluster).
-    pub name: String,
-    /// CA that signs the etcd servers' certificates.
-    pub ca: Option<PathBuf>,
-    /// Client certificate and key presented to etcd.
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-    /// Allows `http://` endpoints: the ticket keys stay sealed, but service definitions and
-    /// membership travel in clear.
-    #[serde(default)]
-    pub insecure: bool,
-    /// The key-encryption key (32 random bytes, raw or as 64 hex digits) every gateway has: the
-    /// ticket keys are stored in etcd sealed with it, never in clear.
-    pub key_encryption_key: PathBuf,
-    /// Files a service from the cluster may name (certificates, keys, CAs, CRLs) are under
-    /// this directory: whoever writes to etcd cannot make a gateway use another of its files
-    /// (another service's key). PEM given inline in the entry needs no file.
-    #[serde(default = "default_cluster_material")]
-    pub material: PathBuf,
-    /// The last cluster state this gateway applied, written atomically: a gateway that starts
-    /// while etcd is down serves it.
-    #[serde(default = "default_cluster_cache")]
-    pub cache: PathBuf,
-    /// Time-to-live of this gateway's lease: its member key and its leadership end this long
-    /// after it stops answering.
-    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
-    pub lease_ttl: Duration,
-}
-
-/// `[directory]`: the LDAP server that decides `group:` and `attr:` rules.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Directory {
-    /// `ldaps://host:636`, or `ldap://host:389` with `starttls = true` (or `insecure = true`).
-    pub url: String,
-    #[serde(default)]
-    pub starttls: bool,
-    /// Allows `ldap://` without StartTLS: identities and group lists in clear.
-    #[serde(default)]
-    pub insecure: bool,
-    /// CA of the directory's certificate.
-    pub ca: Option<PathBuf>,
-    /// Simple bind: this DN, with the password in `bind_password_file`.
-    pub bind_dn: Option<String>,
-    pub bind_password_file: Option<PathBuf>,
-    /// SASL EXTERNAL bind with this client certificate and key (instead of `bind_dn`).
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-    /// Where entries and groups are searched (subtree).
-    pub base: String,
-    /// How an identity finds its entry: `{uri}`, `{dns}`, `{cn}` stand for the certificate's
-    /// first URI SAN, first DNS SAN and CN, escaped per RFC 4515.
-    #[serde(default = "default_directory_filter")]
-    pub filter: String,
-    /// Each lookup (connect, bind, searches) takes at most this long.
-    #[serde(default = "default_directory_timeout", with = "humantime_serde")]
-    pub timeout: Duration,
-    #[serde(default = "default_cache_ttl", with = "humantime_serde")]
-    pub cache_ttl: Duration,
-    /// How long "no entry for this identity" is remembered.
-    #[serde(default = "default_negative_ttl", with = "humantime_serde")]
-    pub negative_ttl: Duration,
-    /// With the directory unreachable, cached decisions hold this long past their TTL; then
-    /// clients are refused.
-    #[serde(default = "default_stale_for", with = "humantime_serde")]
-    pub stale_for: Duration,
-    /// Levels of nested groups followed.
-    #[serde(default = "default_nested_depth")]
-    pub nested_depth: usize,
-    /// Connections to the directory, opened when needed.
-    #[serde(default = "default_directory_connections")]
-    pub connections: usize,
-}
-
-/// People only: a group entry shares `cn` with nothing a CA should issue, but must never be
-/// taken for a client (a CN "ops" would otherwise be the group ops, member of its parents).
-fn default_directory_filter() -> String {
-    "(&(objectClass=person)(|(labeledURI={uri})(cn={cn})))".into()
-}
-
-fn default_directory_timeout() -> Duration {
-    Duration::from_secs(5)
-}
-
-fn default_cache_ttl() -> Duration {
-    Duration::from_secs(60)
-}
-
-fn default_negative_ttl() -> Duration {
-    Duration::from_secs(10)
-}
-
-fn default_stale_for() -> Duration {
-    Duration::from_secs(300)
-}
-
-fn default_nested_depth() -> usize {
-    4
-}
-
-fn default_directory_connections() -> usize {
-    2
-}
-
-fn default_cluster_prefix() -> String {
-    "/relay".into()
-}
-
-fn default_cluster_material() -> PathBuf {
-    PathBuf::from("/etc/relay/cluster")
-}
-
-fn default_cluster_cache() -> PathBuf {
-    PathBuf::from("/var/lib/relay/cluster.json")
-}
-
-fn default_lease_ttl() -> Duration {
-    Duration::from_secs(10)
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -630,10 +506,10 @@ impl Config {
             }
         }
         if let Some(c) = &self.cluster {
-            validate_cluster(c)?;
+            cluster::validate(c)?;
         }
         if let Some(d) = &self.directory {
-            validate_directory(d)?;
+            directory::validate(d)?;
         }
         let mut names = HashSet::new();
         let mut listens = HashSet::new();
@@ -885,164 +761,6 @@ impl Config {
         }
         Ok(())
     }
-}
-
-fn validate_directory(d: &Directory) -> Result<(), (Vec<Seg>, String)> {
-    use Seg::Key;
-    let at = |k: &'static str| vec![Key("directory"), Key(k)];
-    let tls = if d.url.starts_with("ldaps://") {
-        if d.starttls {
-            return Err((
-                at("starttls"),
-                "ldaps:// is TLS already; remove starttls".into(),
-            ));
-        }
-        true
-    } else if d.url.starts_with("ldap://") {
-        if !d.starttls && !d.insecure {
-            return Err((
-                at("url"),
-                format!(
-                    "{:?} without StartTLS sends identities and group lists in clear: use \
-                     ldaps://, or starttls = true, or insecure = true",
-                    d.url
-                ),
-            ));
-        }
-        d.starttls
-    } else {
-        return Err((
-            at("url"),
-            format!("{:?}: use ldaps://host[:port] or ldap://host[:port]", d.url),
-        ));
-    };
-    if tls && d.ca.is_none() {
-        return Err((
-            at("ca"),
-            "required with TLS: the CA of the directory's certificate".into(),
-        ));
-    }
-    if d.bind_dn.is_some() != d.bind_password_file.is_some() {
-        let k = if d.bind_dn.is_some() {
-            "bind_password_file"
-        } else {
-            "bind_dn"
-        };
-        return Err((
-            at(k),
-            "`bind_dn` and `bind_password_file` go together".into(),
-        ));
-    }
-    if d.cert.is_some() != d.key.is_some() {
-        let k = if d.cert.is_some() { "key" } else { "cert" };
-        return Err((at(k), "`cert` and `key` go together".into()));
-    }
-    if d.cert.is_some() && d.bind_dn.is_some() {
-        return Err((
-            at("cert"),
-            "choose one bind: bind_dn (simple) or cert (SASL EXTERNAL)".into(),
-        ));
-    }
-    if d.cert.is_some() && !tls {
-        return Err((
-            at("cert"),
-            "SASL EXTERNAL needs TLS (ldaps:// or starttls)".into(),
-        ));
-    }
-    if !["{uri}", "{dns}", "{cn}"]
-        .iter()
-        .any(|p| d.filter.contains(p))
-    {
-        return Err((
-            at("filter"),
-            "must use {uri}, {dns} or {cn}: the identity to look up".into(),
-        ));
-    }
-    let probe = d
-        .filter
-        .replace("{uri}", "x")
-        .replace("{dns}", "x")
-        .replace("{cn}", "x");
-    if ldap3::parse_filter(&probe).is_err() {
-        return Err((
-            at("filter"),
-            format!("{:?} is not an LDAP filter", d.filter),
-        ));
-    }
-    for (k, v) in [("timeout", d.timeout), ("cache_ttl", d.cache_ttl)] {
-        if v.is_zero() {
-            return Err((at(k), "must be greater than 0".into()));
-        }
-    }
-    if !(1..=16).contains(&d.nested_depth) {
-        return Err((at("nested_depth"), "must be 1-16".into()));
-    }
-    if !(1..=64).contains(&d.connections) {
-        return Err((at("connections"), "must be 1-64".into()));
-    }
-    Ok(())
-}
-
-fn validate_cluster(c: &Cluster) -> Result<(), (Vec<Seg>, String)> {
-    use Seg::{Index, Key};
-    let at = |k: &'static str| vec![Key("cluster"), Key(k)];
-    if c.etcd.is_empty() {
-        return Err((at("etcd"), "name at least one etcd endpoint".into()));
-    }
-    for (i, e) in c.etcd.iter().enumerate() {
-        let clear = e.starts_with("http://");
-        if !(clear || e.starts_with("https://")) {
-            return Err((
-                vec![Key("cluster"), Key("etcd"), Index(i)],
-                format!(
-                    "{e:?}: an endpoint is https://host:port (or http:// with insecure = true)"
-                ),
-            ));
-        }
-        if clear && !c.insecure {
-            return Err((
-                vec![Key("cluster"), Key("etcd"), Index(i)],
-                format!(
-                    "{e:?} is not encrypted: service definitions would travel in clear; use \
-                     https:// with `ca`, or set insecure = true"
-                ),
-            ));
-        }
-    }
-    if c.etcd.iter().any(|e| e.starts_with("https://")) && c.ca.is_none() {
-        return Err((
-            at("ca"),
-            "required with https:// endpoints: the CA of the etcd servers".into(),
-        ));
-    }
-    if c.cert.is_some() != c.key.is_some() {
-        let k = if c.cert.is_some() { "key" } else { "cert" };
-        return Err((at(k), "`cert` and `key` go together".into()));
-    }
-    if !c.prefix.starts_with('/') || c.prefix.ends_with('/') || c.prefix.len() < 2 {
-        return Err((
-            at("prefix"),
-            format!(
-                "{:?}: starts with '/', does not end with one (e.g. \"/relay\")",
-                c.prefix
-            ),
-        ));
-    }
-    let valid_name = !c.name.is_empty()
-        && c.name.len() <= 64
-        && c.name
-            .chars()
-            .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch));
-    if !valid_name {
-        return Err((
-            at("name"),
-            format!("{:?}: use 1-64 of A-Z a-z 0-9 - _ .", c.name),
-        ));
-    }
-    if c.lease_ttl < Duration::from_secs(2) {
-        return Err((at("lease_ttl"), "must be at least 2s".into()));
-    }
-    Ok(())
 }
 
 /// Turns key paths and serde errors into located [`ConfigError`]s.
