@@ -11,6 +11,7 @@ fuzz_target!(|line: &str| {
             datapath: None,
             cluster: None,
             directory: None,
+            acme: None,
             services: vec![*service],
         };
         let _ = config.check();

@@ -67,6 +67,13 @@ pub enum Command {
         #[command(subcommand)]
         command: TicketsCommand,
     },
+    /// Certificates of the running relay.
+    Cert {
+        #[command(flatten)]
+        target: Target,
+        #[command(subcommand)]
+        command: CertCommand,
+    },
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Write the man pages (relay.1 and one per subcommand) into a directory.
@@ -113,6 +120,13 @@ pub enum TicketsCommand {
     Rotate,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Order a new ACME certificate for a service with cert = "acme" now (it replaces the
+    /// current one for new connections once issued).
+    Renew { service: String },
+}
+
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum ServiceCommand {
@@ -134,10 +148,14 @@ pub enum ServiceCommand {
         listen: Option<std::net::SocketAddr>,
         #[arg(long, value_enum, default_value_t = LevelArg::Plain)]
         inbound_level: LevelArg,
+        /// A PEM file, or "acme" for a certificate from [acme] for --names.
         #[arg(long)]
         cert: Option<PathBuf>,
         #[arg(long)]
         key: Option<PathBuf>,
+        /// With --cert acme: a DNS name the certificate is issued for (repeat for more).
+        #[arg(long = "acme-name")]
+        names: Vec<String>,
         #[arg(long)]
         client_ca: Option<PathBuf>,
         /// Identity allowed in (mtls; repeat for more): dns:NAME, uri:URI (`*` within a path

@@ -23,9 +23,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::access;
 
+mod acme;
 mod cluster;
 mod directory;
 
+pub use acme::{ACME, Acme};
 pub use cluster::Cluster;
 pub use directory::Directory;
 
@@ -58,6 +60,8 @@ pub struct Config {
     pub cluster: Option<Cluster>,
     /// An LDAP directory deciding `group:` and `attr:` allow rules (`directory`).
     pub directory: Option<Directory>,
+    /// An ACME server issuing the certificates of services with `cert = "acme"` (`acme`).
+    pub acme: Option<Acme>,
     #[serde(default, rename = "service")]
     pub services: Vec<Service>,
 }
@@ -191,8 +195,13 @@ impl Service {
 #[serde(deny_unknown_fields)]
 pub struct Inbound {
     pub level: Level,
+    /// A PEM file, or `"acme"`: a certificate from `[acme]` for `names`.
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    /// `cert = "acme"`: the DNS names the certificate is issued for. (Always serialized: the
+    /// handoff's format is not self-describing.)
+    #[serde(default)]
+    pub names: Vec<String>,
     pub client_ca: Option<PathBuf>,
     /// mtls: only clients whose verified identity matches one of these pass (see `access`).
     #[serde(default)]
@@ -238,6 +247,11 @@ pub enum CrlExpired {
 }
 
 impl Inbound {
+    /// `cert = "acme"`: the certificate comes from `[acme]`.
+    pub fn is_acme(&self) -> bool {
+        self.cert.as_deref() == Some(Path::new(ACME))
+    }
+
     pub fn plaintext(&self) -> Plaintext {
         self.plaintext.unwrap_or_default()
     }
@@ -409,8 +423,17 @@ impl Config {
                 }
             }
         }
+        if let Some(a) = &mut self.acme {
+            fix(&mut a.account_key);
+            fix(&mut a.ca);
+            if a.storage.is_relative() {
+                a.storage = base.join(&a.storage);
+            }
+        }
         for s in &mut self.services {
-            fix(&mut s.inbound.cert);
+            if !s.inbound.is_acme() {
+                fix(&mut s.inbound.cert);
+            }
             fix(&mut s.inbound.key);
             fix(&mut s.inbound.client_ca);
             fix(&mut s.inbound.crl);
@@ -511,6 +534,9 @@ impl Config {
         if let Some(d) = &self.directory {
             directory::validate(d)?;
         }
+        if let Some(a) = &self.acme {
+            acme::validate(a)?;
+        }
         let mut names = HashSet::new();
         let mut listens = HashSet::new();
         let mut fronts = HashSet::new();
@@ -580,6 +606,49 @@ impl Config {
         Ok(())
     }
 
+    /// `cert = "acme"`: names to issue for, and an `[acme]` to issue them.
+    fn validate_acme(&self, i: usize, inb: &Inbound) -> Result<(), (Vec<Seg>, String)> {
+        use Seg::{Index, Key};
+        let at = |k: &'static str| vec![Key("service"), Index(i), Key("inbound"), Key(k)];
+        if self.acme.is_none() {
+            return Err((
+                at("cert"),
+                "\"acme\" needs an [acme] section (the ACME server that issues it)".into(),
+            ));
+        }
+        if inb.key.is_some() {
+            return Err((
+                at("key"),
+                "not with cert = \"acme\": the relay makes the key and keeps it in \
+                 [acme] storage"
+                    .into(),
+            ));
+        }
+        if inb.names.is_empty() {
+            return Err((
+                at("names"),
+                "required with cert = \"acme\": the DNS names to issue the certificate for".into(),
+            ));
+        }
+        for (n, name) in inb.names.iter().enumerate() {
+            let mut path = at("names");
+            path.push(Index(n));
+            if name.starts_with("*.") {
+                return Err((
+                    path,
+                    format!(
+                        "{name:?}: a wildcard needs the dns-01 challenge; the relay answers \
+                         tls-alpn-01 on the front port"
+                    ),
+                ));
+            }
+            if !acme::valid_name(name) {
+                return Err((path, format!("{name:?} is not a DNS name")));
+            }
+        }
+        Ok(())
+    }
+
     fn validate_inbound(&self, i: usize, inb: &Inbound) -> Result<(), (Vec<Seg>, String)> {
         use Seg::{Index, Key};
         let at = |k: &'static str| vec![Key("service"), Index(i), Key("inbound"), Key(k)];
@@ -597,12 +666,20 @@ impl Config {
                     ));
                 }
             }
+        } else if inb.is_acme() {
+            self.validate_acme(i, inb)?;
         } else {
             for (k, v) in [("cert", &inb.cert), ("key", &inb.key)] {
                 if v.is_none() {
                     return Err((at(k), format!("required with level = \"{level}\"")));
                 }
             }
+        }
+        if !inb.is_acme() && !inb.names.is_empty() {
+            return Err((
+                at("names"),
+                "only with cert = \"acme\" (the names the certificate is issued for)".into(),
+            ));
         }
         match (level, &inb.client_ca) {
             (Level::Mtls, None) => {

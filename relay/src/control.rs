@@ -63,6 +63,10 @@ pub enum Request {
     ClusterStatus {},
     /// New TLS session ticket keys now: this gateway's, or with `[cluster]` every gateway's.
     RotateTickets {},
+    /// Order a new ACME certificate for a service with `cert = "acme"` now.
+    RenewCertificate {
+        service: String,
+    },
     /// Tests only (refused by release builds): make the worker misbehave on purpose.
     Debug {
         what: crate::handoff::DebugOp,
@@ -165,6 +169,25 @@ pub struct ServiceInfo {
     pub backend: String,
     pub inbound: String,
     pub outbound: String,
+    /// The inbound certificates in force (the default one, then the `sni` entries').
+    #[serde(default)]
+    pub certificates: Vec<CertificateInfo>,
+    /// `cert = "acme"`: its orders.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acme: Option<crate::acme::State>,
+}
+
+/// A certificate a service serves.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CertificateInfo {
+    /// The key it comes from: `inbound.cert`, `inbound.sni[N].cert`.
+    pub key: String,
+    /// `file` (a path, watched) or `acme`.
+    pub source: String,
+    pub path: String,
+    /// Unix seconds; `None`: none yet (ACME), or it does not parse.
+    pub not_after: Option<u64>,
+    pub names: Vec<String>,
 }
 
 impl From<&Service> for ServiceInfo {
@@ -184,6 +207,8 @@ impl From<&Service> for ServiceInfo {
             backend: s.backend_addr().to_string(),
             inbound: s.inbound.level.to_string(),
             outbound: s.outbound.level.to_string(),
+            certificates: Vec::new(),
+            acme: None,
         }
     }
 }

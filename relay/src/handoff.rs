@@ -74,6 +74,9 @@ pub enum ToWorker {
     Apply(Apply),
     /// New session ticket keys, newest first.
     Tickets(Vec<crate::tickets::TicketKey>),
+    /// The ACME tls-alpn-01 answers to serve from now on (all of them); answered with
+    /// `Applied`.
+    Challenges(Vec<crate::tls::challenge::Answer>),
     /// Report connection counters.
     Status,
     /// Report the metrics in the exposition format.

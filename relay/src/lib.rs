@@ -25,6 +25,7 @@
 //! - [`sys`]: users, privileges, limits, signals, mounts — through nix.
 
 pub mod access;
+pub mod acme;
 pub mod cli;
 pub mod cluster;
 pub mod config;

@@ -9,7 +9,7 @@ use std::{
 
 use clap::{CommandFactory as _, Parser as _};
 use relay::{
-    cli::{Cli, Command, LogFormat, ServiceCommand, Target, TicketsCommand},
+    cli::{CertCommand, Cli, Command, LogFormat, ServiceCommand, Target, TicketsCommand},
     cluster::ClusterStatus,
     config::Config,
     control::{self, ChangeSummary, ClusterWrite, DatapathStatus, Request, Status},
@@ -103,6 +103,14 @@ fn main() -> ExitCode {
                     );
                 }
             }),
+            EXIT_RUNTIME,
+        ),
+        Command::Cert {
+            target,
+            command: CertCommand::Renew { service },
+        } => exit(
+            call::<String>(&target, &Request::RenewCertificate { service })
+                .map(|s| println!("{s}")),
             EXIT_RUNTIME,
         ),
         Command::Service { target, command } => exit(service(&target, command), EXIT_RUNTIME),
@@ -239,6 +247,49 @@ fn cluster_status(target: &Target, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Each certificate's end of validity and source, and the ACME orders.
+fn print_certificates(services: &[relay::control::ServiceInfo]) {
+    if services.iter().all(|v| v.certificates.is_empty()) {
+        return;
+    }
+    println!(
+        "\n  {:<20} {:<22} {:<22} {:<6} source",
+        "service", "certificate", "not after (UTC)", "days"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    for v in services {
+        for c in &v.certificates {
+            let (end, days) = match c.not_after {
+                Some(t) => (
+                    humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(t),
+                    )
+                    .to_string(),
+                    ((t as i64 - now) / 86_400).to_string(),
+                ),
+                None => ("none yet".to_string(), "-".to_string()),
+            };
+            println!(
+                "  {:<20} {:<22} {:<22} {:<6} {} {}",
+                v.name, c.key, end, days, c.source, c.path
+            );
+        }
+        if let Some(a) = &v.acme {
+            let last = a
+                .last_error
+                .as_deref()
+                .map(|e| format!("; last failure: {e}"))
+                .unwrap_or_default();
+            println!(
+                "  {:<20} acme: {} order(s), {} failure(s), {} renewal(s){last}",
+                "", a.orders, a.failures, a.renewals
+            );
+        }
+    }
+}
+
 fn print_status(s: &Status) {
     let worker = s.worker.as_ref().map_or_else(
         || "being started".to_string(),
@@ -273,6 +324,7 @@ fn print_status(s: &Status) {
         }
         None => println!("  (the worker did not answer)"),
     }
+    print_certificates(&s.services);
     if let Some(d) = &s.directory {
         println!(
             "\n  directory {}: {}; {} lookup(s), {} cache hit(s), {} failure(s), {} stale \
@@ -400,6 +452,7 @@ fn service(target: &Target, command: ServiceCommand) -> anyhow::Result<()> {
             inbound_level,
             cert,
             key,
+            names,
             client_ca,
             allow,
             crl,
@@ -428,8 +481,12 @@ fn service(target: &Target, command: ServiceCommand) -> anyhow::Result<()> {
                 max_connections: None,
                 inbound: relay::config::Inbound {
                     level: inbound_level.into(),
-                    cert: abs(cert)?,
+                    cert: match cert {
+                        Some(c) if c.as_os_str() == relay::config::ACME => Some(c),
+                        c => abs(c)?,
+                    },
                     key: abs(key)?,
+                    names,
                     client_ca: abs(client_ca)?,
                     allow,
                     crl: abs(crl)?,

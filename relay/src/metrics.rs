@@ -57,10 +57,14 @@ pub enum Outcome {
     Redirected,
     /// A ClientHello for a server name the service has no certificate for.
     UnknownSni,
+    /// An ACME server's tls-alpn-01 validation, answered (`cert = "acme"`).
+    AcmeValidation,
+    /// `cert = "acme"` and no certificate issued yet.
+    NoCertificate,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 15] = [
+    pub const ALL: [Outcome; 17] = [
         Outcome::Closed,
         Outcome::IdleTimeout,
         Outcome::HandshakeTimeout,
@@ -76,6 +80,8 @@ impl Outcome {
         Outcome::PlaintextRejected,
         Outcome::Redirected,
         Outcome::UnknownSni,
+        Outcome::AcmeValidation,
+        Outcome::NoCertificate,
     ];
 
     pub fn label(self) -> &'static str {
@@ -95,6 +101,8 @@ impl Outcome {
             Outcome::PlaintextRejected => "plaintext_rejected",
             Outcome::Redirected => "redirected",
             Outcome::UnknownSni => "unknown_sni",
+            Outcome::AcmeValidation => "acme_validation",
+            Outcome::NoCertificate => "no_certificate",
         }
     }
 
@@ -103,7 +111,7 @@ impl Outcome {
     pub fn is_normal(self) -> bool {
         matches!(
             self,
-            Outcome::Closed | Outcome::Redirected | Outcome::Truncated
+            Outcome::Closed | Outcome::Redirected | Outcome::Truncated | Outcome::AcmeValidation
         )
     }
 
@@ -114,6 +122,7 @@ impl Outcome {
             | Outcome::HandshakeTimeout
             | Outcome::Denied
             | Outcome::PlaintextRejected
+            | Outcome::NoCertificate
             | Outcome::UnknownSni => Some("inbound"),
             Outcome::BackendHandshakeFailed => Some("outbound"),
             _ => None,
@@ -543,6 +552,57 @@ pub fn encode_directory(d: &crate::directory::Status) -> String {
 }
 
 /// `[cluster]`: connected, revision applied, changes, leadership.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertificateLabels {
+    service: String,
+    certificate: String,
+    source: String,
+}
+
+/// Each certificate's time left, and the ACME orders.
+fn register_certificates(registry: &mut Registry, services: &[crate::control::ServiceInfo]) {
+    let now = crate::acme::unix(std::time::SystemTime::now()) as i64;
+    let expiry = Family::<CertificateLabels, Gauge>::default();
+    let [orders, failures, renewals] = [(); 3].map(|()| Family::<ServiceLabel, Counter>::default());
+    for s in services {
+        for c in &s.certificates {
+            if let Some(end) = c.not_after {
+                expiry
+                    .get_or_create(&CertificateLabels {
+                        service: s.name.clone(),
+                        certificate: c.key.clone(),
+                        source: c.source.clone(),
+                    })
+                    .set(end as i64 - now);
+            }
+        }
+        if let Some(a) = &s.acme {
+            let label = ServiceLabel {
+                service: s.name.clone(),
+            };
+            orders.get_or_create(&label).inc_by(a.orders);
+            failures.get_or_create(&label).inc_by(a.failures);
+            renewals.get_or_create(&label).inc_by(a.renewals);
+        }
+    }
+    registry.register(
+        "certificate_expiry_seconds",
+        "Seconds until each served certificate's notAfter (negative: expired)",
+        expiry,
+    );
+    registry.register("acme_orders", "ACME certificate orders started", orders);
+    registry.register(
+        "acme_failures",
+        "ACME orders that failed (retried with backoff)",
+        failures,
+    );
+    registry.register(
+        "acme_renewals",
+        "ACME certificates issued in place of an earlier one",
+        renewals,
+    );
+}
+
 fn register_cluster(registry: &mut Registry, c: &crate::control::ClusterInfo) {
     let gauge = |v: i64| {
         let g = Gauge::<i64>::default();
@@ -606,6 +666,7 @@ pub fn encode_supervisor(
     late_answers: u64,
     datapath: &[crate::datapath::ServiceCounters],
     cluster: Option<&crate::control::ClusterInfo>,
+    services: &[crate::control::ServiceInfo],
 ) -> String {
     let mut registry = Registry::with_prefix("relay");
     let r = Counter::<u64>::default();
@@ -628,7 +689,8 @@ pub fn encode_supervisor(
     }
     registry.register(
         "file_reloads",
-        "Watched files (CRLs) changed on disk, by whether the change was applied or refused",
+        "Watched files (certificates, keys, CAs, CRLs) and ACME certificates changed, by \
+         whether the change was applied or refused",
         reloads,
     );
     let packets = Family::<ActionLabels, Counter>::default();
@@ -656,6 +718,7 @@ pub fn encode_supervisor(
     if let Some(c) = cluster {
         register_cluster(&mut registry, c);
     }
+    register_certificates(&mut registry, services);
     let mut out = String::new();
     let _ = encode(&mut out, &registry);
     out.strip_suffix("# EOF\n").unwrap_or(&out).to_string()

@@ -35,6 +35,7 @@ use crate::{
     service::Compiled,
     tls::{
         self,
+        challenge::Challenges,
         facts::TlsFacts,
         handshake::{self, HandshakeError},
     },
@@ -91,6 +92,8 @@ pub struct ServiceRuntime {
     pub metrics: Arc<ServiceMetrics>,
     /// `[directory]`, for services with `group:` or `attr:` rules.
     directory: Option<Arc<crate::directory::Directory>>,
+    /// The worker's ACME validation answers (`tls::challenge`).
+    challenges: Arc<Challenges>,
 }
 
 impl ServiceRuntime {
@@ -98,6 +101,7 @@ impl ServiceRuntime {
         compiled: Compiled,
         metrics: Arc<ServiceMetrics>,
         directory: Option<Arc<crate::directory::Directory>>,
+        challenges: Arc<Challenges>,
     ) -> Self {
         let Compiled {
             config,
@@ -112,6 +116,7 @@ impl ServiceRuntime {
             limit,
             metrics,
             directory,
+            challenges,
         }
     }
 
@@ -393,9 +398,11 @@ async fn establish_tls(
             return plaintext(socket, service.config.inbound.plaintext()).await;
         }
     }
-    let accepted = handshake::accept(&socket, server)
+    let accepted = handshake::accept(&socket, server, &service.challenges)
         .await
         .map_err(|e| match &e {
+            HandshakeError::AcmeAnswered(_) => Failure::new(Outcome::AcmeValidation, &e),
+            HandshakeError::NoCertificate => Failure::new(Outcome::NoCertificate, &e),
             HandshakeError::UnknownSni(_) => Failure::new(
                 Outcome::UnknownSni,
                 format!("{e} (unknown_sni = \"reject\")"),

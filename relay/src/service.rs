@@ -132,7 +132,19 @@ pub struct Checked {
 /// Reads and compiles `config`'s files (not needed afterwards: the worker compiles its own);
 /// errors are located in `source` when the configuration came from a file.
 pub fn check(config: Config, source: Option<&Source>) -> Result<Checked, ConfigError> {
-    let files = read(&config.services).map_err(|e| e.locate(source))?;
+    let mut files = read(&config.services).map_err(|e| e.locate(source))?;
+    let mut warnings = Vec::new();
+    if let Some(acme) = &config.acme {
+        for s in config.services.iter().filter(|s| s.inbound.is_acme()) {
+            match acme_certificate(acme, &s.name) {
+                Ok(Some(pem)) => {
+                    files.insert(tls::material::acme_file(&s.name), pem);
+                }
+                Ok(None) => {}
+                Err(why) => warnings.push(format!("service {}: {why}", s.name)),
+            }
+        }
+    }
     let directory = match &config.directory {
         Some(d) => Some(directory_settings(d).map_err(|(key, message)| {
             config::locate(source, &[Seg::Key("directory"), Seg::Key(key)], message)
@@ -142,17 +154,34 @@ pub fn check(config: Config, source: Option<&Source>) -> Result<Checked, ConfigE
     let quiet: &dyn Fn(&Service) -> OnDeclined = &|_| Arc::new(|_| {});
     compile(&config.services, &files, &Resumption::default(), quiet)
         .map_err(|e| e.locate(source))?;
-    let warnings = config
-        .services
-        .iter()
-        .flat_map(|s| tls::material::warnings(s, &files))
-        .collect();
+    warnings.extend(
+        config
+            .services
+            .iter()
+            .flat_map(|s| tls::material::warnings(s, &files)),
+    );
     Ok(Checked {
         config,
         files,
         warnings,
         directory,
     })
+}
+
+/// The stored ACME certificate of service `name` (key and chain), `None` before the first
+/// one; one that cannot be read or does not hold together is an error (the service then
+/// waits for a new one, which its ACME task orders).
+fn acme_certificate(acme: &config::Acme, name: &str) -> Result<Option<Vec<u8>>, String> {
+    let path = acme.stored(name);
+    match tls::material::read(&path) {
+        Ok(pem) if crate::acme::Stored::parse(&pem).is_some() => Ok(Some(pem)),
+        Ok(_) => Err(format!(
+            "{}: not a key and certificate chain that fit; ordering a new one",
+            path.display()
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("{}: cannot read: {e}", path.display())),
+    }
 }
 
 /// `[directory]` for the worker (which reads no file and resolves no name): the CA, password

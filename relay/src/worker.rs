@@ -34,7 +34,7 @@ use crate::{
     proxy::{self, Route, ServiceRuntime, Services, Shared, Table, Timeouts},
     sandbox, service,
     tickets::{SharedTicketer, TicketKey},
-    tls,
+    tls::{self, challenge::Challenges},
 };
 
 /// Who the worker runs as, decided by the supervisor (which may read the user database).
@@ -153,6 +153,13 @@ async fn run(channel_fd: OwnedFd, pairs: Option<crate::sockmap::Pairs>) -> anyho
                 }
                 Some(FromWorker::Applied { error })
             }
+            ToWorker::Challenges(answers) => {
+                let error = match &worker {
+                    Some(w) => w.challenges.set(&answers).err().map(|e| e.to_string()),
+                    None => Some("no configuration yet".into()),
+                };
+                Some(FromWorker::Applied { error })
+            }
             ToWorker::Tickets(keys) => {
                 if let Some(w) = &worker {
                     w.ticketer.set(&keys);
@@ -215,6 +222,8 @@ struct Worker {
     kernel_copy: Option<&'static KernelCopy>,
     /// `[directory]`: one client (its connections and cache) for every service of the worker.
     directory: Option<Arc<crate::directory::Directory>>,
+    /// ACME validations answered on the services' front ports.
+    challenges: Arc<Challenges>,
 }
 
 impl Worker {
@@ -240,6 +249,7 @@ impl Worker {
             relay: relay.clone(),
             kernel_copy,
             directory: None,
+            challenges: Arc::default(),
         }
     }
 
@@ -324,7 +334,12 @@ impl Worker {
                 .listen
                 .is_none()
                 .then_some((c.config.server.to_canonical(), c.config.port));
-            let runtime = Arc::new(ServiceRuntime::new(c, metrics, directory.clone()));
+            let runtime = Arc::new(ServiceRuntime::new(
+                c,
+                metrics,
+                directory.clone(),
+                Arc::clone(&self.challenges),
+            ));
             if let Some(dst) = transparent {
                 by_destination.insert(dst, Arc::clone(&runtime));
             }

@@ -14,6 +14,7 @@ use relay::control::DatapathStatus;
 use relay_tests::{
     http::HttpServer,
     netns::{CLIENT4, CLIENT6, GW_CLIENT_IF, SERVER4, SERVER6, Topology, require_root},
+    pebble::{Pebble, Place},
     pki::Pki,
     relay::{Relay, binary},
 };
@@ -223,6 +224,56 @@ fn steers_tls_and_drops_the_backend_port_over_ipv4_and_ipv6() {
     let attachment = &gw.datapath().attachments[0];
     assert_eq!(attachment.interface, GW_CLIENT_IF);
     assert!(["native", "generic"].contains(&attachment.xdp_mode.as_str()));
+}
+
+#[test]
+fn acme_validates_through_the_steered_front_port() {
+    // pebble sits on the client side, as a public CA does: its tls-alpn-01 connection to
+    // shop.test (the server's address) port 443 is steered into the relay like any client's.
+    let gw = Gateway::new("acme");
+    let place = Place {
+        wrap: ["ip", "netns", "exec", &gw.topo.cli]
+            .map(String::from)
+            .to_vec(),
+        ip: CLIENT4.parse().unwrap(),
+        names_to: SERVER4.parse().unwrap(),
+    };
+    let mut pebble = Pebble::at(place, &gw.dir.path().join("pebble"), &gw.pki, 443).unwrap();
+    pebble.start().unwrap();
+    let text = format!(
+        "[relay]\ncontrol_socket = \"{dir}/control.sock\"\n\n\
+         [datapath]\ninterfaces = [\"{GW_CLIENT_IF}\"]\npin_path = \"{pins}\"\n\n\
+         [acme]\ndirectory = \"{directory}\"\nca = \"{ca}\"\nstorage = \"{dir}/acme\"\n\n\
+         [[service]]\nname = \"shop\"\nserver = \"{SERVER4}\"\nport = 443\nbackend_port = 8080\n\
+         [service.inbound]\nlevel = \"tls\"\ncert = \"acme\"\nnames = [\"shop.test\"]\n\
+         [service.outbound]\nlevel = \"plain\"\n",
+        dir = gw.dir.path().display(),
+        pins = gw.pin_path.display(),
+        directory = pebble.directory(),
+        ca = pebble.ca.display(),
+    );
+    std::fs::write(&gw.config, text).unwrap();
+    let relay = gw.start_relay();
+    assert!(
+        relay.wait_logs(&["changed files applied"], 1, Duration::from_secs(60)),
+        "no certificate from pebble:\n{}\n{}",
+        relay.logs().join("\n"),
+        pebble.log()
+    );
+    assert!(relay.has_log("outcome=\"acme_validation\""));
+    let root = pebble.root().unwrap();
+    let out = gw.topo.curl(&[
+        "--max-time",
+        "10",
+        "--cacert",
+        root.to_str().unwrap(),
+        "--resolve",
+        &format!("shop.test:443:{SERVER4}"),
+        "https://shop.test/index.html",
+    ]);
+    assert_served(&out, "shop.test with pebble's certificate");
+    assert_dropped(&gw.direct(SERVER4), "direct hit on the backend port");
+    assert!(gw.counter("shop", "steered") > 0);
 }
 
 /// `ip netns exec <gw> bpftool net show dev gw-cli`: the XDP program on the client side

@@ -457,7 +457,7 @@ fn a_crl_that_does_not_parse_keeps_the_previous_one() {
     }
     assert!(
         gate.relay
-            .wait_logs(&["changed CRL NOT applied"], 2, Duration::from_secs(5)),
+            .wait_logs(&["changed files NOT applied"], 2, Duration::from_secs(5)),
         "said loudly"
     );
     let session = gate.session("x");

@@ -18,6 +18,7 @@ pub mod http;
 pub mod ldap;
 pub mod metrics;
 pub mod netns;
+pub mod pebble;
 pub mod pki;
 pub mod relay;
 pub mod tlspeer;

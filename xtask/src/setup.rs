@@ -48,6 +48,8 @@ const APT_PACKAGES: &[&str] = &[
     // The directory tests' real LDAP server, and the tools that change its data mid-test.
     "slapd",
     "ldap-utils",
+    // The certificate tests' ACME server (Let's Encrypt's pebble, with its test DNS).
+    "pebble",
 ];
 
 pub fn setup() -> anyhow::Result<()> {

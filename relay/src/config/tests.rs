@@ -409,3 +409,100 @@ fn directory_and_cluster_sections_are_checked_with_their_keys() {
     let (_, k, message) = f.error(&format!("{cluster}insecure = true\n"));
     assert_eq!(k, "cluster.key_encryption_key", "{message}");
 }
+
+#[test]
+fn acme_certificates_are_checked_with_their_keys() {
+    let f = Fixture::new();
+    let acme = "[acme]\ndirectory = \"https://acme.example/dir\"\nstorage = \"acme-store\"\n";
+    let service = |inbound: &str| {
+        TLS_TO_PLAIN.replace(
+            "cert = \"server.pem\"\nkey = \"server.key\"\n",
+            &format!("{inbound}\n"),
+        )
+    };
+    let good = service("cert = \"acme\"\nnames = [\"shop.example.org\"]");
+    let c = f.parse(&format!("{good}\n{acme}")).unwrap();
+    let s = &c.services[0];
+    assert!(s.inbound.is_acme(), "\"acme\" is not a path made absolute");
+    assert_eq!(s.inbound.names, ["shop.example.org"]);
+    let a = c.acme.unwrap();
+    assert_eq!(a.storage, f.dir.path().join("acme-store"));
+    assert_eq!(
+        a.account_path(),
+        f.dir.path().join("acme-store/account.json")
+    );
+    assert_eq!(a.stored("shop"), f.dir.path().join("acme-store/shop.pem"));
+
+    for (text, key, needle) in [
+        (good.clone(), "service[0].inbound.cert", "[acme]"),
+        (
+            format!("{}\n{acme}", service("cert = \"acme\"")),
+            "service[0].inbound.names",
+            "required",
+        ),
+        (
+            format!(
+                "{}\n{acme}",
+                service("cert = \"acme\"\nkey = \"server.key\"\nnames = [\"a.example\"]")
+            ),
+            "service[0].inbound.key",
+            "makes the key",
+        ),
+        (
+            format!(
+                "{}\n{acme}",
+                service("cert = \"acme\"\nnames = [\"*.example.org\"]")
+            ),
+            "service[0].inbound.names[0]",
+            "dns-01",
+        ),
+        (
+            format!(
+                "{}\n{acme}",
+                service("cert = \"acme\"\nnames = [\"a..example\"]")
+            ),
+            "service[0].inbound.names[0]",
+            "not a DNS name",
+        ),
+        (
+            TLS_TO_PLAIN.replace(
+                "key = \"server.key\"\n",
+                "key = \"server.key\"\nnames = [\"a.example\"]\n",
+            ),
+            "service[0].inbound.names",
+            "only with cert",
+        ),
+        (
+            format!("{good}\n{}", acme.replace("https://", "http://")),
+            "acme.directory",
+            "https://",
+        ),
+        (
+            format!("{good}\n{acme}contact = [\"ops@example.org\"]\n"),
+            "acme.contact[0]",
+            "mailto:",
+        ),
+    ] {
+        let (_, k, message) = f.error(&text);
+        assert_eq!(k, key, "{text}: {message}");
+        assert!(message.contains(needle), "{text}: {message}");
+    }
+}
+
+#[test]
+fn a_half_written_certificate_is_pointed_at_by_line() {
+    let f = Fixture::new();
+    let pem = fs::read_to_string(f.dir.path().join("server.pem")).unwrap();
+    let cut = &pem[..pem.len() / 2];
+    fs::write(
+        f.dir.path().join("server.pem"),
+        format!("# renewed\n\n{cut}"),
+    )
+    .unwrap();
+    let (_, key, message) = f.error(TLS_TO_PLAIN);
+    assert_eq!(key, "service[0].inbound.cert");
+    assert!(
+        message.contains("line 3: the CERTIFICATE section begun here has no END line"),
+        "{message}"
+    );
+}

@@ -16,7 +16,7 @@ async fn inbound(tls: &Tls) -> (tokio_rustls::client::TlsStream<TcpStream>, Side
     let server = ServerSide::with_config(tls.server(true));
     let (peer, accepted) = tokio::join!(
         TlsConnector::from(tls.client(false)).connect(name(), peer),
-        handshake::accept(&ours, &server)
+        handshake::accept(&ours, &server, crate::tls::testing::no_challenges())
     );
     let accepted = accepted.unwrap();
     (
@@ -136,7 +136,8 @@ async fn a_client_that_half_closes_right_after_resuming_gets_its_answer() {
         let (peer, ours) = tcp_pair().await;
         let server = Arc::clone(&server);
         let accept = tokio::spawn(async move {
-            let accepted = handshake::accept(&ours, &server).await;
+            let accepted =
+                handshake::accept(&ours, &server, crate::tls::testing::no_challenges()).await;
             (ours, accepted)
         });
         let mut client = TlsConnector::from(Arc::clone(&client_config))

@@ -1,5 +1,6 @@
 //! Changes to the running configuration: a reload (SIGHUP, `relay reload`), `relay service
-//! add|remove`, a watched CRL replaced on disk.
+//! add|remove`, a watched file (certificate, key, CA, CRL) replaced on disk, a new ACME
+//! certificate.
 //!
 //! One at a time, in the order they came. Each is checked in full before anything moves (the
 //! next configuration parsed, its files read once and compiled: `service::check`), its new
@@ -375,6 +376,7 @@ impl Supervisor {
         self.files = p.files;
         self.directory = p.directory;
         self.watch_files();
+        self.acme_sync();
         self.cluster_forget(&p.shadowed);
         self.finish(change, Ok(p.summary));
     }
@@ -414,11 +416,11 @@ impl Supervisor {
                 match &result {
                     Ok(_) => {
                         self.file_reloads.0 += 1;
-                        info!(%files, "changed CRL applied: new connections and resumptions use it");
+                        info!(%files, "changed files applied: new connections and resumptions use them");
                     }
                     Err(e) => {
                         self.file_reloads.1 += 1;
-                        error!(%files, "changed CRL NOT applied, the previous one stays in force: {e:#}");
+                        error!(%files, "changed files NOT applied, the previous ones stay in force: {e:#}");
                     }
                 }
             }
@@ -502,6 +504,9 @@ fn check(
                 != next.cluster.as_ref().map(|c| (&c.etcd, &c.prefix, &c.name))
             {
                 warn!("reload: [cluster] changes take effect at the next start");
+            }
+            if file.acme != next.acme {
+                warn!("reload: [acme] changes take effect at the next start");
             }
             next.relay = file.relay;
             next.directory = file.directory;

@@ -14,6 +14,7 @@
 //! whatever else is going on. Changes are [`changes`]' (one at a time, in order); the worker
 //! process is [`worker_proc`]'s; the metrics endpoint is [`metrics_http`]'s.
 
+mod acme;
 mod changes;
 mod cluster;
 mod control_server;
@@ -38,7 +39,7 @@ use tracing::{error, info, warn};
 use crate::{
     cli::LogFormat,
     config::{Config, Service},
-    control::{self, DatapathStatus, Request, Response, ServiceInfo, WorkerInfo},
+    control::{self, DatapathStatus, Request, Response, WorkerInfo},
     datapath::{self, Datapath, Routing},
     handoff::{FromWorker, Role, ToWorker},
     service::Checked,
@@ -118,12 +119,16 @@ struct Supervisor {
     pending: Option<Pending>,
     queue: VecDeque<Change>,
     next_change: u64,
-    /// The CRL files, watched; `None` where inotify is unavailable.
+    /// The files of the services in force, watched; `None` where inotify is unavailable.
     watch: Option<Watch>,
     /// Changed files applied, and refused.
     file_reloads: (u64, u64),
     /// `[cluster]`: the link to etcd and what came from it.
     cluster: Option<cluster::Link>,
+    /// `[acme]`: the tasks that order the certificates of `cert = "acme"` services.
+    acme: Option<crate::acme::Manager>,
+    /// Orders waiting for a worker to serve their validation answers.
+    answers_waiting: Vec<oneshot::Sender<anyhow::Result<()>>>,
 }
 
 pub async fn run(
@@ -162,8 +167,16 @@ pub async fn run(
             watch = Some(w);
             changed = rx;
         }
-        Err(e) => warn!("cannot watch files ({e}): a changed CRL needs `relay reload`"),
+        Err(e) => warn!(
+            "cannot watch files ({e}): a changed certificate, key or CRL needs `relay reload`"
+        ),
     }
+    // Without [acme] nothing ever arrives here.
+    let (acme_tx, mut acme_events) = mpsc::unbounded_channel();
+    let acme = config
+        .acme
+        .clone()
+        .map(|a| crate::acme::Manager::new(a, acme_tx));
     let mut sup = Supervisor {
         config_path,
         config,
@@ -188,6 +201,8 @@ pub async fn run(
         watch,
         file_reloads: (0, 0),
         cluster: None,
+        acme,
+        answers_waiting: Vec::new(),
     };
     // Without [cluster] nothing ever arrives here.
     let (_no_cluster, mut cluster_updates) = mpsc::unbounded_channel();
@@ -207,14 +222,16 @@ pub async fn run(
         }
         sup.start_worker();
         sup.watch_files();
-        sup.main_loop(
-            &mut asked,
-            &mut scrapes,
-            &mut events,
-            &mut changed,
-            &mut cluster_updates,
-        )
-        .await
+        sup.acme_sync();
+        let mut inputs = Inputs {
+            asked: &mut asked,
+            scrapes: &mut scrapes,
+            events: &mut events,
+            changed: &mut changed,
+            cluster_updates: &mut cluster_updates,
+            acme_events: &mut acme_events,
+        };
+        sup.main_loop(&mut inputs).await
     }
     .await;
     sup.stop(&mut events).await;
@@ -222,15 +239,18 @@ pub async fn run(
     result
 }
 
+/// Where the loop's work comes from, besides signals and timers.
+struct Inputs<'a> {
+    asked: &'a mut mpsc::Receiver<control_server::Asked>,
+    scrapes: &'a mut mpsc::Receiver<oneshot::Sender<String>>,
+    events: &'a mut mpsc::UnboundedReceiver<Event>,
+    changed: &'a mut mpsc::UnboundedReceiver<PathBuf>,
+    cluster_updates: &'a mut mpsc::UnboundedReceiver<crate::cluster::Update>,
+    acme_events: &'a mut mpsc::UnboundedReceiver<crate::acme::Event>,
+}
+
 impl Supervisor {
-    async fn main_loop(
-        &mut self,
-        asked: &mut mpsc::Receiver<control_server::Asked>,
-        scrapes: &mut mpsc::Receiver<oneshot::Sender<String>>,
-        events: &mut mpsc::UnboundedReceiver<Event>,
-        changed: &mut mpsc::UnboundedReceiver<PathBuf>,
-        cluster_updates: &mut mpsc::UnboundedReceiver<crate::cluster::Update>,
-    ) -> anyhow::Result<()> {
+    async fn main_loop(&mut self, i: &mut Inputs<'_>) -> anyhow::Result<()> {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
@@ -249,11 +269,11 @@ impl Supervisor {
                 _ = term.recv() => { info!("SIGTERM received"); return Ok(()); }
                 _ = int.recv() => { info!("SIGINT received"); return Ok(()); }
                 _ = hup.recv() => self.change(Change::reload(None)),
-                Some((request, reply)) = asked.recv() => self.control(request, reply),
-                Some(reply) = scrapes.recv() => self.scrape(reply),
-                Some(event) = events.recv() => self.event(event),
+                Some((request, reply)) = i.asked.recv() => self.control(request, reply),
+                Some(reply) = i.scrapes.recv() => self.scrape(reply),
+                Some(event) = i.events.recv() => self.event(event),
                 () = sleep_until(restart_at), if restart_at.is_some() => self.start_worker(),
-                Some(path) = changed.recv() => {
+                Some(path) = i.changed.recv() => {
                     if !changed_files.contains(&path) {
                         changed_files.push(path);
                     }
@@ -266,7 +286,8 @@ impl Supervisor {
                 }
                 // With [cluster], the cluster's leader rotates for every gateway.
                 _ = rotate.tick(), if self.cluster.is_none() => self.rotate_tickets(),
-                Some(update) = cluster_updates.recv() => self.cluster_update(update),
+                Some(update) = i.cluster_updates.recv() => self.cluster_update(update),
+                Some(event) = i.acme_events.recv() => self.acme_event(event),
             }
         }
     }
@@ -317,6 +338,7 @@ impl Supervisor {
             Request::Reload {} => self.change(Change::reload(Some(reply))),
             Request::ClusterStatus {} => self.cluster_status(reply),
             Request::RotateTickets {} => self.rotate_now(reply),
+            Request::RenewCertificate { service } => self.renew_certificate(service, reply),
             Request::Debug { what } => self.debug(what, reply),
         }
     }
@@ -435,8 +457,10 @@ impl Supervisor {
         } else {
             info!(worker = pid, "new worker accepting");
         }
-        // Keys that came (from the cluster) while it started went to no worker.
+        // Keys that came (from the cluster) while it started went to no worker, and so did
+        // the ACME validation answers of an order under way.
         self.send_tickets();
+        self.answers_to_new_worker();
         self.publish_member();
         // A change that waited for a worker goes on now.
         self.next_queued();
@@ -520,7 +544,7 @@ impl Supervisor {
                 uptime_s: started.elapsed().as_secs(),
             }),
             worker_restarts: self.restarts,
-            services: self.config.services.iter().map(ServiceInfo::from).collect(),
+            services: self.service_infos(),
             connections: None,
             datapath,
             cluster: self.cluster_info(),
@@ -558,6 +582,7 @@ impl Supervisor {
             late,
             &counters,
             self.cluster_info().as_ref(),
+            &self.service_infos(),
         );
         let asker = match &self.worker {
             Worker::Running(w) => Some(w.asker.clone()),
@@ -649,17 +674,18 @@ impl Supervisor {
             .collect()
     }
 
-    /// Watches the CRL files of the services in force.
+    /// Watches the files of the services in force: certificates, keys, CAs, CRLs.
     fn watch_files(&mut self) {
         let Some(watch) = &mut self.watch else {
             return;
         };
-        let crls = self
+        let files = self
             .config
             .services
             .iter()
-            .filter_map(|s| s.inbound.crl.as_deref());
-        for warning in watch.set(crls) {
+            .flat_map(crate::tls::material::files_of)
+            .map(|(_, _, path)| path);
+        for warning in watch.set(files) {
             warn!("{warning}");
         }
     }

@@ -27,6 +27,7 @@ use tokio::net::TcpStream;
 
 use super::{
     ServerSide,
+    challenge::{ACME_TLS_ALPN, Challenges},
     record::{Keys, Opener, RecordError, Sealer, Session, record_len},
     verify::{self, Refusal},
 };
@@ -51,6 +52,15 @@ pub enum HandshakeError {
     Hello(rustls::Error),
     #[error("no certificate for server name {0:?}")]
     UnknownSni(Option<String>),
+    /// `cert = "acme"` and none issued yet.
+    #[error("the service has no certificate yet: its ACME order has not completed")]
+    NoCertificate,
+    /// An ACME tls-alpn-01 validation, answered: the connection ends here (RFC 8737 3).
+    #[error("ACME tls-alpn-01 validation of {0:?} answered")]
+    AcmeAnswered(String),
+    /// A ClientHello asking for `acme-tls/1` for a name with no pending challenge.
+    #[error("ACME tls-alpn-01 validation of {0:?}, but no challenge is pending for it")]
+    NoChallenge(Option<String>),
     #[error("{0}")]
     Tls(#[from] rustls::Error),
     /// The client policy refused the client (`mtls`).
@@ -115,8 +125,13 @@ pub struct Accepted {
 }
 
 /// The server side: reads the ClientHello, lets its server name choose the configuration, and
-/// completes the handshake (client certificate verification included).
-pub async fn accept(socket: &TcpStream, server: &ServerSide) -> Result<Accepted, HandshakeError> {
+/// completes the handshake (client certificate verification included). A ClientHello for ACME
+/// validation (ALPN `acme-tls/1`) is answered from `challenges` and goes no further.
+pub async fn accept(
+    socket: &TcpStream,
+    server: &ServerSide,
+    challenges: &Challenges,
+) -> Result<Accepted, HandshakeError> {
     let mut incoming = Vec::with_capacity(READ_CHUNK);
     let mut acceptor = Acceptor::default();
     let hello = loop {
@@ -143,7 +158,32 @@ pub async fn accept(socket: &TcpStream, server: &ServerSide) -> Result<Accepted,
         }
     };
     let sni = hello.client_hello().server_name().map(str::to_owned);
+    let validation = hello
+        .client_hello()
+        .alpn()
+        .is_some_and(|mut offered| offered.any(|p| p == ACME_TLS_ALPN));
     drop(hello);
+    if validation {
+        let Some(config) = sni.as_deref().and_then(|n| challenges.get(n)) else {
+            let _ = write_all(
+                socket,
+                &[&alert(rustls::AlertDescription::NoApplicationProtocol)],
+            )
+            .await;
+            return Err(HandshakeError::NoChallenge(sni));
+        };
+        let mut conn = UnbufferedServerConnection::new(config)?;
+        drive(&mut conn, socket, &mut incoming).await?;
+        return Err(HandshakeError::AcmeAnswered(sni.unwrap_or_default()));
+    }
+    if server.pending {
+        let _ = write_all(
+            socket,
+            &[&alert(rustls::AlertDescription::HandshakeFailure)],
+        )
+        .await;
+        return Err(HandshakeError::NoCertificate);
+    }
     let Some((config, backend)) = server.select(sni.as_deref()) else {
         return Err(HandshakeError::UnknownSni(sni));
     };
@@ -177,6 +217,11 @@ pub async fn accept(socket: &TcpStream, server: &ServerSide) -> Result<Accepted,
         facts,
         backend,
     })
+}
+
+/// A fatal alert record, in clear (before any key is agreed).
+fn alert(description: rustls::AlertDescription) -> [u8; 7] {
+    [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, u8::from(description)]
 }
 
 /// The client side, toward a backend.
@@ -400,7 +445,10 @@ mod tests {
             s.flush().await?;
             s.read(&mut [0; 16]).await
         };
-        let (client, accepted) = tokio::join!(client, accept(&ours, &server));
+        let (client, accepted) = tokio::join!(
+            client,
+            accept(&ours, &server, crate::tls::testing::no_challenges())
+        );
         let Err(e) = accepted else {
             panic!("accepted a certificate from an untrusted issuer");
         };
@@ -413,6 +461,129 @@ mod tests {
         assert!(error.contains("alert"), "{error}");
     }
 
+    /// What an ACME validator does: offers only `acme-tls/1` for `sni`, takes any certificate
+    /// (it checks the acmeIdentifier itself).
+    fn validator() -> Arc<ClientConfig> {
+        #[derive(Debug)]
+        struct AnyCertificate;
+        impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+            fn verify_server_cert(
+                &self,
+                _: &rustls::pki_types::CertificateDer<'_>,
+                _: &[rustls::pki_types::CertificateDer<'_>],
+                _: &ServerName<'_>,
+                _: &[u8],
+                _: rustls::pki_types::UnixTime,
+            ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+                Ok(rustls::client::danger::ServerCertVerified::assertion())
+            }
+            fn verify_tls12_signature(
+                &self,
+                _: &[u8],
+                _: &rustls::pki_types::CertificateDer<'_>,
+                _: &rustls::DigitallySignedStruct,
+            ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error>
+            {
+                Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+            }
+            fn verify_tls13_signature(
+                &self,
+                _: &[u8],
+                _: &rustls::pki_types::CertificateDer<'_>,
+                _: &rustls::DigitallySignedStruct,
+            ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error>
+            {
+                Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+            }
+            fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+                rustls::crypto::aws_lc_rs::default_provider()
+                    .signature_verification_algorithms
+                    .supported_schemes()
+            }
+        }
+        let mut config = ClientConfig::builder()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate))
+            .with_no_client_auth();
+        config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+        Arc::new(config)
+    }
+
+    #[tokio::test]
+    async fn acme_validation_is_answered_only_for_a_pending_name_and_only_to_acme_tls() {
+        use crate::tls::challenge::{Challenges, answer};
+        let tls = Tls::new(TLS13_AES_128_GCM_SHA256);
+        let server = ServerSide::with_config(tls.server(true));
+        let challenges = Challenges::default();
+        let pending = answer("shop.example", &[7; 32]).unwrap();
+        challenges.set(std::slice::from_ref(&pending)).unwrap();
+        let sni = |n: &str| ServerName::try_from(n.to_string()).unwrap();
+
+        // The validator gets the answer: negotiated acme-tls/1, the answer's certificate with
+        // the digest in the critical acmeIdentifier extension (1.3.6.1.5.5.7.1.31).
+        let (peer, ours) = tcp_pair().await;
+        let (client, accepted) = tokio::join!(
+            TlsConnector::from(validator()).connect(sni("shop.example"), peer),
+            accept(&ours, &server, &challenges)
+        );
+        assert!(
+            matches!(accepted, Err(HandshakeError::AcmeAnswered(ref n)) if n == "shop.example")
+        );
+        let client = client.unwrap();
+        let (_, conn) = client.get_ref();
+        assert_eq!(conn.alpn_protocol(), Some(ACME_TLS_ALPN));
+        let served = conn.peer_certificates().unwrap()[0].to_vec();
+        assert_eq!(served, pending.cert);
+        use x509_parser::prelude::FromDer as _;
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&served).unwrap();
+        let ext = cert
+            .extensions()
+            .iter()
+            .find(|e| e.oid.to_id_string() == "1.3.6.1.5.5.7.1.31")
+            .expect("acmeIdentifier");
+        assert!(ext.critical);
+        assert!(ext.value.ends_with(&[7; 32]));
+
+        // A name with no pending challenge: refused, no certificate at all.
+        let (peer, ours) = tcp_pair().await;
+        let (client, accepted) = tokio::join!(
+            TlsConnector::from(validator()).connect(sni("other.example"), peer),
+            accept(&ours, &server, &challenges)
+        );
+        assert!(
+            matches!(accepted, Err(HandshakeError::NoChallenge(Some(ref n))) if n == "other.example")
+        );
+        let error = client.expect_err("refused").to_string();
+        assert!(error.contains("NoApplicationProtocol"), "{error}");
+
+        // An ordinary client for the pending name gets the service's certificate.
+        let (peer, ours) = tcp_pair().await;
+        let (client, accepted) = tokio::join!(
+            TlsConnector::from(tls.client(false)).connect(name(), peer),
+            accept(&ours, &server, &challenges)
+        );
+        assert!(accepted.is_ok());
+        assert_ne!(
+            client.unwrap().get_ref().1.peer_certificates().unwrap()[0].to_vec(),
+            pending.cert
+        );
+    }
+
+    #[tokio::test]
+    async fn a_service_without_its_certificate_yet_refuses_with_handshake_failure() {
+        let tls = Tls::new(TLS13_AES_128_GCM_SHA256);
+        let mut server = ServerSide::with_config(tls.server(true));
+        server.pending = true;
+        let (peer, ours) = tcp_pair().await;
+        let (client, accepted) = tokio::join!(
+            TlsConnector::from(tls.client(false)).connect(name(), peer),
+            accept(&ours, &server, crate::tls::testing::no_challenges())
+        );
+        assert!(matches!(accepted, Err(HandshakeError::NoCertificate)));
+        let error = client.expect_err("refused").to_string();
+        assert!(error.contains("HandshakeFailure"), "{error}");
+    }
+
     #[tokio::test]
     async fn every_alert_rustls_produces_reaches_the_client_before_the_close() {
         use rustls::crypto::aws_lc_rs::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256;
@@ -422,7 +593,7 @@ mod tests {
         let (peer, ours) = tcp_pair().await;
         let (client, accepted) = tokio::join!(
             TlsConnector::from(other.client(false)).connect(name(), peer),
-            accept(&ours, &server)
+            accept(&ours, &server, crate::tls::testing::no_challenges())
         );
         assert!(accepted.is_err());
         let error = client.expect_err("no common suite").to_string();
@@ -440,7 +611,10 @@ mod tests {
             s.flush().await?;
             s.read(&mut [0; 16]).await
         };
-        let (client, accepted) = tokio::join!(client, accept(&ours, &server));
+        let (client, accepted) = tokio::join!(
+            client,
+            accept(&ours, &server, crate::tls::testing::no_challenges())
+        );
         assert!(accepted.is_err());
         let error = client.expect_err("a certificate is required").to_string();
         assert!(error.contains("CertificateRequired"), "{error}");
@@ -451,7 +625,11 @@ mod tests {
         let tls = Tls::new(TLS13_AES_128_GCM_SHA256);
         let server = ServerSide::with_config(tls.server(true));
         let (mut peer, ours) = tcp_pair().await;
-        let accept = tokio::spawn(async move { accept(&ours, &server).await.map(|_| ()) });
+        let accept = tokio::spawn(async move {
+            accept(&ours, &server, crate::tls::testing::no_challenges())
+                .await
+                .map(|_| ())
+        });
         let mut conn = rustls::ClientConnection::new(tls.client(false), name()).unwrap();
         let mut hello = Vec::new();
         conn.write_tls(&mut hello).unwrap();

@@ -67,10 +67,18 @@ impl TlsError {
     }
 }
 
-/// Every file a service's TLS configuration reads, with its key.
+/// Where an ACME service's key and certificate chain (one PEM) stand in [`Files`]: not a path
+/// on disk (the worker never learns where `[acme] storage` is). Absent until one is issued.
+pub fn acme_file(service: &str) -> PathBuf {
+    PathBuf::from(format!("<acme certificate of {service}>"))
+}
+
+/// Every file a service's TLS configuration reads from disk, with its key (not an ACME
+/// certificate: see [`acme_file`]).
 pub fn files_of(s: &Service) -> Vec<(&'static str, Option<usize>, &Path)> {
+    let acme = s.inbound.is_acme();
     let mut files: Vec<(&'static str, Option<usize>, &Path)> = [
-        ("inbound.cert", &s.inbound.cert),
+        ("inbound.cert", if acme { &None } else { &s.inbound.cert }),
         ("inbound.key", &s.inbound.key),
         ("inbound.client_ca", &s.inbound.client_ca),
         ("inbound.crl", &s.inbound.crl),
@@ -176,7 +184,7 @@ pub(super) fn key(
 ) -> Result<PrivateKeyDer<'static>, TlsError> {
     let pem = bytes(files, field, path)?;
     PrivateKeyDer::from_pem_slice(pem)
-        .map_err(|e| TlsError::new(field, format!("{}: {}", path.display(), pem_error(e))))
+        .map_err(|e| TlsError::new(field, format!("{}: {}", path.display(), pem_error(e, pem))))
 }
 
 pub(super) fn roots(
@@ -211,7 +219,7 @@ fn every<T: PemObject>(
     let pem = bytes(files, field, path)?;
     let items = T::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::new(field, format!("{}: {}", path.display(), pem_error(e))))?;
+        .map_err(|e| TlsError::new(field, format!("{}: {}", path.display(), pem_error(e, pem))))?;
     if items.is_empty() {
         return Err(TlsError::new(
             field,
@@ -221,13 +229,29 @@ fn every<T: PemObject>(
     Ok(items)
 }
 
-fn pem_error(e: rustls::pki_types::pem::Error) -> String {
+/// What is wrong with `pem`, and on which line when a section is cut short: a file written
+/// halfway, or truncated, ends in a section without its END line.
+fn pem_error(e: rustls::pki_types::pem::Error, pem: &[u8]) -> String {
     use rustls::pki_types::pem::Error;
     match e {
         Error::Io(e) => format!("cannot read: {e}"),
         Error::NoItemsFound => "no matching PEM section (expected a certificate or a private \
                                 key in PEM format)"
             .into(),
+        Error::MissingSectionEnd { end_marker } => {
+            let label = String::from_utf8_lossy(&end_marker).into_owned();
+            let begun = pem
+                .split(|b| *b == b'\n')
+                .enumerate()
+                .filter(|(_, l)| l.starts_with(b"-----BEGIN "))
+                .map(|(n, _)| n + 1)
+                .last()
+                .unwrap_or(1);
+            format!(
+                "line {begun}: the {label} section begun here has no END line (a file \
+                 written halfway, or truncated?)"
+            )
+        }
         other => format!("invalid PEM: {other:?}"),
     }
 }

@@ -29,6 +29,7 @@ use rustls::{
     },
 };
 
+pub mod challenge;
 pub mod facts;
 pub mod handshake;
 pub mod material;
@@ -68,6 +69,9 @@ pub struct ServerSide {
     /// The DNS names of the default certificate: known names even with `unknown_sni = "reject"`.
     default_names: Vec<String>,
     reject_unknown: bool,
+    /// `cert = "acme"` with no certificate issued yet: every handshake but an ACME
+    /// validation's is refused.
+    pub pending: bool,
     /// `mtls`: who may connect, asked again after every handshake (see [`verify`]).
     pub policy: Option<Arc<ClientPolicy>>,
 }
@@ -81,6 +85,7 @@ impl ServerSide {
             by_name: Vec::new(),
             default_names: Vec::new(),
             reject_unknown: false,
+            pending: false,
             policy: None,
         }
     }
@@ -175,13 +180,26 @@ pub fn server_side(
         }
         Ok(Arc::new(config))
     };
-    let cert = required("inbound.cert", &inb.cert)?;
-    let default = build(cert, required("inbound.key", &inb.key)?, false)?;
-    let default_names = certs(files, "inbound.cert", cert)?
-        .first()
-        .and_then(|der| crate::access::Identity::from_der(der))
-        .map(|id| id.dns.iter().map(|d| d.to_ascii_lowercase()).collect())
-        .unwrap_or_default();
+    let (cert, key_path) = if inb.is_acme() {
+        let both = material::acme_file(service);
+        (both.clone(), both)
+    } else {
+        let cert = required("inbound.cert", &inb.cert)?;
+        let key = required("inbound.key", &inb.key)?;
+        (cert.to_path_buf(), key.to_path_buf())
+    };
+    let pending = inb.is_acme() && !(files.contains_key(&cert) && files.contains_key(&key_path));
+    let (default, default_names) = if pending {
+        (no_certificate(), Vec::new())
+    } else {
+        let default = build(&cert, &key_path, false)?;
+        let names = certs(files, "inbound.cert", &cert)?
+            .first()
+            .and_then(|der| crate::access::Identity::from_der(der))
+            .map(|id| id.dns.iter().map(|d| d.to_ascii_lowercase()).collect())
+            .unwrap_or_default();
+        (default, names)
+    };
     let mut by_name = Vec::with_capacity(inb.sni.len());
     for (n, e) in inb.sni.iter().enumerate() {
         let config = build(&e.cert, &e.key, true).map_err(|err| err.in_sni(n))?;
@@ -192,8 +210,28 @@ pub fn server_side(
         by_name,
         default_names,
         reject_unknown: inb.unknown_sni == crate::config::UnknownSni::Reject,
+        pending,
         policy,
     })
+}
+
+/// The configuration of a service waiting for its first ACME certificate: it has none to
+/// offer (handshakes are refused before it is used; see `handshake::accept`).
+fn no_certificate() -> Arc<ServerConfig> {
+    #[derive(Debug)]
+    struct NoCertificate;
+    impl rustls::server::ResolvesServerCert for NoCertificate {
+        fn resolve(
+            &self,
+            _: rustls::server::ClientHello<'_>,
+        ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+            None
+        }
+    }
+    let config = ServerConfig::builder()
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(NoCertificate));
+    Arc::new(config)
 }
 
 /// The client policy of an `mtls` inbound side (CA, CRLs, `allow`), `None` for `tls`.

@@ -735,8 +735,10 @@ mod tests {
         let tls = Tls::new(suite);
         let (a, b) = tcp_pair().await;
         let server = ServerSide::with_config(tls.server(true));
-        let (server, client) =
-            tokio::join!(accept(&b, &server), connect(&a, tls.client(true), name()));
+        let (server, client) = tokio::join!(
+            accept(&b, &server, crate::tls::testing::no_challenges()),
+            connect(&a, tls.client(true), name())
+        );
         let keys = |e: crate::tls::handshake::Established| Keys {
             session: e.session,
             opener: e.opener,

@@ -123,3 +123,10 @@ impl Tls {
         Arc::new(c)
     }
 }
+
+/// No ACME validation pending (`handshake::accept` in tests).
+pub fn no_challenges() -> &'static crate::tls::challenge::Challenges {
+    static NONE: std::sync::LazyLock<crate::tls::challenge::Challenges> =
+        std::sync::LazyLock::new(Default::default);
+    &NONE
+}

@@ -637,6 +637,7 @@ mod tests {
                 level,
                 cert: path("server.pem"),
                 key: path("server.key"),
+                names: Vec::new(),
                 client_ca: (level == Level::Mtls).then(|| "ca.pem".into()),
                 allow: allow.iter().map(|s| s.to_string()).collect(),
                 crl: self
@@ -711,7 +712,7 @@ mod tests {
             let name = rustls::pki_types::ServerName::try_from("relay.test").unwrap();
             let (client, accepted) = tokio::join!(
                 TlsConnector::from(pki.client(version)).connect(name, peer),
-                handshake::accept(&ours, &server)
+                handshake::accept(&ours, &server, crate::tls::testing::no_challenges())
             );
             client.unwrap();
             accepted.unwrap();

@@ -1,0 +1,546 @@
+//! Certificates from an ACME server (RFC 8555) for services with `inbound.cert = "acme"`.
+//!
+//! The supervisor runs one task per such service. The task keeps the service's certificate in
+//! `[acme] storage` (one PEM file per service, key and chain together so that they change
+//! together, mode 0600), orders a new one when there is none, when the names changed, or at
+//! two thirds of the current one's lifetime (with jitter, so that a fleet does not renew at
+//! once), and retries failures with backoff. The old certificate serves until the new one is
+//! stored: the supervisor then applies it like a changed file (new connections get it; open
+//! ones keep theirs).
+//!
+//! Validation is tls-alpn-01 (RFC 8737) on the service's own front port: the task makes the
+//! answer (`tls::challenge`), the supervisor hands it to the worker and says when it is in
+//! force, and only then is the ACME server told to validate. The protocol itself (JWS, nonces,
+//! polling) is `instant-acme`'s.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use instant_acme::{
+    Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount,
+    NewOrder, OrderStatus, RetryPolicy,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tracing::{error, info, warn};
+
+use crate::{config::Acme, tls::challenge};
+
+/// First wait after a failed order; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(600);
+/// An order (validation included) that takes longer has failed.
+const ORDER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What the tasks ask of the supervisor.
+pub enum Event {
+    /// Serve exactly these validation answers from now on; say when the worker has them.
+    Challenges(Vec<challenge::Answer>, oneshot::Sender<anyhow::Result<()>>),
+    /// Service `service`'s new certificate is stored at `path`: apply it.
+    Issued { service: String, path: PathBuf },
+}
+
+/// One service's ACME state, for `relay status` and the metrics.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct State {
+    pub orders: u64,
+    pub failures: u64,
+    pub renewals: u64,
+    /// Why the last order failed, until one succeeds.
+    pub last_error: Option<String>,
+    /// When the next order is due (Unix seconds), when one is scheduled.
+    pub next_order: Option<u64>,
+}
+
+struct Task {
+    names: Vec<String>,
+    renew: Arc<Notify>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+/// The ACME tasks of the services in force.
+pub struct Manager {
+    shared: Arc<Shared>,
+    tasks: HashMap<String, Task>,
+}
+
+/// What the tasks share.
+struct Shared {
+    acme: Acme,
+    events: mpsc::UnboundedSender<Event>,
+    /// The account, once loaded or created.
+    account: tokio::sync::Mutex<Option<Account>>,
+    /// The validation answers in force, by name, over every service.
+    answers: Mutex<HashMap<String, challenge::Answer>>,
+    states: Mutex<HashMap<String, State>>,
+}
+
+impl Manager {
+    pub fn new(acme: Acme, events: mpsc::UnboundedSender<Event>) -> Manager {
+        Manager {
+            shared: Arc::new(Shared {
+                acme,
+                events,
+                account: tokio::sync::Mutex::new(None),
+                answers: Mutex::default(),
+                states: Mutex::default(),
+            }),
+            tasks: HashMap::new(),
+        }
+    }
+
+    /// The ACME services in force now (name, DNS names): a task for each new one, a new task
+    /// for one whose names changed, and none left for one that is gone.
+    pub fn set(&mut self, services: &[(String, Vec<String>)]) {
+        let mut answers = self
+            .shared
+            .answers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        self.tasks.retain(|name, task| {
+            let keep = services
+                .iter()
+                .any(|(n, names)| n == name && *names == task.names);
+            if !keep {
+                // An order cut short leaves no answer behind (the worker drops it with the
+                // next set it gets).
+                task.handle.abort();
+                for n in &task.names {
+                    answers.remove(&n.to_ascii_lowercase());
+                }
+            }
+            keep
+        });
+        drop(answers);
+        self.shared
+            .states
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|name, _| services.iter().any(|(n, _)| n == name));
+        for (name, names) in services {
+            if self.tasks.contains_key(name) {
+                continue;
+            }
+            let renew = Arc::new(Notify::new());
+            let handle = tokio::spawn(run(
+                Arc::clone(&self.shared),
+                name.clone(),
+                names.clone(),
+                Arc::clone(&renew),
+            ));
+            self.tasks.insert(
+                name.clone(),
+                Task {
+                    names: names.clone(),
+                    renew,
+                    handle,
+                },
+            );
+        }
+    }
+
+    /// Orders a new certificate for `service` now.
+    pub fn renew(&self, service: &str) -> Result<(), String> {
+        let task = self
+            .tasks
+            .get(service)
+            .ok_or_else(|| format!("service {service:?} has no cert = \"acme\""))?;
+        task.renew.notify_one();
+        Ok(())
+    }
+
+    pub fn states(&self) -> HashMap<String, State> {
+        self.shared.state(|s| s.clone())
+    }
+
+    /// The validation answers in force (a new worker gets them).
+    pub fn answers(&self) -> Vec<challenge::Answer> {
+        self.shared.answers()
+    }
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        for task in self.tasks.values() {
+            task.handle.abort();
+        }
+    }
+}
+
+impl Shared {
+    fn state<T>(&self, f: impl FnOnce(&mut HashMap<String, State>) -> T) -> T {
+        f(&mut self.states.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn update(&self, service: &str, f: impl FnOnce(&mut State)) {
+        self.state(|s| f(s.entry(service.to_string()).or_default()));
+    }
+
+    fn answers(&self) -> Vec<challenge::Answer> {
+        let answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+        answers.values().cloned().collect()
+    }
+
+    /// Adds (or, with `None`, withdraws) the answers for `names`, and waits until the worker
+    /// serves the new set.
+    async fn serve(&self, changes: Vec<(String, Option<challenge::Answer>)>) -> anyhow::Result<()> {
+        {
+            let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+            for (name, answer) in changes {
+                match answer {
+                    Some(a) => answers.insert(name, a),
+                    None => answers.remove(&name),
+                };
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        self.events
+            .send(Event::Challenges(self.answers(), tx))
+            .map_err(|_| anyhow!("the supervisor is stopping"))?;
+        rx.await
+            .map_err(|_| anyhow!("the supervisor is stopping"))?
+    }
+
+    /// The account: loaded from its file, or created on the ACME server and stored.
+    async fn account(&self) -> anyhow::Result<Account> {
+        let mut slot = self.account.lock().await;
+        if let Some(a) = &*slot {
+            return Ok(a.clone());
+        }
+        let acme = &self.acme;
+        let builder = || match &acme.ca {
+            Some(ca) => Account::builder_with_root(ca)
+                .with_context(|| format!("[acme] ca {}", ca.display())),
+            None => Account::builder().context("the system's CA store"),
+        };
+        let path = acme.account_path();
+        let account = match std::fs::read(&path) {
+            Ok(bytes) => {
+                let credentials: AccountCredentials = serde_json::from_slice(&bytes)
+                    .with_context(|| format!("account {}: not ACME credentials", path.display()))?;
+                builder()?
+                    .from_credentials(credentials)
+                    .await
+                    .with_context(|| format!("account {}", path.display()))?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let contact: Vec<&str> = acme.contact.iter().map(String::as_str).collect();
+                let new = NewAccount {
+                    contact: &contact,
+                    terms_of_service_agreed: true,
+                    only_return_existing: false,
+                };
+                let (account, credentials) = builder()?
+                    .create(&new, acme.directory.clone(), None)
+                    .await
+                    .with_context(|| format!("create an account at {}", acme.directory))?;
+                let json = serde_json::to_vec_pretty(&credentials)?;
+                write_private(&path, &json)?;
+                info!(account = %account.id(), file = %path.display(), "ACME account created");
+                account
+            }
+            Err(e) => return Err(e).with_context(|| format!("account {}", path.display())),
+        };
+        *slot = Some(account.clone());
+        Ok(account)
+    }
+}
+
+/// One service's certificate, for as long as the service has `cert = "acme"` with `names`.
+async fn run(shared: Arc<Shared>, service: String, names: Vec<String>, renew: Arc<Notify>) {
+    let path = shared.acme.stored(&service);
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let stored = std::fs::read(&path)
+            .ok()
+            .and_then(|pem| Stored::parse(&pem));
+        let due = match &stored {
+            None => SystemTime::now(),
+            Some(s) if !s.covers(&names) => {
+                info!(service = %service, "the stored certificate does not cover the names: ordering one that does");
+                SystemTime::now()
+            }
+            Some(s) => s.renew_at(),
+        };
+        shared.update(&service, |s| s.next_order = Some(unix(due)));
+        let wait = due.duration_since(SystemTime::now()).unwrap_or_default();
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = renew.notified() => info!(service = %service, "certificate renewal asked for"),
+        }
+        shared.update(&service, |s| {
+            s.orders += 1;
+            s.next_order = None;
+        });
+        let result = tokio::time::timeout(ORDER_TIMEOUT, order(&shared, &service, &names))
+            .await
+            .unwrap_or_else(|_| Err(anyhow!("no certificate within {ORDER_TIMEOUT:?}")));
+        match result.and_then(|pem| {
+            write_private(&path, pem.as_bytes())?;
+            Ok(pem)
+        }) {
+            Ok(pem) => {
+                backoff = FIRST_BACKOFF;
+                let not_after = Stored::parse(pem.as_bytes()).map(|s| unix(s.not_after));
+                shared.update(&service, |s| {
+                    s.last_error = None;
+                    if stored.is_some() {
+                        s.renewals += 1;
+                    }
+                });
+                info!(service = %service, names = ?names, not_after, file = %path.display(),
+                      renewal = stored.is_some(), "ACME certificate issued");
+                let _ = shared.events.send(Event::Issued {
+                    service: service.clone(),
+                    path: path.clone(),
+                });
+            }
+            Err(e) => {
+                let why = format!("{e:#}");
+                shared.update(&service, |s| {
+                    s.failures += 1;
+                    s.last_error = Some(why.clone());
+                });
+                let serving = if stored.is_some() {
+                    "the stored certificate keeps serving"
+                } else {
+                    "TLS clients are refused until one is issued"
+                };
+                error!(service = %service, next_try_s = backoff.as_secs(),
+                       "ACME order failed ({serving}): {why}");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = renew.notified() => {}
+                }
+                // Next: at once when there is no good certificate, else at its renewal time.
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+/// One order, validated through tls-alpn-01 answers on the front port: the key and chain
+/// (PEM).
+async fn order(shared: &Shared, service: &str, names: &[String]) -> anyhow::Result<String> {
+    let account = shared.account().await?;
+    let identifiers: Vec<Identifier> = names.iter().cloned().map(Identifier::Dns).collect();
+    let mut order = account
+        .new_order(&NewOrder::new(&identifiers))
+        .await
+        .context("new order")?;
+    let mut answered = Vec::new();
+    let validated = async {
+        let mut authorizations = order.authorizations();
+        while let Some(authz) = authorizations.next().await {
+            let mut authz = authz.context("authorization")?;
+            match authz.status {
+                AuthorizationStatus::Pending => {}
+                AuthorizationStatus::Valid => continue,
+                other => bail!("authorization for {} is {other:?}", authz.identifier()),
+            }
+            let mut challenge = authz.challenge(ChallengeType::TlsAlpn01).ok_or_else(|| {
+                anyhow!("the ACME server offers no tls-alpn-01 challenge for this name")
+            })?;
+            let name = challenge.identifier().to_string().to_ascii_lowercase();
+            let digest = challenge.key_authorization().digest();
+            let answer =
+                challenge::answer(&name, digest.as_ref()).context("make the tls-alpn-01 answer")?;
+            answered.push(name.clone());
+            shared
+                .serve(vec![(name.clone(), Some(answer))])
+                .await
+                .context("serve the tls-alpn-01 answer")?;
+            challenge.set_ready().await.context("challenge ready")?;
+        }
+        let retries = RetryPolicy::new().timeout(ORDER_TIMEOUT);
+        match order.poll_ready(&retries).await.context("validation")? {
+            OrderStatus::Ready => Ok(()),
+            status => bail!("the order is {status:?} after validation"),
+        }
+    }
+    .await;
+    if !answered.is_empty() {
+        let withdraw = answered.iter().map(|n| (n.clone(), None)).collect();
+        if let Err(e) = shared.serve(withdraw).await {
+            warn!(service = %service, "validation answers not withdrawn from the worker: {e:#}");
+        }
+    }
+    validated?;
+    let key = order.finalize().await.context("finalize")?;
+    let chain = order
+        .poll_certificate(&RetryPolicy::new())
+        .await
+        .context("certificate")?;
+    let pem = format!("{key}{chain}");
+    if Stored::parse(pem.as_bytes()).is_none() {
+        bail!("the ACME server's certificate does not parse, or does not fit its key");
+    }
+    Ok(pem)
+}
+
+/// A stored certificate: what decides when it is renewed.
+pub struct Stored {
+    not_before: SystemTime,
+    pub not_after: SystemTime,
+    names: Vec<String>,
+}
+
+impl Stored {
+    /// The first certificate of `pem` (a key and chain), if it parses and its key fits.
+    pub fn parse(pem: &[u8]) -> Option<Stored> {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<_, _>>()
+            .ok()?;
+        let key = PrivateKeyDer::from_pem_slice(pem).ok()?;
+        rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(chain.clone(), key)
+            .ok()?;
+        let (not_before, not_after, names) = validity(chain.first()?)?;
+        Some(Stored {
+            not_before,
+            not_after,
+            names,
+        })
+    }
+
+    fn covers(&self, names: &[String]) -> bool {
+        names
+            .iter()
+            .all(|n| self.names.iter().any(|m| m.eq_ignore_ascii_case(n)))
+    }
+
+    /// Two thirds into its lifetime, give or take a thirtieth of it.
+    fn renew_at(&self) -> SystemTime {
+        let life = self
+            .not_after
+            .duration_since(self.not_before)
+            .unwrap_or_default();
+        let mut random = [0u8; 4];
+        let _ = aws_lc_rs::rand::fill(&mut random);
+        let spread = life / 15;
+        let jitter = spread.mul_f64(f64::from(u32::from_le_bytes(random)) / f64::from(u32::MAX));
+        self.not_before + life * 2 / 3 - spread / 2 + jitter
+    }
+}
+
+/// A certificate's validity and DNS names.
+pub fn validity(der: &[u8]) -> Option<(SystemTime, SystemTime, Vec<String>)> {
+    use x509_parser::prelude::FromDer as _;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
+    let at = |t: i64| UNIX_EPOCH + Duration::from_secs(t.max(0) as u64);
+    let names = crate::access::Identity::from_der(der)
+        .map(|id| id.dns)
+        .unwrap_or_default();
+    Some((
+        at(cert.validity().not_before.timestamp()),
+        at(cert.validity().not_after.timestamp()),
+        names,
+    ))
+}
+
+pub fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Writes `bytes` to `path` for the owner only, atomically (a new file renamed over the old:
+/// a reader sees the old file or the new one, never half of one).
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::{
+        io::Write as _,
+        os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("create {}", dir.display()))?;
+    let tmp = path.with_extension("tmp");
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().with_context(|| format!("write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Key and certificate for `names`, valid from January to `until_month` of 2030.
+    fn issued(until_month: u8, names: &[&str]) -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.not_before = rcgen::date_time_ymd(2030, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2030, until_month, 1);
+        let cert = params.self_signed(&key).unwrap();
+        format!("{}{}", key.serialize_pem(), cert.pem())
+    }
+
+    #[test]
+    fn renewal_is_due_at_two_thirds_of_the_lifetime_give_or_take() {
+        let stored = Stored::parse(issued(4, &["shop.example"]).as_bytes()).unwrap();
+        let life = stored.not_after.duration_since(stored.not_before).unwrap();
+        for _ in 0..50 {
+            let at = stored.renew_at().duration_since(stored.not_before).unwrap();
+            let third = life.as_secs_f64() / 3.0;
+            let (low, high) = (
+                2.0 * third - life.as_secs_f64() / 30.0,
+                2.0 * third + life.as_secs_f64() / 30.0,
+            );
+            assert!(
+                (low..=high).contains(&at.as_secs_f64()),
+                "{at:?} of {life:?}"
+            );
+        }
+        assert!(stored.covers(&["SHOP.example".into()]));
+        assert!(!stored.covers(&["shop.example".into(), "api.example".into()]));
+    }
+
+    #[test]
+    fn a_stored_file_holds_together_or_is_not_taken() {
+        let good = issued(2, &["shop.example"]);
+        assert!(Stored::parse(good.as_bytes()).is_some());
+        assert!(
+            Stored::parse(&good.as_bytes()[..good.len() / 2]).is_none(),
+            "cut short"
+        );
+        let other_key = rcgen::KeyPair::generate().unwrap().serialize_pem();
+        let chain = good.split_once("-----BEGIN CERTIFICATE").unwrap().1;
+        let mismatched = format!("{other_key}-----BEGIN CERTIFICATE{chain}");
+        assert!(
+            Stored::parse(mismatched.as_bytes()).is_none(),
+            "a key that does not fit"
+        );
+    }
+
+    #[test]
+    fn stored_files_are_replaced_whole_and_for_the_owner_only() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store/shop.pem");
+        write_private(&path, b"first").unwrap();
+        write_private(&path, b"second").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"second");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(path.parent().unwrap()), 0o700);
+        assert!(!path.with_extension("tmp").exists());
+    }
+}
