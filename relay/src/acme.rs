@@ -29,8 +29,13 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{error, info, warn};
 
-use crate::{config::Acme, tls::challenge};
+use crate::{
+    config::{Acme, AcmeChallenge},
+    tls::challenge,
+};
 
+/// Longest single sleep before a renewal (see `run`).
+const MAX_SLEEP: Duration = Duration::from_secs(3600);
 /// First wait after a failed order; it doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(600);
@@ -40,7 +45,7 @@ const ORDER_TIMEOUT: Duration = Duration::from_secs(120);
 /// What the tasks ask of the supervisor.
 pub enum Event {
     /// Serve exactly these validation answers from now on; say when the worker has them.
-    Challenges(Vec<challenge::Answer>, oneshot::Sender<anyhow::Result<()>>),
+    Challenges(challenge::AnswerSet, oneshot::Sender<anyhow::Result<()>>),
     /// Service `service`'s new certificate is stored at `path`: apply it.
     Issued { service: String, path: PathBuf },
 }
@@ -59,8 +64,34 @@ pub struct State {
 
 struct Task {
     names: Vec<String>,
-    renew: Arc<Notify>,
+    renew: Arc<Renew>,
     handle: tokio::task::JoinHandle<()>,
+}
+
+/// `relay cert renew`: asked, and the task woken. An order under way when it is asked
+/// answers it: the request is forgotten when an order starts, so one request is one order.
+#[derive(Default)]
+struct Renew {
+    asked: std::sync::atomic::AtomicBool,
+    wake: Notify,
+}
+
+impl Renew {
+    fn ask(&self) {
+        self.asked.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    /// Waits `wait`, or until asked; true when asked.
+    async fn wait(&self, wait: Duration) -> bool {
+        if !self.asked.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = self.wake.notified() => {}
+            }
+        }
+        self.asked.swap(false, std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 /// The ACME tasks of the services in force.
@@ -75,8 +106,9 @@ struct Shared {
     events: mpsc::UnboundedSender<Event>,
     /// The account, once loaded or created.
     account: tokio::sync::Mutex<Option<Account>>,
-    /// The validation answers in force, by name, over every service.
-    answers: Mutex<HashMap<String, challenge::Answer>>,
+    /// The validation answers in force, by name, over every service; each change makes a new
+    /// generation, so the worker never takes an older set for a newer one.
+    answers: Mutex<(u64, HashMap<String, challenge::Answer>)>,
     states: Mutex<HashMap<String, State>>,
 }
 
@@ -97,26 +129,22 @@ impl Manager {
     /// The ACME services in force now (name, DNS names): a task for each new one, a new task
     /// for one whose names changed, and none left for one that is gone.
     pub fn set(&mut self, services: &[(String, Vec<String>)]) {
-        let mut answers = self
-            .shared
-            .answers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut gone = Vec::new();
         self.tasks.retain(|name, task| {
             let keep = services
                 .iter()
                 .any(|(n, names)| n == name && *names == task.names);
             if !keep {
-                // An order cut short leaves no answer behind (the worker drops it with the
-                // next set it gets).
                 task.handle.abort();
-                for n in &task.names {
-                    answers.remove(&n.to_ascii_lowercase());
-                }
+                gone.extend(task.names.iter().map(|n| n.to_ascii_lowercase()));
             }
             keep
         });
-        drop(answers);
+        // An order cut short leaves no answer behind.
+        if !gone.is_empty() {
+            let shared = Arc::clone(&self.shared);
+            tokio::spawn(async move { shared.withdraw(&gone).await });
+        }
         self.shared
             .states
             .lock()
@@ -126,7 +154,7 @@ impl Manager {
             if self.tasks.contains_key(name) {
                 continue;
             }
-            let renew = Arc::new(Notify::new());
+            let renew = Arc::new(Renew::default());
             let handle = tokio::spawn(run(
                 Arc::clone(&self.shared),
                 name.clone(),
@@ -150,7 +178,7 @@ impl Manager {
             .tasks
             .get(service)
             .ok_or_else(|| format!("service {service:?} has no cert = \"acme\""))?;
-        task.renew.notify_one();
+        task.renew.ask();
         Ok(())
     }
 
@@ -159,7 +187,7 @@ impl Manager {
     }
 
     /// The validation answers in force (a new worker gets them).
-    pub fn answers(&self) -> Vec<challenge::Answer> {
+    pub fn answers(&self) -> challenge::AnswerSet {
         self.shared.answers()
     }
 }
@@ -181,29 +209,52 @@ impl Shared {
         self.state(|s| f(s.entry(service.to_string()).or_default()));
     }
 
-    fn answers(&self) -> Vec<challenge::Answer> {
+    fn answers(&self) -> challenge::AnswerSet {
         let answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
-        answers.values().cloned().collect()
+        challenge::AnswerSet {
+            generation: answers.0,
+            answers: answers.1.values().cloned().collect(),
+        }
     }
 
     /// Adds (or, with `None`, withdraws) the answers for `names`, and waits until the worker
     /// serves the new set.
     async fn serve(&self, changes: Vec<(String, Option<challenge::Answer>)>) -> anyhow::Result<()> {
-        {
+        let set = {
             let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
             for (name, answer) in changes {
                 match answer {
-                    Some(a) => answers.insert(name, a),
-                    None => answers.remove(&name),
+                    Some(a) => answers.1.insert(name, a),
+                    None => answers.1.remove(&name),
                 };
             }
-        }
+            answers.0 += 1;
+            challenge::AnswerSet {
+                generation: answers.0,
+                answers: answers.1.values().cloned().collect(),
+            }
+        };
         let (tx, rx) = oneshot::channel();
         self.events
-            .send(Event::Challenges(self.answers(), tx))
+            .send(Event::Challenges(set, tx))
             .map_err(|_| anyhow!("the supervisor is stopping"))?;
         rx.await
             .map_err(|_| anyhow!("the supervisor is stopping"))?
+    }
+
+    /// Withdraws the answers for `names` that are in force, if any.
+    async fn withdraw(&self, names: &[String]) {
+        let present = {
+            let answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+            names.iter().any(|n| answers.1.contains_key(n))
+        };
+        if present
+            && let Err(e) = self
+                .serve(names.iter().map(|n| (n.clone(), None)).collect())
+                .await
+        {
+            warn!(names = ?names, "validation answers not withdrawn from the worker: {e:#}");
+        }
     }
 
     /// The account: loaded from its file, or created on the ACME server and stored.
@@ -221,7 +272,21 @@ impl Shared {
         let path = acme.account_path();
         let account = match std::fs::read(&path) {
             Ok(bytes) => {
-                let credentials: AccountCredentials = serde_json::from_slice(&bytes)
+                // The credentials name their server, and instant-acme uses that one: an
+                // account of another directory (staging, say) must not be used unnoticed.
+                let json: serde_json::Value = serde_json::from_slice(&bytes)
+                    .with_context(|| format!("account {}: not JSON", path.display()))?;
+                let of = json.get("directory").and_then(|d| d.as_str());
+                if of.is_some_and(|d| d != acme.directory) {
+                    bail!(
+                        "account {} belongs to {}, not to [acme] directory {}: move it away (a \
+                         new account is then created) or set [acme] account_key",
+                        path.display(),
+                        of.unwrap_or_default(),
+                        acme.directory
+                    );
+                }
+                let credentials: AccountCredentials = serde_json::from_value(json)
                     .with_context(|| format!("account {}: not ACME credentials", path.display()))?;
                 builder()?
                     .from_credentials(credentials)
@@ -252,14 +317,17 @@ impl Shared {
 }
 
 /// One service's certificate, for as long as the service has `cert = "acme"` with `names`.
-async fn run(shared: Arc<Shared>, service: String, names: Vec<String>, renew: Arc<Notify>) {
+async fn run(shared: Arc<Shared>, service: String, names: Vec<String>, renew: Arc<Renew>) {
     let path = shared.acme.stored(&service);
+    let lowercase: Vec<String> = names.iter().map(|n| n.to_ascii_lowercase()).collect();
     let mut backoff = FIRST_BACKOFF;
+    // After a failure: not before this.
+    let mut retry_at: Option<SystemTime> = None;
     loop {
         let stored = std::fs::read(&path)
             .ok()
             .and_then(|pem| Stored::parse(&pem));
-        let due = match &stored {
+        let mut due = match &stored {
             None => SystemTime::now(),
             Some(s) if !s.covers(&names) => {
                 info!(service = %service, "the stored certificate does not cover the names: ordering one that does");
@@ -267,25 +335,34 @@ async fn run(shared: Arc<Shared>, service: String, names: Vec<String>, renew: Ar
             }
             Some(s) => s.renew_at(),
         };
+        if let Some(r) = retry_at {
+            due = due.max(r);
+        }
         shared.update(&service, |s| s.next_order = Some(unix(due)));
         let wait = due.duration_since(SystemTime::now()).unwrap_or_default();
-        tokio::select! {
-            () = tokio::time::sleep(wait) => {}
-            () = renew.notified() => info!(service = %service, "certificate renewal asked for"),
+        if renew.wait(wait.min(MAX_SLEEP)).await {
+            info!(service = %service, "certificate renewal asked for");
+        } else if SystemTime::now() < due {
+            // A long wait is taken in steps: a suspended machine or a clock set forward
+            // cannot push a renewal past its time.
+            continue;
         }
         shared.update(&service, |s| {
             s.orders += 1;
             s.next_order = None;
         });
-        let result = tokio::time::timeout(ORDER_TIMEOUT, order(&shared, &service, &names))
+        let result = tokio::time::timeout(ORDER_TIMEOUT, order(&shared, &names))
             .await
             .unwrap_or_else(|_| Err(anyhow!("no certificate within {ORDER_TIMEOUT:?}")));
+        // Whatever became of the order (a timeout too), its answers go.
+        shared.withdraw(&lowercase).await;
         match result.and_then(|pem| {
             write_private(&path, pem.as_bytes())?;
             Ok(pem)
         }) {
             Ok(pem) => {
                 backoff = FIRST_BACKOFF;
+                retry_at = None;
                 let not_after = Stored::parse(pem.as_bytes()).map(|s| unix(s.not_after));
                 shared.update(&service, |s| {
                     s.last_error = None;
@@ -313,27 +390,24 @@ async fn run(shared: Arc<Shared>, service: String, names: Vec<String>, renew: Ar
                 };
                 error!(service = %service, next_try_s = backoff.as_secs(),
                        "ACME order failed ({serving}): {why}");
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    () = renew.notified() => {}
-                }
-                // Next: at once when there is no good certificate, else at its renewal time.
+                // Next: after the backoff when there is no good certificate, else at its
+                // renewal time; `relay cert renew` at once.
+                retry_at = Some(SystemTime::now() + backoff);
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }
 }
 
-/// One order, validated through tls-alpn-01 answers on the front port: the key and chain
-/// (PEM).
-async fn order(shared: &Shared, service: &str, names: &[String]) -> anyhow::Result<String> {
+/// One order, validated through the answers the worker serves (tls-alpn-01 on the front
+/// port, or http-01 on a plain port): the key and chain (PEM).
+async fn order(shared: &Shared, names: &[String]) -> anyhow::Result<String> {
     let account = shared.account().await?;
     let identifiers: Vec<Identifier> = names.iter().cloned().map(Identifier::Dns).collect();
     let mut order = account
         .new_order(&NewOrder::new(&identifiers))
         .await
         .context("new order")?;
-    let mut answered = Vec::new();
     let validated = async {
         let mut authorizations = order.authorizations();
         while let Some(authz) = authorizations.next().await {
@@ -343,18 +417,30 @@ async fn order(shared: &Shared, service: &str, names: &[String]) -> anyhow::Resu
                 AuthorizationStatus::Valid => continue,
                 other => bail!("authorization for {} is {other:?}", authz.identifier()),
             }
-            let mut challenge = authz.challenge(ChallengeType::TlsAlpn01).ok_or_else(|| {
-                anyhow!("the ACME server offers no tls-alpn-01 challenge for this name")
+            let (kind, label) = match shared.acme.challenge {
+                AcmeChallenge::TlsAlpn01 => (ChallengeType::TlsAlpn01, "tls-alpn-01"),
+                AcmeChallenge::Http01 => (ChallengeType::Http01, "http-01"),
+            };
+            let mut challenge = authz.challenge(kind).ok_or_else(|| {
+                anyhow!("the ACME server offers no {label} challenge for this name")
             })?;
             let name = challenge.identifier().to_string().to_ascii_lowercase();
-            let digest = challenge.key_authorization().digest();
-            let answer =
-                challenge::answer(&name, digest.as_ref()).context("make the tls-alpn-01 answer")?;
-            answered.push(name.clone());
+            let key_authorization = challenge.key_authorization();
+            let answer = match shared.acme.challenge {
+                AcmeChallenge::TlsAlpn01 => {
+                    challenge::answer(&name, key_authorization.digest().as_ref())
+                        .context("make the tls-alpn-01 answer")?
+                }
+                AcmeChallenge::Http01 => challenge::Answer::Http {
+                    name: name.clone(),
+                    token: challenge.token.clone(),
+                    key_authorization: key_authorization.as_str().to_string(),
+                },
+            };
             shared
                 .serve(vec![(name.clone(), Some(answer))])
                 .await
-                .context("serve the tls-alpn-01 answer")?;
+                .with_context(|| format!("serve the {label} answer"))?;
             challenge.set_ready().await.context("challenge ready")?;
         }
         let retries = RetryPolicy::new().timeout(ORDER_TIMEOUT);
@@ -364,12 +450,6 @@ async fn order(shared: &Shared, service: &str, names: &[String]) -> anyhow::Resu
         }
     }
     .await;
-    if !answered.is_empty() {
-        let withdraw = answered.iter().map(|n| (n.clone(), None)).collect();
-        if let Err(e) = shared.serve(withdraw).await {
-            warn!(service = %service, "validation answers not withdrawn from the worker: {e:#}");
-        }
-    }
     validated?;
     let key = order.finalize().await.context("finalize")?;
     let chain = order
@@ -450,11 +530,11 @@ pub fn unix(t: SystemTime) -> u64 {
 }
 
 /// Writes `bytes` to `path` for the owner only, atomically (a new file renamed over the old:
-/// a reader sees the old file or the new one, never half of one).
+/// a reader sees the old file or the new one, never half of one, also after a crash).
 fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::{
         io::Write as _,
-        os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
+        os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _},
     };
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::DirBuilder::new()
@@ -462,17 +542,29 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("create {}", dir.display()))?;
-    let tmp = path.with_extension("tmp");
+    if let Ok(meta) = std::fs::metadata(dir)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        warn!(dir = %dir.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777),
+              "ACME storage is open to other users: chmod 700 it");
+    }
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let write = || -> std::io::Result<()> {
+        // A file left by a crash is ours to replace; a link planted there is not followed.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         let mut f = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
     };
     write().with_context(|| format!("write {}", path.display()))
 }
@@ -541,6 +633,10 @@ mod tests {
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&path), 0o600);
         assert_eq!(mode(path.parent().unwrap()), 0o700);
-        assert!(!path.with_extension("tmp").exists());
+        let left: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["shop.pem"], "no temporary file left");
     }
 }

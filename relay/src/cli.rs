@@ -156,6 +156,9 @@ pub enum ServiceCommand {
         /// With --cert acme: a DNS name the certificate is issued for (repeat for more).
         #[arg(long = "acme-name")]
         names: Vec<String>,
+        /// A plain port (80) that answers ACME http-01 validations ([acme] challenge = "http-01").
+        #[arg(long)]
+        answer_http01: bool,
         #[arg(long)]
         client_ca: Option<PathBuf>,
         /// Identity allowed in (mtls; repeat for more): dns:NAME, uri:URI (`*` within a path

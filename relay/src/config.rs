@@ -27,7 +27,7 @@ mod acme;
 mod cluster;
 mod directory;
 
-pub use acme::{ACME, Acme};
+pub use acme::{ACME, Acme, Challenge as AcmeChallenge};
 pub use cluster::Cluster;
 pub use directory::Directory;
 
@@ -202,6 +202,10 @@ pub struct Inbound {
     /// handoff's format is not self-describing.)
     #[serde(default)]
     pub names: Vec<String>,
+    /// A plain port (80) that answers ACME http-01 validation requests while an order waits
+    /// for them, and relays everything else.
+    #[serde(default)]
+    pub answer_http01: bool,
     pub client_ca: Option<PathBuf>,
     /// mtls: only clients whose verified identity matches one of these pass (see `access`).
     #[serde(default)]
@@ -536,6 +540,37 @@ impl Config {
         }
         if let Some(a) = &self.acme {
             acme::validate(a)?;
+            if a.challenge == acme::Challenge::Http01
+                && !self.services.iter().any(|s| s.inbound.answer_http01)
+            {
+                return Err((
+                    vec![Key("acme"), Key("challenge")],
+                    "\"http-01\" needs a plain service on port 80 with answer_http01 = true \
+                     (the port the ACME server connects to)"
+                        .into(),
+                ));
+            }
+        }
+        let mut acme_names: std::collections::HashMap<String, &str> = Default::default();
+        for (i, s) in self.services.iter().enumerate() {
+            for (n, name) in s.inbound.names.iter().enumerate() {
+                let lower = name.to_ascii_lowercase();
+                if let Some(other) = acme_names.insert(lower, &s.name) {
+                    return Err((
+                        vec![
+                            Key("service"),
+                            Index(i),
+                            Key("inbound"),
+                            Key("names"),
+                            Index(n),
+                        ],
+                        format!(
+                            "{name:?} is also a name of service {other:?}: one ACME certificate \
+                             per name (list the names of both on one service)"
+                        ),
+                    ));
+                }
+            }
         }
         let mut names = HashSet::new();
         let mut listens = HashSet::new();
@@ -674,6 +709,18 @@ impl Config {
                     return Err((at(k), format!("required with level = \"{level}\"")));
                 }
             }
+        }
+        if inb.answer_http01 && level != Level::Plain {
+            return Err((
+                at("answer_http01"),
+                "needs level = \"plain\": ACME http-01 is plain HTTP (port 80)".into(),
+            ));
+        }
+        if inb.answer_http01 && self.acme.is_none() {
+            return Err((
+                at("answer_http01"),
+                "has no effect without an [acme] section; remove it".into(),
+            ));
         }
         if !inb.is_acme() && !inb.names.is_empty() {
             return Err((

@@ -76,7 +76,7 @@ pub enum ToWorker {
     Tickets(Vec<crate::tickets::TicketKey>),
     /// The ACME tls-alpn-01 answers to serve from now on (all of them); answered with
     /// `Applied`.
-    Challenges(Vec<crate::tls::challenge::Answer>),
+    Challenges(crate::tls::challenge::AnswerSet),
     /// Report connection counters.
     Status,
     /// Report the metrics in the exposition format.

@@ -361,6 +361,15 @@ async fn accept_inbound(
     limit: Duration,
 ) -> Result<Accepted, Failure> {
     let Some(server) = &service.server_side else {
+        if service.config.inbound.answer_http01 && service.challenges.awaits_http() {
+            return match timeout(limit, acme_http(socket, service)).await {
+                Ok(r) => r,
+                Err(_) => Err(Failure::new(
+                    Outcome::HandshakeTimeout,
+                    format!("no request within {limit:?} while an ACME validation is awaited"),
+                )),
+            };
+        }
         return Ok(Accepted::plain(socket));
     };
     // A directory lookup inside must end a little before the handshake's time does, so its
@@ -373,6 +382,26 @@ async fn accept_inbound(
         )),
         Ok(r) => r,
     }
+}
+
+/// A plain service with `answer_http01`, while an http-01 validation is awaited: the ACME
+/// server's request is answered; anything else (another token too: the backend may run an
+/// ACME client of its own) is relayed untouched.
+async fn acme_http(socket: TcpStream, service: &ServiceRuntime) -> Result<Accepted, Failure> {
+    let token = recognise::acme_http_token(&socket)
+        .await
+        .map_err(|e| Failure::new(Outcome::IoError, format!("before relaying: {e}")))?;
+    let Some((token, answer)) = token.and_then(|t| service.challenges.http(&t).map(|a| (t, a)))
+    else {
+        return Ok(Accepted::plain(socket));
+    };
+    recognise::answer_acme_http(socket, &answer)
+        .await
+        .map_err(|e| Failure::new(Outcome::IoError, format!("ACME http-01 answer: {e}")))?;
+    Err(Failure::new(
+        Outcome::AcmeValidation,
+        format!("ACME http-01 validation of token {token} answered"),
+    ))
 }
 
 /// Recognition, then the TLS handshake with the configuration the SNI selects.

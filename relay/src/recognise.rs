@@ -1,12 +1,17 @@
 //! Protocol recognition on a TLS front port: TLS or plaintext, told from the first byte the
 //! client sends, and the HTTP redirect for plaintext when the service asks for it
-//! (`inbound.plaintext = "redirect"`).
+//! (`inbound.plaintext = "redirect"`). On a plain port with `answer_http01`, ACME http-01
+//! validation requests, recognised the same way: peeked, so anything else is relayed whole.
 //!
 //! Every TLS connection starts with a handshake record, content type 22 (0x16). No text
 //! protocol starts with that control character, so one peeked byte decides, without consuming
 //! anything the TLS stack or the backend still needs.
 
-use std::{io, net::IpAddr};
+use std::{
+    io,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -16,6 +21,11 @@ use tokio::{
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// The most the relay reads of a plaintext request before it gives up on redirecting it.
 const MAX_REQUEST_HEAD: usize = 8192;
+
+/// How every ACME http-01 validation request starts (RFC 8555 8.3).
+const ACME_HTTP: &[u8] = b"GET /.well-known/acme-challenge/";
+/// How long a request that starts like a validation may take to show its whole first line.
+const ACME_LINE_WAIT: Duration = Duration::from_millis(500);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
@@ -31,6 +41,61 @@ pub async fn recognise(s: &TcpStream) -> io::Result<Option<Protocol>> {
         _ if first[0] == TLS_HANDSHAKE_RECORD => Some(Protocol::Tls),
         _ => Some(Protocol::Plain),
     })
+}
+
+/// The token of the ACME http-01 validation request the client's first bytes are, peeked
+/// (nothing is consumed); `None` for anything else, which is then relayed untouched.
+pub async fn acme_http_token(s: &TcpStream) -> io::Result<Option<String>> {
+    let mut buf = [0u8; 512];
+    let deadline = Instant::now() + ACME_LINE_WAIT;
+    loop {
+        let n = s.peek(&mut buf).await?;
+        let seen = &buf[..n];
+        let common = n.min(ACME_HTTP.len());
+        if n == 0 || seen[..common] != ACME_HTTP[..common] {
+            return Ok(None);
+        }
+        if let Some(end) = seen.iter().position(|b| *b == b'\r' || *b == b'\n') {
+            return Ok(acme_token(&seen[..end]));
+        }
+        // The line so far starts like a validation: wait for the rest of it, a little.
+        if n == buf.len() || Instant::now() >= deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// `GET /.well-known/acme-challenge/<token> HTTP/1.x` → the token (base64url, as ACME makes
+/// them).
+fn acme_token(line: &[u8]) -> Option<String> {
+    let rest = line.strip_prefix(ACME_HTTP)?;
+    let space = rest.iter().position(|b| *b == b' ')?;
+    let (token, version) = (&rest[..space], &rest[space + 1..]);
+    let base64url = |b: &u8| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_';
+    (!token.is_empty() && token.iter().all(base64url) && version.starts_with(b"HTTP/1."))
+        .then(|| String::from_utf8_lossy(token).into_owned())
+}
+
+/// Answers the validation request at the start of `s` with its key authorization.
+pub async fn answer_acme_http(mut s: TcpStream, key_authorization: &str) -> io::Result<()> {
+    // The request is read whole first: a close with unread bytes would reset the answer.
+    let mut head = Vec::with_capacity(512);
+    let mut chunk = [0u8; 512];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST_HEAD {
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&chunk[..n]);
+    }
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{key_authorization}",
+        key_authorization.len()
+    );
+    s.write_all(response.as_bytes()).await?;
+    s.shutdown().await
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +205,25 @@ mod tests {
         );
         let v6 = "GET / HTTP/1.1\r\nhost: [2001:db8::1]:80\r\n\r\n";
         assert_eq!(loc(v6, 443).unwrap(), "https://[2001:db8::1]/");
+    }
+
+    #[test]
+    fn only_a_well_formed_validation_request_line_is_taken_for_one() {
+        let token = |l: &str| acme_token(l.as_bytes());
+        assert_eq!(
+            token("GET /.well-known/acme-challenge/Ab-_9z HTTP/1.1").as_deref(),
+            Some("Ab-_9z")
+        );
+        for other in [
+            "GET /.well-known/acme-challenge/ HTTP/1.1",
+            "GET /.well-known/acme-challenge/a/../b HTTP/1.1",
+            "GET /.well-known/acme-challenge/abc",
+            "GET /.well-known/acme-challenge/abc SSH-2.0",
+            "POST /.well-known/acme-challenge/abc HTTP/1.1",
+            "GET /index.html HTTP/1.1",
+        ] {
+            assert_eq!(token(other), None, "{other}");
+        }
     }
 
     #[test]

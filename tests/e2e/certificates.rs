@@ -8,12 +8,19 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use relay_tests::{
-    client::tls_config, env::TestDir, free_port, http::HttpServer, metrics::sample, pebble::Pebble,
-    pki::CertFiles, relay::Relay, sha256_hex, wait_until,
+    client::tls_config,
+    env::TestDir,
+    free_port,
+    http::HttpServer,
+    metrics::sample,
+    pebble::{Pebble, Place},
+    pki::CertFiles,
+    relay::Relay,
+    sha256_hex, wait_until,
 };
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
 use tokio::{
@@ -227,6 +234,73 @@ async fn acme_issues_through_tls_alpn_and_renews_under_a_long_transfer() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acme_http01_is_answered_by_a_plain_port_that_keeps_relaying() {
+    // "www" is the site's plain port (80 in production); pebble asks it for the token.
+    let env = TestDir::new();
+    let (http, _) = http_backend(&env);
+    let front = at(free_port());
+    let www = at(free_port());
+    let metrics = at(free_port());
+    let mut pebble = Pebble::at(
+        Place::loopback(),
+        &env.path().join("pebble"),
+        &env.pki,
+        free_port(),
+        www.port(),
+    )
+    .unwrap();
+    pebble.start().unwrap();
+    let plain = format!(
+        "[[service]]\nname = \"www\"\nserver = \"127.0.0.1\"\nport = {}\nbackend_port = {}\n\
+         listen = \"{www}\"\n[service.inbound]\nlevel = \"plain\"\nanswer_http01 = true\n\
+         [service.outbound]\nlevel = \"plain\"\n",
+        www.port(),
+        http.addr.port()
+    );
+    env.write_config(
+        &(acme_config(&env, &pebble, metrics) + "challenge = \"http-01\"\n"),
+        &[acme_service(front, http.addr), plain],
+    );
+    let relay = env.start();
+    wait_issued(&relay, &env, 1);
+    assert!(
+        relay.has_log("ACME http-01 validation of token"),
+        "pebble's request was answered on the plain port:\n{}",
+        relay.logs().join("\n")
+    );
+    let root = pebble.root().unwrap();
+    assert_eq!(curl(front, &root).unwrap(), "hello through the relay\n");
+    // The plain port relays everything else, also a validation path it has no token for.
+    let get = |path: &str| {
+        Command::new("curl")
+            .args([
+                "-s",
+                "--max-time",
+                "10",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+            ])
+            .arg(format!("http://{www}{path}"))
+            .output()
+            .unwrap()
+    };
+    let hello = Command::new("curl")
+        .args(["-sS", "--max-time", "10"])
+        .arg(format!("http://{www}/hello.txt"))
+        .output()
+        .unwrap();
+    assert_eq!(text(&hello.stdout), "hello through the relay\n");
+    let unknown = get("/.well-known/acme-challenge/not-a-pending-token");
+    assert_eq!(text(&unknown.stdout), "404", "the backend answered it");
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acme_unreachable_at_start_refuses_tls_then_retries_and_a_restart_serves_the_stored_one() {
     let env = TestDir::new();
     let (http, _) = http_backend(&env);
@@ -277,9 +351,23 @@ async fn acme_unreachable_at_start_refuses_tls_then_retries_and_a_restart_serves
     relay.terminate(Duration::from_secs(10));
     let relay = env.start();
     assert_eq!(curl(front, &root).unwrap(), "hello through the relay\n");
-    let acme = env.status().services[0].acme.clone().unwrap();
+    let scheduled = || {
+        env.status().services[0]
+            .acme
+            .clone()
+            .filter(|a| a.next_order.is_some())
+    };
+    assert!(wait_until(Duration::from_secs(5), || scheduled().is_some()));
+    let acme = scheduled().unwrap();
     assert_eq!(acme.orders, 0, "a good stored certificate orders nothing");
-    assert!(acme.next_order.is_some());
+    // Its task read the stored certificate: the next order is at its renewal time, years
+    // away (pebble issues for 5 years), not now.
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let next = acme.next_order.expect("a renewal scheduled");
+    assert!(next > now + 86_400 * 30, "next order at {next}, now {now}");
     assert!(!relay.has_log("ACME order failed"));
 }
 

@@ -238,7 +238,8 @@ fn acme_validates_through_the_steered_front_port() {
         ip: CLIENT4.parse().unwrap(),
         names_to: SERVER4.parse().unwrap(),
     };
-    let mut pebble = Pebble::at(place, &gw.dir.path().join("pebble"), &gw.pki, 443).unwrap();
+    let pebble_dir = gw.dir.path().join("pebble");
+    let mut pebble = Pebble::at(place, &pebble_dir, &gw.pki, 443, 80).unwrap();
     pebble.start().unwrap();
     let text = format!(
         "[relay]\ncontrol_socket = \"{dir}/control.sock\"\n\n\

@@ -78,14 +78,21 @@ pub struct Pebble {
 }
 
 impl Pebble {
-    /// pebble on loopback: see [`Pebble::at`].
+    /// pebble on loopback, validating tls-alpn-01 on `tls_port`: see [`Pebble::at`].
     pub fn new(dir: &Path, pki: &Pki, tls_port: u16) -> anyhow::Result<Pebble> {
-        Pebble::at(Place::loopback(), dir, pki, tls_port)
+        Pebble::at(Place::loopback(), dir, pki, tls_port, free_port())
     }
 
     /// pebble's configuration in `dir`, its DNS started at `place`; pebble itself is started
-    /// by [`Pebble::start`]. Validations go to `place.names_to`:`tls_port`.
-    pub fn at(place: Place, dir: &Path, pki: &Pki, tls_port: u16) -> anyhow::Result<Pebble> {
+    /// by [`Pebble::start`]. Validations go to `place.names_to`, port `tls_port` for
+    /// tls-alpn-01 and `http_port` for http-01.
+    pub fn at(
+        place: Place,
+        dir: &Path,
+        pki: &Pki,
+        tls_port: u16,
+        http_port: u16,
+    ) -> anyhow::Result<Pebble> {
         std::fs::create_dir_all(dir)?;
         let ip = place.ip.to_string();
         let https = pki.server_for("pebble", &["localhost", &ip])?;
@@ -99,7 +106,7 @@ impl Pebble {
                 "managementListenAddress": management.to_string(),
                 "certificate": https.cert,
                 "privateKey": https.key,
-                "httpPort": free_port(),
+                "httpPort": http_port,
                 "tlsPort": tls_port,
                 "ocspResponderURL": "",
                 "externalAccountBindingRequired": false,

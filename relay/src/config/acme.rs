@@ -27,6 +27,22 @@ pub struct Acme {
     /// Where issued certificates and their keys are kept (mode 0600), one file per service.
     #[serde(default = "default_storage")]
     pub storage: PathBuf,
+    /// How the ACME server validates the names.
+    #[serde(default)]
+    pub challenge: Challenge,
+}
+
+/// `[acme] challenge`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Challenge {
+    /// On the service's own TLS front port (RFC 8737).
+    #[default]
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
+    /// `GET /.well-known/acme-challenge/<token>` on port 80, answered by a plain service with
+    /// `answer_http01 = true`.
+    #[serde(rename = "http-01")]
+    Http01,
 }
 
 fn default_storage() -> PathBuf {

@@ -482,6 +482,24 @@ fn acme_certificates_are_checked_with_their_keys() {
             "acme.contact[0]",
             "mailto:",
         ),
+        (
+            format!("{good}\n{acme}challenge = \"http-01\"\n"),
+            "acme.challenge",
+            "answer_http01",
+        ),
+        (
+            format!("{good}\n{acme}challenge = \"dns-01\"\n"),
+            "acme.challenge",
+            "unknown variant",
+        ),
+        (
+            format!(
+                "{}\n{acme}",
+                good.replace("names = [", "answer_http01 = true\nnames = [")
+            ),
+            "service[0].inbound.answer_http01",
+            "level = \"plain\"",
+        ),
     ] {
         let (_, k, message) = f.error(&text);
         assert_eq!(k, key, "{text}: {message}");

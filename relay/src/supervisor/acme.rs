@@ -13,7 +13,7 @@ use crate::{
     acme::{self, Event},
     control::{CertificateInfo, Response, ServiceInfo},
     handoff::{FromWorker, ToWorker},
-    tls::{challenge::Answer, material},
+    tls::{challenge::AnswerSet, material},
 };
 
 /// Time the worker gets to take new validation answers.
@@ -35,7 +35,7 @@ impl Supervisor {
     /// bounds that).
     pub(super) fn send_answers(
         &mut self,
-        answers: Vec<Answer>,
+        answers: AnswerSet,
         done: Option<oneshot::Sender<anyhow::Result<()>>>,
     ) {
         let Worker::Running(w) = &self.worker else {
@@ -73,7 +73,7 @@ impl Supervisor {
             return;
         };
         let waiting = std::mem::take(&mut self.answers_waiting);
-        if answers.is_empty() && waiting.is_empty() {
+        if answers.answers.is_empty() && waiting.is_empty() {
             return;
         }
         let (tx, rx) = oneshot::channel();

@@ -288,13 +288,14 @@ impl Supervisor {
         let Next { checked, shadowed } = *checked;
         let service::Checked {
             config: next,
-            files,
+            mut files,
             warnings,
             directory,
         } = checked;
         for w in warnings {
             warn!("{w}");
         }
+        self.keep_acme_certificates(&next, &mut files);
         let (opened, close) = self.listener_changes(&next)?;
         let summary = summary(&self.config, &next);
         Ok(Prepared {
@@ -307,6 +308,26 @@ impl Supervisor {
             summary,
             shadowed,
         })
+    }
+
+    /// An ACME certificate in force whose stored file went away or went bad keeps serving
+    /// from memory (a file certificate would refuse the change instead; an ACME service has
+    /// no one to fix its file but its task), and its task orders a new one now.
+    fn keep_acme_certificates(&self, next: &Config, files: &mut Files) {
+        for s in next.services.iter().filter(|s| s.inbound.is_acme()) {
+            let key = crate::tls::material::acme_file(&s.name);
+            if files.contains_key(&key) {
+                continue;
+            }
+            let Some(bytes) = self.files.get(&key) else {
+                continue;
+            };
+            warn!(service = %s.name, "the stored ACME certificate is gone or unusable: the one in force keeps serving, a new one is ordered");
+            files.insert(key, bytes.clone());
+            if let Some(acme) = &self.acme {
+                let _ = acme.renew(&s.name);
+            }
+        }
     }
 
     /// The listeners `next` needs that are not open yet (bound now), and the ones it no

@@ -1,12 +1,15 @@
-//! ACME tls-alpn-01 answers (RFC 8737), on the front port of the service being validated.
+//! ACME validation answers, served by the worker while an order waits for them.
 //!
-//! The ACME server proves that whoever asked for a certificate controls the name: it connects
-//! to the name's port 443 (here: the service's own front port, transparent or explicit), offers
-//! only the ALPN protocol `acme-tls/1`, and expects a self-signed certificate for that name
-//! carrying the digest of the order's key authorization. The supervisor makes those
-//! certificates ([`answer`]); the worker holds the ones in force ([`Challenges`]) and serves
-//! them to a ClientHello that asks for `acme-tls/1` and names one. Nothing else is ever served
-//! with them, and a validation connection carries no data: it ends after its handshake.
+//! The ACME server proves that whoever asked for a certificate controls the name. With
+//! tls-alpn-01 (RFC 8737) it connects to the name's port 443 (here: the service's own front
+//! port, transparent or explicit), offers only the ALPN protocol `acme-tls/1`, and expects a
+//! self-signed certificate for that name carrying the digest of the order's key authorization.
+//! The supervisor makes those certificates ([`answer`]); the worker holds the ones in force
+//! ([`Challenges`]) and serves them to a ClientHello that asks for `acme-tls/1` and names one.
+//! Nothing else is ever served with them, and a validation connection carries no data: it ends
+//! after its handshake. With http-01 (RFC 8555 8.3) it asks `GET
+//! /.well-known/acme-challenge/<token>` on port 80, which a plain service with
+//! `answer_http01 = true` answers with the key authorization (see `proxy`).
 
 use std::{
     collections::HashMap,
@@ -24,17 +27,45 @@ use serde::{Deserialize, Serialize};
 /// The ALPN protocol of tls-alpn-01 validation.
 pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
-/// The answer to one name's challenge: a self-signed certificate and its key (DER).
+/// The answer to one name's challenge.
 #[derive(Clone, Serialize, Deserialize)]
-pub struct Answer {
-    pub name: String,
-    pub cert: Vec<u8>,
-    pub key: Vec<u8>,
+pub enum Answer {
+    /// tls-alpn-01: a self-signed certificate and its key (DER).
+    TlsAlpn {
+        name: String,
+        cert: Vec<u8>,
+        key: Vec<u8>,
+    },
+    /// http-01: the body of the answer to `/.well-known/acme-challenge/<token>`.
+    Http {
+        name: String,
+        token: String,
+        key_authorization: String,
+    },
+}
+
+/// Every answer in force, and which change of the set this is: sets are handed to the worker
+/// by tasks that may overtake one another, and it keeps the newest.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AnswerSet {
+    pub generation: u64,
+    pub answers: Vec<Answer>,
+}
+
+impl Answer {
+    /// The name it proves control of.
+    pub fn name(&self) -> &str {
+        match self {
+            Answer::TlsAlpn { name, .. } | Answer::Http { name, .. } => name,
+        }
+    }
 }
 
 impl std::fmt::Debug for Answer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Answer").field("name", &self.name).finish()
+        f.debug_struct("Answer")
+            .field("name", &self.name())
+            .finish()
     }
 }
 
@@ -45,7 +76,7 @@ pub fn answer(name: &str, digest: &[u8]) -> Result<Answer, rcgen::Error> {
     let mut params = rcgen::CertificateParams::new(vec![name.to_string()])?;
     params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
     let cert = params.self_signed(&key)?;
-    Ok(Answer {
+    Ok(Answer::TlsAlpn {
         name: name.to_ascii_lowercase(),
         cert: cert.der().to_vec(),
         key: key.serialize_der(),
@@ -66,27 +97,68 @@ impl ResolvesServerCert for Fixed {
 #[derive(Default)]
 pub struct Challenges {
     by_name: RwLock<HashMap<String, Arc<ServerConfig>>>,
+    /// http-01: key authorizations by token.
+    by_token: RwLock<HashMap<String, String>>,
+    /// The generation of the set in force.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl Challenges {
-    /// Serves exactly `answers` from now on.
-    pub fn set(&self, answers: &[Answer]) -> Result<(), rustls::Error> {
+    /// Serves exactly `set` from now on, unless a newer set is in force already.
+    pub fn set(&self, set: &AnswerSet) -> Result<(), rustls::Error> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let answers = &set.answers;
         let mut next = HashMap::new();
+        let mut tokens = HashMap::new();
         for a in answers {
-            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(a.key.clone()));
+            let (name, cert, key) = match a {
+                Answer::TlsAlpn { name, cert, key } => (name, cert, key),
+                Answer::Http {
+                    token,
+                    key_authorization,
+                    ..
+                } => {
+                    tokens.insert(token.clone(), key_authorization.clone());
+                    continue;
+                }
+            };
+            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.clone()));
             let key = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key)?;
             // Not `with_single_cert`: it parses the certificate as a web PKI end entity, which
             // refuses the critical acmeIdentifier extension this one exists to carry.
-            let certified = CertifiedKey::new(vec![CertificateDer::from(a.cert.clone())], key);
+            let certified = CertifiedKey::new(vec![CertificateDer::from(cert.clone())], key);
             let mut config = ServerConfig::builder()
                 .with_no_client_auth()
                 .with_cert_resolver(Arc::new(Fixed(Arc::new(certified))));
             config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
             config.send_tls13_tickets = 0;
-            next.insert(a.name.clone(), Arc::new(config));
+            next.insert(name.clone(), Arc::new(config));
         }
+        // One writer at a time (the worker's message loop): the check and the swap below do
+        // not race with another set.
+        if set.generation < self.generation.load(SeqCst) {
+            return Ok(());
+        }
+        self.generation.store(set.generation, SeqCst);
         *self.by_name.write().unwrap_or_else(|e| e.into_inner()) = next;
+        *self.by_token.write().unwrap_or_else(|e| e.into_inner()) = tokens;
         Ok(())
+    }
+
+    /// Whether an http-01 validation is awaited (only then does a plain service look at
+    /// requests before relaying them).
+    pub fn awaits_http(&self) -> bool {
+        !self
+            .by_token
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
+    /// The key authorization answering http-01 `token`, if one is pending.
+    pub fn http(&self, token: &str) -> Option<String> {
+        let by_token = self.by_token.read().unwrap_or_else(|e| e.into_inner());
+        by_token.get(token).cloned()
     }
 
     /// The configuration answering `name`'s challenge, if one is pending.

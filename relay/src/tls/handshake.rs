@@ -158,13 +158,15 @@ pub async fn accept(
         }
     };
     let sni = hello.client_hello().server_name().map(str::to_owned);
+    // A validator offers acme-tls/1 alone (RFC 8737 3), for one of this service's names.
     let validation = hello
         .client_hello()
         .alpn()
-        .is_some_and(|mut offered| offered.any(|p| p == ACME_TLS_ALPN));
+        .is_some_and(|offered| offered.eq([ACME_TLS_ALPN]));
     drop(hello);
     if validation {
-        let Some(config) = sni.as_deref().and_then(|n| challenges.get(n)) else {
+        let ours = |n: &&str| server.acme_names.iter().any(|a| a.eq_ignore_ascii_case(n));
+        let Some(config) = sni.as_deref().filter(ours).and_then(|n| challenges.get(n)) else {
             let _ = write_all(
                 socket,
                 &[&alert(rustls::AlertDescription::NoApplicationProtocol)],
@@ -176,7 +178,11 @@ pub async fn accept(
         drive(&mut conn, socket, &mut incoming).await?;
         return Err(HandshakeError::AcmeAnswered(sni.unwrap_or_default()));
     }
-    if server.pending {
+    let Some((config, backend)) = server.select(sni.as_deref()) else {
+        return Err(HandshakeError::UnknownSni(sni));
+    };
+    // Waiting for its ACME certificate; `sni` entries have theirs.
+    if server.pending && Arc::ptr_eq(config, &server.default) {
         let _ = write_all(
             socket,
             &[&alert(rustls::AlertDescription::HandshakeFailure)],
@@ -184,9 +190,6 @@ pub async fn accept(
         .await;
         return Err(HandshakeError::NoCertificate);
     }
-    let Some((config, backend)) = server.select(sni.as_deref()) else {
-        return Err(HandshakeError::UnknownSni(sni));
-    };
     let mut conn = UnbufferedServerConnection::new(Arc::clone(config))?;
     drive(&mut conn, socket, &mut incoming).await?;
     let mut facts = TlsFacts::of(&conn, sni);
@@ -464,6 +467,11 @@ mod tests {
     /// What an ACME validator does: offers only `acme-tls/1` for `sni`, takes any certificate
     /// (it checks the acmeIdentifier itself).
     fn validator() -> Arc<ClientConfig> {
+        offering(&[ACME_TLS_ALPN])
+    }
+
+    /// A client offering `alpn` that takes any certificate.
+    fn offering(alpn: &[&[u8]]) -> Arc<ClientConfig> {
         #[derive(Debug)]
         struct AnyCertificate;
         impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
@@ -505,7 +513,7 @@ mod tests {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AnyCertificate))
             .with_no_client_auth();
-        config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Arc::new(config)
     }
 
@@ -513,10 +521,21 @@ mod tests {
     async fn acme_validation_is_answered_only_for_a_pending_name_and_only_to_acme_tls() {
         use crate::tls::challenge::{Challenges, answer};
         let tls = Tls::new(TLS13_AES_128_GCM_SHA256);
-        let server = ServerSide::with_config(tls.server(true));
+        let mut server = ServerSide::with_config(tls.server(true));
+        server.acme_names = vec!["shop.example".into()];
         let challenges = Challenges::default();
         let pending = answer("shop.example", &[7; 32]).unwrap();
-        challenges.set(std::slice::from_ref(&pending)).unwrap();
+        let crate::tls::challenge::Answer::TlsAlpn {
+            cert: pending_cert, ..
+        } = pending.clone()
+        else {
+            unreachable!("a tls-alpn-01 answer")
+        };
+        let set = crate::tls::challenge::AnswerSet {
+            generation: 1,
+            answers: vec![pending.clone()],
+        };
+        challenges.set(&set).unwrap();
         let sni = |n: &str| ServerName::try_from(n.to_string()).unwrap();
 
         // The validator gets the answer: negotiated acme-tls/1, the answer's certificate with
@@ -533,7 +552,7 @@ mod tests {
         let (_, conn) = client.get_ref();
         assert_eq!(conn.alpn_protocol(), Some(ACME_TLS_ALPN));
         let served = conn.peer_certificates().unwrap()[0].to_vec();
-        assert_eq!(served, pending.cert);
+        assert_eq!(served, pending_cert);
         use x509_parser::prelude::FromDer as _;
         let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&served).unwrap();
         let ext = cert
@@ -556,17 +575,41 @@ mod tests {
         let error = client.expect_err("refused").to_string();
         assert!(error.contains("NoApplicationProtocol"), "{error}");
 
-        // An ordinary client for the pending name gets the service's certificate.
+        // Another service (not ordering for the name) does not answer for it.
+        let other_service = ServerSide::with_config(tls.server(true));
         let (peer, ours) = tcp_pair().await;
         let (client, accepted) = tokio::join!(
-            TlsConnector::from(tls.client(false)).connect(name(), peer),
-            accept(&ours, &server, &challenges)
+            TlsConnector::from(validator()).connect(sni("shop.example"), peer),
+            accept(&ours, &other_service, &challenges)
         );
-        assert!(accepted.is_ok());
-        assert_ne!(
-            client.unwrap().get_ref().1.peer_certificates().unwrap()[0].to_vec(),
-            pending.cert
-        );
+        assert!(matches!(accepted, Err(HandshakeError::NoChallenge(_))));
+        assert!(client.is_err());
+
+        // Ordinary clients for the pending name, without ALPN or offering acme-tls/1 among
+        // others, get the service's certificate.
+        for alpn in [&[][..], &[ACME_TLS_ALPN, b"h2"][..]] {
+            let (peer, ours) = tcp_pair().await;
+            let (client, accepted) = tokio::join!(
+                TlsConnector::from(offering(alpn)).connect(sni("shop.example"), peer),
+                accept(&ours, &server, &challenges)
+            );
+            assert!(accepted.is_ok(), "{alpn:?}");
+            let client = client.unwrap();
+            assert_ne!(
+                client.get_ref().1.peer_certificates().unwrap()[0].to_vec(),
+                pending_cert,
+                "{alpn:?}"
+            );
+            assert_eq!(client.get_ref().1.alpn_protocol(), None);
+        }
+
+        // An older set arriving late does not replace the newer one.
+        let stale = crate::tls::challenge::AnswerSet {
+            generation: 0,
+            answers: Vec::new(),
+        };
+        challenges.set(&stale).unwrap();
+        assert!(challenges.get("shop.example").is_some());
     }
 
     #[tokio::test]

@@ -70,8 +70,10 @@ pub struct ServerSide {
     default_names: Vec<String>,
     reject_unknown: bool,
     /// `cert = "acme"` with no certificate issued yet: every handshake but an ACME
-    /// validation's is refused.
+    /// validation's (or one an `sni` entry serves) is refused.
     pub pending: bool,
+    /// `cert = "acme"`: the names an ACME validation may ask this service for.
+    pub acme_names: Vec<String>,
     /// `mtls`: who may connect, asked again after every handshake (see [`verify`]).
     pub policy: Option<Arc<ClientPolicy>>,
 }
@@ -86,6 +88,7 @@ impl ServerSide {
             default_names: Vec::new(),
             reject_unknown: false,
             pending: false,
+            acme_names: Vec::new(),
             policy: None,
         }
     }
@@ -211,6 +214,11 @@ pub fn server_side(
         default_names,
         reject_unknown: inb.unknown_sni == crate::config::UnknownSni::Reject,
         pending,
+        acme_names: if inb.is_acme() {
+            inb.names.clone()
+        } else {
+            Vec::new()
+        },
         policy,
     })
 }

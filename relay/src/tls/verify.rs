@@ -638,6 +638,7 @@ mod tests {
                 cert: path("server.pem"),
                 key: path("server.key"),
                 names: Vec::new(),
+                answer_http01: false,
                 client_ca: (level == Level::Mtls).then(|| "ca.pem".into()),
                 allow: allow.iter().map(|s| s.to_string()).collect(),
                 crl: self
