@@ -124,6 +124,9 @@ pub struct Pairs {
     ledger: Mutex<HashMap<MapData, u64, CopyLedger>>,
     allowance: Mutex<HashMap<MapData, u64, CopyAllowance>>,
     notices: Mutex<RingBuf<MapData>>,
+    /// How far TCP may grow a socket's receive buffer on its own (`net.ipv4.tcp_rmem`'s
+    /// maximum), read before the sandbox closes /proc.
+    rmem_max: u64,
 }
 
 impl Pairs {
@@ -138,7 +141,22 @@ impl Pairs {
             ledger: Mutex::new(HashMap::try_from(Map::HashMap(ledger?))?),
             allowance: Mutex::new(HashMap::try_from(Map::HashMap(allowance?))?),
             notices: Mutex::new(RingBuf::try_from(Map::RingBuf(notices?))?),
+            rmem_max: rmem_max(),
         })
+    }
+
+    /// What the program may leave with `socket` beyond what the worker copied
+    /// ([`CopyAllowance::pass_room`]): twice the most its receive buffer can hold, and a
+    /// margin for segments in flight. Bytes left with a socket are charged to its buffer, so
+    /// only uncharged ones get past this. The most, not the size now: TCP grows the buffer
+    /// (to `tcp_rmem`'s maximum) without the worker knowing, and a worker short of CPU may
+    /// not tell the program the new size before the sender has filled it; a bound taken from
+    /// the size at the last report then reset connections whose peers were both reading.
+    pub fn pass_room(&self, socket: BorrowedFd<'_>) -> u64 {
+        let rcvbuf = socket2::SockRef::from(&socket)
+            .recv_buffer_size()
+            .map_or(32 << 20, |b| b as u64);
+        2 * rcvbuf.max(self.rmem_max) + COPY_WINDOW / 4
     }
 
     /// Installs the pair: from now on the kernel moves the bytes that arrive on either socket
@@ -196,7 +214,7 @@ impl Pairs {
             CopyAllowance {
                 total: COPY_WINDOW,
                 copied: 0,
-                pass_room: pass_room(socket),
+                pass_room: self.pass_room(socket),
             },
         )
     }
@@ -246,15 +264,12 @@ impl Pairs {
     }
 }
 
-/// What the program may leave with `socket` beyond what the worker copied
-/// ([`CopyAllowance::pass_room`]): twice its receive buffer as it is now (it grows as the
-/// worker reads, and the worker says so at each copy), and a margin for segments in flight.
-/// Bytes left with a socket are charged to its buffer, so only uncharged ones get past this.
-pub fn pass_room(socket: BorrowedFd<'_>) -> u64 {
-    let rcvbuf = socket2::SockRef::from(&socket)
-        .recv_buffer_size()
-        .unwrap_or(32 << 20);
-    2 * rcvbuf as u64 + COPY_WINDOW / 4
+/// `net.ipv4.tcp_rmem`'s maximum (the third field), or 32 MiB where it cannot be read.
+fn rmem_max() -> u64 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(2)?.parse().ok())
+        .unwrap_or(32 << 20)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -63,7 +63,7 @@ use self::watch::Watch;
 use super::{CopyError, DRAIN, Peer, PlainCopy, Transfer, reset_after_drain};
 use crate::{
     net::io::{bytes_written, set_recv_lowat, socket_cookie, tcp_counts},
-    sockmap::{Installed, Pairs, pass_room},
+    sockmap::{Installed, Pairs},
 };
 
 /// The worker's kernel copy: the maps, and the watch over installed pairs.
@@ -471,7 +471,7 @@ impl Pair {
         let allowance = CopyAllowance {
             total,
             copied: self.copied[from as usize].load(Ordering::Relaxed),
-            pass_room: pass_room(self.socket(from).as_fd()),
+            pass_room: self.kc.pairs.pass_room(self.socket(from).as_fd()),
         };
         let cookie = self.cookies[from as usize];
         self.kc
