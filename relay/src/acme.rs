@@ -34,6 +34,8 @@ use crate::{
     tls::challenge,
 };
 
+/// Time given to the worker to drop an order's answers.
+const WITHDRAW_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest single sleep before a renewal (see `run`).
 const MAX_SLEEP: Duration = Duration::from_secs(3600);
 /// First wait after a failed order; it doubles up to [`MAX_BACKOFF`].
@@ -82,7 +84,13 @@ impl Renew {
         self.wake.notify_one();
     }
 
-    /// Waits `wait`, or until asked; true when asked.
+    /// Wakes the task to look at its stored file again, without asking for an order: it
+    /// orders only if the file says so, and not before its backoff allows.
+    fn look(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Waits `wait`, or until woken; true when an order was asked for.
     async fn wait(&self, wait: Duration) -> bool {
         if !self.asked.load(std::sync::atomic::Ordering::SeqCst) {
             tokio::select! {
@@ -91,6 +99,11 @@ impl Renew {
             }
         }
         self.asked.swap(false, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// An order just ended: it answered whatever was asked meanwhile.
+    fn answered(&self) {
+        self.asked.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -169,6 +182,14 @@ impl Manager {
                     handle,
                 },
             );
+        }
+    }
+
+    /// Wakes `service`'s task to read its stored certificate again (it went away): it orders
+    /// one when its backoff allows.
+    pub fn look_again(&self, service: &str) {
+        if let Some(task) = self.tasks.get(service) {
+            task.renew.look();
         }
     }
 
@@ -354,12 +375,16 @@ async fn run(shared: Arc<Shared>, service: String, names: Vec<String>, renew: Ar
         let result = tokio::time::timeout(ORDER_TIMEOUT, order(&shared, &names))
             .await
             .unwrap_or_else(|_| Err(anyhow!("no certificate within {ORDER_TIMEOUT:?}")));
-        // Whatever became of the order (a timeout too), its answers go.
-        shared.withdraw(&lowercase).await;
-        match result.and_then(|pem| {
+        renew.answered();
+        // Stored before anything else can fail or wait: the CA has issued it.
+        let result = result.and_then(|pem| {
             write_private(&path, pem.as_bytes())?;
             Ok(pem)
-        }) {
+        });
+        // Whatever became of the order (a timeout too), its answers go; a worker that does
+        // not take the withdrawal in time drops them with the next set or restart.
+        let _ = tokio::time::timeout(WITHDRAW_TIMEOUT, shared.withdraw(&lowercase)).await;
+        match result {
             Ok(pem) => {
                 backoff = FIRST_BACKOFF;
                 retry_at = None;
@@ -468,6 +493,9 @@ pub struct Stored {
     not_before: SystemTime,
     pub not_after: SystemTime,
     names: Vec<String>,
+    /// Where in the jitter window this certificate renews: drawn from its bytes, so the same
+    /// certificate keeps its time however often it is looked at, and a fleet's differ.
+    jitter: f64,
 }
 
 impl Stored {
@@ -482,11 +510,16 @@ impl Stored {
             .with_no_client_auth()
             .with_single_cert(chain.clone(), key)
             .ok()?;
-        let (not_before, not_after, names) = validity(chain.first()?)?;
+        let first = chain.first()?;
+        let (not_before, not_after, names) = validity(first)?;
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, first);
+        let mut seed = [0u8; 4];
+        seed.copy_from_slice(&digest.as_ref()[..4]);
         Some(Stored {
             not_before,
             not_after,
             names,
+            jitter: f64::from(u32::from_le_bytes(seed)) / f64::from(u32::MAX),
         })
     }
 
@@ -502,11 +535,8 @@ impl Stored {
             .not_after
             .duration_since(self.not_before)
             .unwrap_or_default();
-        let mut random = [0u8; 4];
-        let _ = aws_lc_rs::rand::fill(&mut random);
         let spread = life / 15;
-        let jitter = spread.mul_f64(f64::from(u32::from_le_bytes(random)) / f64::from(u32::MAX));
-        self.not_before + life * 2 / 3 - spread / 2 + jitter
+        self.not_before + life * 2 / 3 - spread / 2 + spread.mul_f64(self.jitter)
     }
 }
 
@@ -587,9 +617,10 @@ mod tests {
 
     #[test]
     fn renewal_is_due_at_two_thirds_of_the_lifetime_give_or_take() {
-        let stored = Stored::parse(issued(4, &["shop.example"]).as_bytes()).unwrap();
-        let life = stored.not_after.duration_since(stored.not_before).unwrap();
-        for _ in 0..50 {
+        let mut times = std::collections::HashSet::new();
+        for _ in 0..20 {
+            let stored = Stored::parse(issued(4, &["shop.example"]).as_bytes()).unwrap();
+            let life = stored.not_after.duration_since(stored.not_before).unwrap();
             let at = stored.renew_at().duration_since(stored.not_before).unwrap();
             let third = life.as_secs_f64() / 3.0;
             let (low, high) = (
@@ -600,9 +631,19 @@ mod tests {
                 (low..=high).contains(&at.as_secs_f64()),
                 "{at:?} of {life:?}"
             );
+            assert_eq!(
+                stored.renew_at(),
+                stored.renew_at(),
+                "one time per certificate"
+            );
+            times.insert(at);
+            assert!(stored.covers(&["SHOP.example".into()]));
+            assert!(!stored.covers(&["shop.example".into(), "api.example".into()]));
         }
-        assert!(stored.covers(&["SHOP.example".into()]));
-        assert!(!stored.covers(&["shop.example".into(), "api.example".into()]));
+        assert!(
+            times.len() > 10,
+            "certificates spread over the window: {times:?}"
+        );
     }
 
     #[test]

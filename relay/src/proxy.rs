@@ -362,13 +362,7 @@ async fn accept_inbound(
 ) -> Result<Accepted, Failure> {
     let Some(server) = &service.server_side else {
         if service.config.inbound.answer_http01 && service.challenges.awaits_http() {
-            return match timeout(limit, acme_http(socket, service)).await {
-                Ok(r) => r,
-                Err(_) => Err(Failure::new(
-                    Outcome::HandshakeTimeout,
-                    format!("no request within {limit:?} while an ACME validation is awaited"),
-                )),
-            };
+            return acme_http(socket, service, limit).await;
         }
         return Ok(Accepted::plain(socket));
     };
@@ -387,17 +381,42 @@ async fn accept_inbound(
 /// A plain service with `answer_http01`, while an http-01 validation is awaited: the ACME
 /// server's request is answered; anything else (another token too: the backend may run an
 /// ACME client of its own) is relayed untouched.
-async fn acme_http(socket: TcpStream, service: &ServiceRuntime) -> Result<Accepted, Failure> {
-    let token = recognise::acme_http_token(&socket)
-        .await
-        .map_err(|e| Failure::new(Outcome::IoError, format!("before relaying: {e}")))?;
+async fn acme_http(
+    socket: TcpStream,
+    service: &ServiceRuntime,
+    limit: Duration,
+) -> Result<Accepted, Failure> {
+    // A client that sends nothing for a while (one that waits for the server to speak) is
+    // relayed all the same.
+    let token = match timeout(limit, recognise::acme_http_token(&socket)).await {
+        Ok(Ok(token)) => token,
+        Ok(Err(e)) => {
+            return Err(Failure::new(
+                Outcome::IoError,
+                format!("before relaying: {e}"),
+            ));
+        }
+        Err(_) => None,
+    };
     let Some((token, answer)) = token.and_then(|t| service.challenges.http(&t).map(|a| (t, a)))
     else {
         return Ok(Accepted::plain(socket));
     };
-    recognise::answer_acme_http(socket, &answer)
-        .await
-        .map_err(|e| Failure::new(Outcome::IoError, format!("ACME http-01 answer: {e}")))?;
+    match timeout(limit, recognise::answer_acme_http(socket, &answer)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            return Err(Failure::new(
+                Outcome::IoError,
+                format!("ACME http-01 answer: {e}"),
+            ));
+        }
+        Err(_) => {
+            return Err(Failure::new(
+                Outcome::HandshakeTimeout,
+                format!("ACME http-01 request not complete within {limit:?}"),
+            ));
+        }
+    }
     Err(Failure::new(
         Outcome::AcmeValidation,
         format!("ACME http-01 validation of token {token} answered"),

@@ -325,7 +325,7 @@ impl Supervisor {
             warn!(service = %s.name, "the stored ACME certificate is gone or unusable: the one in force keeps serving, a new one is ordered");
             files.insert(key, bytes.clone());
             if let Some(acme) = &self.acme {
-                let _ = acme.renew(&s.name);
+                acme.look_again(&s.name);
             }
         }
     }

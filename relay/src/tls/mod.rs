@@ -193,7 +193,10 @@ pub fn server_side(
     };
     let pending = inb.is_acme() && !(files.contains_key(&cert) && files.contains_key(&key_path));
     let (default, default_names) = if pending {
-        (no_certificate(), Vec::new())
+        // Its names are known names (`unknown_sni = "reject"` refuses them as pending, not as
+        // unknown).
+        let names = inb.names.iter().map(|n| n.to_ascii_lowercase()).collect();
+        (no_certificate(), names)
     } else {
         let default = build(&cert, &key_path, false)?;
         let names = certs(files, "inbound.cert", &cert)?
