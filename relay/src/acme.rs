@@ -433,49 +433,45 @@ async fn order(shared: &Shared, names: &[String]) -> anyhow::Result<String> {
         .new_order(&NewOrder::new(&identifiers))
         .await
         .context("new order")?;
-    let validated = async {
-        let mut authorizations = order.authorizations();
-        while let Some(authz) = authorizations.next().await {
-            let mut authz = authz.context("authorization")?;
-            match authz.status {
-                AuthorizationStatus::Pending => {}
-                AuthorizationStatus::Valid => continue,
-                other => bail!("authorization for {} is {other:?}", authz.identifier()),
+    let (kind, label) = match shared.acme.challenge {
+        AcmeChallenge::TlsAlpn01 => (ChallengeType::TlsAlpn01, "tls-alpn-01"),
+        AcmeChallenge::Http01 => (ChallengeType::Http01, "http-01"),
+    };
+    let mut authorizations = order.authorizations();
+    while let Some(authz) = authorizations.next().await {
+        let mut authz = authz.context("authorization")?;
+        match authz.status {
+            AuthorizationStatus::Pending => {}
+            AuthorizationStatus::Valid => continue,
+            other => bail!("authorization for {} is {other:?}", authz.identifier()),
+        }
+        let mut challenge = authz
+            .challenge(kind.clone())
+            .ok_or_else(|| anyhow!("the ACME server offers no {label} challenge for this name"))?;
+        let name = challenge.identifier().to_string().to_ascii_lowercase();
+        let key_authorization = challenge.key_authorization();
+        let answer = match shared.acme.challenge {
+            AcmeChallenge::TlsAlpn01 => {
+                challenge::answer(&name, key_authorization.digest().as_ref())
+                    .context("make the tls-alpn-01 answer")?
             }
-            let (kind, label) = match shared.acme.challenge {
-                AcmeChallenge::TlsAlpn01 => (ChallengeType::TlsAlpn01, "tls-alpn-01"),
-                AcmeChallenge::Http01 => (ChallengeType::Http01, "http-01"),
-            };
-            let mut challenge = authz.challenge(kind).ok_or_else(|| {
-                anyhow!("the ACME server offers no {label} challenge for this name")
-            })?;
-            let name = challenge.identifier().to_string().to_ascii_lowercase();
-            let key_authorization = challenge.key_authorization();
-            let answer = match shared.acme.challenge {
-                AcmeChallenge::TlsAlpn01 => {
-                    challenge::answer(&name, key_authorization.digest().as_ref())
-                        .context("make the tls-alpn-01 answer")?
-                }
-                AcmeChallenge::Http01 => challenge::Answer::Http {
-                    name: name.clone(),
-                    token: challenge.token.clone(),
-                    key_authorization: key_authorization.as_str().to_string(),
-                },
-            };
-            shared
-                .serve(vec![(name.clone(), Some(answer))])
-                .await
-                .with_context(|| format!("serve the {label} answer"))?;
-            challenge.set_ready().await.context("challenge ready")?;
-        }
-        let retries = RetryPolicy::new().timeout(ORDER_TIMEOUT);
-        match order.poll_ready(&retries).await.context("validation")? {
-            OrderStatus::Ready => Ok(()),
-            status => bail!("the order is {status:?} after validation"),
-        }
+            AcmeChallenge::Http01 => challenge::Answer::Http {
+                name: name.clone(),
+                token: challenge.token.clone(),
+                key_authorization: key_authorization.as_str().to_string(),
+            },
+        };
+        shared
+            .serve(vec![(name, Some(answer))])
+            .await
+            .with_context(|| format!("serve the {label} answer"))?;
+        challenge.set_ready().await.context("challenge ready")?;
     }
-    .await;
-    validated?;
+    let retries = RetryPolicy::new().timeout(ORDER_TIMEOUT);
+    match order.poll_ready(&retries).await.context("validation")? {
+        OrderStatus::Ready => {}
+        status => bail!("the order is {status:?} after validation"),
+    }
     let key = order.finalize().await.context("finalize")?;
     let chain = order
         .poll_certificate(&RetryPolicy::new())
@@ -559,44 +555,19 @@ pub fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// Writes `bytes` to `path` for the owner only, atomically (a new file renamed over the old:
-/// a reader sees the old file or the new one, never half of one, also after a crash).
+/// Writes `bytes` to `path` for the owner only, atomically (see [`crate::sys::write_private`]),
+/// warning when the storage directory lets other users in.
 fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::{
-        io::Write as _,
-        os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _},
-    };
+    use std::os::unix::fs::PermissionsExt as _;
+    crate::sys::write_private(path, bytes)?;
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("create {}", dir.display()))?;
     if let Ok(meta) = std::fs::metadata(dir)
         && meta.permissions().mode() & 0o077 != 0
     {
         warn!(dir = %dir.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777),
               "ACME storage is open to other users: chmod 700 it");
     }
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        // A file left by a crash is ours to replace; a link planted there is not followed.
-        match std::fs::remove_file(&tmp) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    };
-    write().with_context(|| format!("write {}", path.display()))
+    Ok(())
 }
 
 #[cfg(test)]

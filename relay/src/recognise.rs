@@ -79,15 +79,10 @@ fn acme_token(line: &[u8]) -> Option<String> {
 
 /// Answers the validation request at the start of `s` with its key authorization.
 pub async fn answer_acme_http(mut s: TcpStream, key_authorization: &str) -> io::Result<()> {
-    // The request is read whole first: a close with unread bytes would reset the answer.
-    let mut head = Vec::with_capacity(512);
-    let mut chunk = [0u8; 512];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST_HEAD {
-        let n = s.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&chunk[..n]);
+    // The request is read whole first: a close with unread bytes would reset the answer. A
+    // head cut short or too long is answered all the same (its first line was a validation).
+    if let Err(RedirectError::Io(e)) = read_head(&mut s).await {
+        return Err(e);
     }
     let response = format!(
         "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\
@@ -110,6 +105,19 @@ pub enum RedirectError {
 /// over https on this port. Returns the Location sent.
 pub async fn redirect(mut s: TcpStream) -> Result<String, RedirectError> {
     let local = s.local_addr()?;
+    let head = read_head(&mut s).await?;
+    let location = location(&head, local.ip().to_canonical(), local.port())?;
+    let response = format!(
+        "HTTP/1.1 301 Moved Permanently\r\nLocation: {location}\r\nContent-Length: 0\r\n\
+         Connection: close\r\n\r\n"
+    );
+    s.write_all(response.as_bytes()).await?;
+    s.shutdown().await?;
+    Ok(location)
+}
+
+/// Reads a plaintext HTTP request head, up to its empty line.
+async fn read_head(s: &mut TcpStream) -> Result<Vec<u8>, RedirectError> {
     let mut head = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -122,14 +130,7 @@ pub async fn redirect(mut s: TcpStream) -> Result<String, RedirectError> {
         }
         head.extend_from_slice(&chunk[..n]);
     }
-    let location = location(&head, local.ip().to_canonical(), local.port())?;
-    let response = format!(
-        "HTTP/1.1 301 Moved Permanently\r\nLocation: {location}\r\nContent-Length: 0\r\n\
-         Connection: close\r\n\r\n"
-    );
-    s.write_all(response.as_bytes()).await?;
-    s.shutdown().await?;
-    Ok(location)
+    Ok(head)
 }
 
 /// `https://<host>[:port]<path>` for a request head: the host from the Host header (without

@@ -14,6 +14,48 @@ use nix::{
     unistd::{Gid, Pid, Uid, User, getppid, setgid, setgroups, setuid},
 };
 
+/// Writes `bytes` to `path` for the owner only (0600, its directory created 0700), atomically:
+/// a temporary file beside it, fsync, rename, fsync of the directory. A reader sees the old
+/// content or the new, never part of it, also after a crash. The temporary file is made anew
+/// (`O_EXCL`) and never through a link planted in its place (`O_NOFOLLOW`).
+pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::{
+        io::Write as _,
+        os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("create {}", dir.display()))?;
+    // Unique per write: two writes of one path at once (the same inline PEM, say) do not share
+    // a temporary file.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp.{}.{n}", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    let write = || -> std::io::Result<()> {
+        // A file left by a crash is ours to replace.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().with_context(|| format!("write {}", path.display()))
+}
+
 /// (uid, gid) of a user name, from the system's user database (`getpwnam_r`).
 pub fn user_ids(name: &str) -> Option<(u32, u32)> {
     let user = User::from_name(name).ok()??;

@@ -20,7 +20,7 @@ use relay_tests::{
     pebble::{Pebble, Place},
     pki::CertFiles,
     relay::Relay,
-    sha256_hex, wait_until,
+    replace_file, sha256_hex, wait_until,
 };
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
 use tokio::{
@@ -371,13 +371,6 @@ async fn acme_unreachable_at_start_refuses_tls_then_retries_and_a_restart_serves
     assert!(!relay.has_log("ACME order failed"));
 }
 
-/// Replaces `path` the way certificate tooling does: a new file renamed over the old one.
-fn replace(path: &Path, contents: &[u8]) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, contents).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 fn der_of(cert: &Path) -> Vec<u8> {
     CertificateDer::pem_file_iter(cert)
         .unwrap()
@@ -450,8 +443,8 @@ async fn a_certificate_replaced_by_rename_reaches_new_connections_within_2s() {
     // Renewed by a tool: the key, then the certificate, each written and renamed into place.
     let second = gate.env.pki.server_for("second", &[NAME]).unwrap();
     let applied = gate.reloads("applied");
-    replace(&gate.live.key, &std::fs::read(&second.key).unwrap());
-    replace(&gate.live.cert, &std::fs::read(&second.cert).unwrap());
+    replace_file(&gate.live.key, std::fs::read(&second.key).unwrap());
+    replace_file(&gate.live.cert, std::fs::read(&second.cert).unwrap());
     let new = der_of(&second.cert);
     let mut seen = Vec::new();
     let within = wait_until(Duration::from_secs(2), || {
@@ -477,7 +470,7 @@ async fn a_truncated_or_empty_certificate_does_not_replace_a_good_one() {
     let pem = std::fs::read(&gate.live.cert).unwrap();
     for (n, broken) in [&pem[..pem.len() / 2], &b""[..]].into_iter().enumerate() {
         let refused = gate.reloads("refused");
-        replace(&gate.live.cert, broken);
+        replace_file(&gate.live.cert, broken);
         assert!(
             wait_until(Duration::from_secs(5), || gate.reloads("refused") > refused),
             "not refused:\n{}",
@@ -502,8 +495,8 @@ async fn a_truncated_or_empty_certificate_does_not_replace_a_good_one() {
 
     // A good file again is taken.
     let third = gate.env.pki.server_for("third", &[NAME]).unwrap();
-    replace(&gate.live.key, &std::fs::read(&third.key).unwrap());
-    replace(&gate.live.cert, &std::fs::read(&third.cert).unwrap());
+    replace_file(&gate.live.key, std::fs::read(&third.key).unwrap());
+    replace_file(&gate.live.cert, std::fs::read(&third.cert).unwrap());
     let new = der_of(&third.cert);
     assert!(wait_until(Duration::from_secs(5), || futures_block(
         served(gate.front, &ca)

@@ -20,7 +20,7 @@ use relay_tests::{
     metrics::sample,
     pki::{CertFiles, Fresh, Names},
     relay::Relay,
-    wait_until,
+    replace_file, wait_until,
 };
 
 fn at(port: u16) -> SocketAddr {
@@ -33,13 +33,6 @@ fn http_backend(env: &TestDir) -> HttpServer {
     std::fs::create_dir_all(&www).unwrap();
     std::fs::write(www.join("page.txt"), "for-allowed-clients\n").unwrap();
     HttpServer::start(&www, "127.0.0.1".parse().unwrap(), free_port(), &[]).unwrap()
-}
-
-/// Replaces `path` the way certificate tooling does: a new file renamed over the old one.
-fn replace(path: &Path, contents: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, contents).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
 }
 
 /// TLS versions and resumption mechanisms, as `openssl s_client` flags.
@@ -107,7 +100,7 @@ impl Gate {
     /// `allow` and `extra` lines for `[service.inbound]`; the CRL file revokes `revoked`.
     fn start(env: TestDir, allow: &[&str], revoked: &[u64], extra: &str) -> Gate {
         let crl = env.path().join("clients-crl.pem");
-        replace(&crl, &env.pki.client_crl_pem(revoked, Fresh::Yes).unwrap());
+        replace_file(&crl, env.pki.client_crl_pem(revoked, Fresh::Yes).unwrap());
         let http = http_backend(&env);
         let (front, metrics) = (at(free_port()), at(free_port()));
         let relay = Gate::launch(&env, front, metrics, http.addr, allow, &crl, extra);
@@ -186,7 +179,7 @@ impl Gate {
     /// Replaces the CRL on disk and waits until the relay reports it applied (or refused).
     fn replace_crl(&self, contents: &str, result: &str) {
         let before = self.file_reloads(result);
-        replace(&self.crl, contents);
+        replace_file(&self.crl, contents);
         assert!(
             wait_until(Duration::from_secs(2), || self.file_reloads(result)
                 > before),
@@ -343,7 +336,7 @@ fn a_ticket_from_one_service_opens_no_other() {
     let http = http_backend(&env);
     let (open, gated) = (at(free_port()), at(free_port()));
     let crl = env.path().join("clients-crl.pem");
-    replace(&crl, &env.pki.client_crl_pem(&[], Fresh::Yes).unwrap());
+    replace_file(&crl, env.pki.client_crl_pem(&[], Fresh::Yes).unwrap());
     let services = [
         env.service("open", open, http.addr, ("tls", "plain"), ("", "")),
         Gate::service(&env, gated, http.addr, &["dns:client-a.example"], &crl, ""),
@@ -479,7 +472,7 @@ fn the_backend_is_told_the_name_that_was_authorised() {
     let web = env.pki.client_with("web", &names, 901).unwrap();
     let backend = TcpListener::bind(at(0)).unwrap();
     let crl = env.path().join("clients-crl.pem");
-    replace(&crl, &env.pki.client_crl_pem(&[], Fresh::Yes).unwrap());
+    replace_file(&crl, env.pki.client_crl_pem(&[], Fresh::Yes).unwrap());
     let front = at(free_port());
     let service = Gate::service(
         &env,

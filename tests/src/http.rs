@@ -1,15 +1,15 @@
 //! A real HTTP backend: Python's `http.server` serving a directory.
 
 use std::{
-    net::{IpAddr, SocketAddr, TcpStream},
+    net::{IpAddr, SocketAddr},
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     time::Duration,
 };
 
 use anyhow::{Context as _, bail};
 
-use crate::wait_until;
+use crate::{accepts, wait_until, wrapped};
 
 /// The loopback address of `ip`'s family (a server bound to `::` answers there too).
 fn loopback(ip: IpAddr) -> IpAddr {
@@ -28,15 +28,7 @@ pub struct HttpServer {
 impl HttpServer {
     /// Serves `dir` on `ip:port`, run through `wrap` (e.g. `ip netns exec NS`) if given.
     pub fn start(dir: &Path, ip: IpAddr, port: u16, wrap: &[&str]) -> anyhow::Result<HttpServer> {
-        let mut cmd = match wrap.split_first() {
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg("python3");
-                c
-            }
-            None => Command::new("python3"),
-        };
-        let child = cmd
+        let child = wrapped(wrap, "python3")
             .args([
                 "-m",
                 "http.server",
@@ -55,20 +47,9 @@ impl HttpServer {
             child,
             addr: SocketAddr::new(ip, port),
         };
-        // Probed where it runs: from here, or inside its namespace (bash's /dev/tcp).
-        let up = wait_until(Duration::from_secs(10), || {
-            if wrap.is_empty() {
-                return TcpStream::connect_timeout(&server.addr, Duration::from_millis(200))
-                    .is_ok();
-            }
-            let probe = format!("exec 3<>/dev/tcp/{}/{}", loopback(ip), port);
-            std::process::Command::new(wrap[0])
-                .args(&wrap[1..])
-                .args(["bash", "-c", &probe])
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        });
+        // Probed where it runs.
+        let probe = SocketAddr::new(loopback(ip), port);
+        let up = wait_until(Duration::from_secs(10), || accepts(wrap, probe));
         if !up {
             let _ = server.child.kill();
             bail!("http.server did not start on {}", server.addr);

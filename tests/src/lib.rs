@@ -23,7 +23,46 @@ pub mod pki;
 pub mod relay;
 pub mod tlspeer;
 
-use std::{net::TcpListener, time::Duration};
+use std::{
+    ffi::OsStr,
+    net::{SocketAddr, TcpListener},
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+/// Replaces `path` the way certificate tooling does: a new file renamed over the old one.
+pub fn replace_file(path: &Path, contents: impl AsRef<[u8]>) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// `program`, run through `wrap` (e.g. `ip netns exec NS`) when it is not empty.
+pub fn wrapped(wrap: &[impl AsRef<OsStr>], program: &str) -> Command {
+    match wrap.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+/// Whether something accepts TCP connections at `addr`, probed where `wrap` runs programs:
+/// from here, or inside a namespace (bash's /dev/tcp).
+pub fn accepts(wrap: &[impl AsRef<OsStr>], addr: SocketAddr) -> bool {
+    if wrap.is_empty() {
+        return std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok();
+    }
+    let probe = format!("exec 3<>/dev/tcp/{}/{}", addr.ip(), addr.port());
+    wrapped(wrap, "bash")
+        .args(["-c", &probe])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
 
 /// Where [`free_port`] hands out ports: below the kernel's ephemeral range (32768–60999 by
 /// default), so no `bind(0)` listener and no outgoing connection of a test, a peer or the relay

@@ -9,7 +9,7 @@
 //! ([`Pebble::root`], for clients).
 
 use std::{
-    net::{IpAddr, SocketAddr, TcpStream},
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
@@ -41,26 +41,11 @@ impl Place {
     }
 
     fn command(&self, program: &str) -> Command {
-        match self.wrap.split_first() {
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(program);
-                c
-            }
-            None => Command::new(program),
-        }
+        crate::wrapped(&self.wrap, program)
     }
 
     fn accepts(&self, addr: SocketAddr) -> bool {
-        if self.wrap.is_empty() {
-            return TcpStream::connect(addr).is_ok();
-        }
-        let probe = format!("exec 3<>/dev/tcp/{}/{}", addr.ip(), addr.port());
-        self.command("bash")
-            .args(["-c", &probe])
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
+        crate::accepts(&self.wrap, addr)
     }
 }
 

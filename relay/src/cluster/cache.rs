@@ -1,13 +1,12 @@
 //! The local copy of the cluster state this gateway applied: its services, the revision they
 //! are from, and the sealed ticket keys (sealed as in etcd: the file never holds a key in
-//! clear). Written atomically (a temporary file, fsync, rename) after each change, so a crash
-//! leaves the previous or the next state, never half of one; read once at start, so a gateway
-//! that starts while etcd is down serves what the cluster last said.
+//! clear). Written atomically (`sys::write_private`: a temporary file, fsync, rename) after
+//! each change, so a crash leaves the previous or the next state, never half of one; read once
+//! at start, so a gateway that starts while etcd is down serves what the cluster last said.
 
 use std::{
     collections::BTreeMap,
-    io::Write as _,
-    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
+    os::unix::fs::DirBuilderExt as _,
     path::{Path, PathBuf},
 };
 
@@ -54,29 +53,7 @@ pub fn load(path: &Path) -> anyhow::Result<Option<Cached>> {
 }
 
 pub fn store(path: &Path, cached: &Cached) -> anyhow::Result<()> {
-    write_atomically(path, &serde_json::to_vec_pretty(cached)?)
-}
-
-/// Writes `bytes` to `path` (0600, its directory created 0700): a temporary file beside it,
-/// fsync, rename. Readers see the old content or the new, never part of it.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    if let Some(dir) = path.parent() {
-        create_dir(dir)?;
-    }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("write {}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))?;
-    Ok(())
+    crate::sys::write_private(path, &serde_json::to_vec_pretty(cached)?)
 }
 
 /// A task that writes the newest state it is given, off the supervisor's loop; states given

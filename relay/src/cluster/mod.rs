@@ -240,7 +240,7 @@ fn write_pem(dir: &Path, pem: &[u8]) -> anyhow::Result<PathBuf> {
     let name: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
     let path = dir.join(format!("{name}.pem"));
     if !path.exists() {
-        cache::write_atomically(&path, pem)?;
+        crate::sys::write_private(&path, pem)?;
     }
     Ok(path)
 }

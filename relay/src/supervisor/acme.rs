@@ -22,7 +22,7 @@ const ANSWERS_TIMEOUT: Duration = Duration::from_secs(5);
 impl Supervisor {
     pub(super) fn acme_event(&mut self, event: Event) {
         match event {
-            Event::Challenges(answers, done) => self.send_answers(answers, Some(done)),
+            Event::Challenges(answers, done) => self.send_answers(answers, done),
             Event::Issued { service, path } => {
                 tracing::info!(service = %service, "applying the new ACME certificate");
                 self.change(Change::files(vec![path]));
@@ -36,10 +36,10 @@ impl Supervisor {
     pub(super) fn send_answers(
         &mut self,
         answers: AnswerSet,
-        done: Option<oneshot::Sender<anyhow::Result<()>>>,
+        done: oneshot::Sender<anyhow::Result<()>>,
     ) {
         let Worker::Running(w) = &self.worker else {
-            self.answers_waiting.extend(done);
+            self.answers_waiting.push(done);
             return;
         };
         let asker = w.asker.clone();
@@ -53,16 +53,7 @@ impl Supervisor {
                 Ok(other) => Err(anyhow::anyhow!("unexpected answer: {other:?}")),
                 Err(e) => Err(e),
             };
-            match done {
-                Some(done) => {
-                    let _ = done.send(result);
-                }
-                None => {
-                    if let Err(e) = result {
-                        warn!("ACME validation answers not handed to the new worker: {e:#}");
-                    }
-                }
-            }
+            let _ = done.send(result);
         });
     }
 
@@ -77,7 +68,7 @@ impl Supervisor {
             return;
         }
         let (tx, rx) = oneshot::channel();
-        self.send_answers(answers, Some(tx));
+        self.send_answers(answers, tx);
         tokio::spawn(async move {
             let result = rx
                 .await

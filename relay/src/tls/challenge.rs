@@ -107,10 +107,14 @@ impl Challenges {
     /// Serves exactly `set` from now on, unless a newer set is in force already.
     pub fn set(&self, set: &AnswerSet) -> Result<(), rustls::Error> {
         use std::sync::atomic::Ordering::SeqCst;
-        let answers = &set.answers;
+        // One writer at a time (the worker's message loop): the check here and the swap below
+        // do not race with another set.
+        if set.generation < self.generation.load(SeqCst) {
+            return Ok(());
+        }
         let mut next = HashMap::new();
         let mut tokens = HashMap::new();
-        for a in answers {
+        for a in &set.answers {
             let (name, cert, key) = match a {
                 Answer::TlsAlpn { name, cert, key } => (name, cert, key),
                 Answer::Http {
@@ -133,11 +137,6 @@ impl Challenges {
             config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
             config.send_tls13_tickets = 0;
             next.insert(name.clone(), Arc::new(config));
-        }
-        // One writer at a time (the worker's message loop): the check and the swap below do
-        // not race with another set.
-        if set.generation < self.generation.load(SeqCst) {
-            return Ok(());
         }
         self.generation.store(set.generation, SeqCst);
         *self.by_name.write().unwrap_or_else(|e| e.into_inner()) = next;
