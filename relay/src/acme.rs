@@ -617,6 +617,37 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn an_account_of_another_directory_is_refused_not_used() {
+        // An account made on staging must not be used, unnoticed, for production: the check
+        // comes before any request to either server.
+        let dir = tempfile::tempdir().unwrap();
+        let acme = Acme {
+            directory: "https://acme.example/directory".into(),
+            contact: Vec::new(),
+            account_key: None,
+            ca: None,
+            storage: dir.path().to_path_buf(),
+            challenge: AcmeChallenge::TlsAlpn01,
+        };
+        let staging = serde_json::json!({
+            "id": "https://staging.example/acct/1",
+            "key_pkcs8": "AAAA",
+            "directory": "https://staging.example/directory",
+        });
+        std::fs::write(acme.account_path(), staging.to_string()).unwrap();
+        let (events, _) = mpsc::unbounded_channel();
+        let manager = Manager::new(acme, events);
+        let Err(e) = manager.shared.account().await else {
+            panic!("an account of another directory was used");
+        };
+        let e = e.to_string();
+        assert!(
+            e.contains("belongs to https://staging.example/directory"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn a_stored_file_holds_together_or_is_not_taken() {
         let good = issued(2, &["shop.example"]);
