@@ -12,6 +12,8 @@ fuzz_target!(|line: &str| {
             cluster: None,
             directory: None,
             acme: None,
+            ipsec: None,
+            servers: Vec::new(),
             services: vec![*service],
         };
         let _ = config.check();

@@ -168,6 +168,11 @@ const fn bucket(x: u64, buckets: u32) -> u32 {
     (x.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - buckets.trailing_zeros())) as u32
 }
 
+/// Set in a protected server's value when only IPsec may reach it (`require = "esp"`): ESP, IKE
+/// (UDP 500 and 4500) and the ICMP path MTU discovery needs pass, all else is dropped. The rest
+/// of the value is the server's counter slot.
+pub const SERVER_ESP_ONLY: u32 = 1 << 31;
+
 /// Services the data path can tell apart; the counter array has one slot more (slot 0).
 pub const MAX_SERVICES: u32 = 1023;
 

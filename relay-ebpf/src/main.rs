@@ -3,6 +3,8 @@
 //! - `relay_xdp` (XDP): drops every packet addressed to a protected (server, backend port), and
 //!   every non-first fragment (IPv4 TCP; IPv6 any) addressed to a protected server, before the
 //!   kernel allocates anything for it. It holds while the userspace relay is down: fail closed.
+//!   A server marked `require = "esp"` gets only ESP, IKE and path MTU ICMP: everything else
+//!   addressed to it is dropped.
 //! - `relay_tc` (TC ingress, tcx): steers packets for (server, front port) to the relay's
 //!   transparent listener with `bpf_sk_assign` and marks them, so that a policy routing rule
 //!   delivers them locally instead of forwarding them. XDP cannot hand a packet to a local
@@ -45,8 +47,9 @@ use relay_common::{
     ACTION_DROP, ACTION_STEER, Bucket, COUNTER_DROPPED, COUNTER_MALFORMED, COUNTER_NO_LISTENER,
     COUNTER_PASSED, COUNTER_SLOTS, COUNTER_STEERED, COUNTERS, LISTENER_V4, LISTENER_V6,
     POLICY_BUCKETS, PORT_WORDS, Policy, PolicyEntryV4, PolicyEntryV6, PolicyKeyV4, PolicyKeyV6,
-    SERVER_BUCKETS, STEER_MARK, ServerEntryV4, ServerEntryV6, ServiceName, counter_index,
-    policy_bucket_v4, policy_bucket_v6, port_bit, server_bucket_v4, server_bucket_v6,
+    SERVER_BUCKETS, SERVER_ESP_ONLY, STEER_MARK, ServerEntryV4, ServerEntryV6, ServiceName,
+    counter_index, policy_bucket_v4, policy_bucket_v6, port_bit, server_bucket_v4,
+    server_bucket_v6,
 };
 
 // The exact record of the policy and of the protected servers, per address family. The
@@ -103,6 +106,10 @@ const ETH_P_8021AD: u16 = 0x88A8u16.to_be();
 /// The fragment offset bits of IPv4's flags-and-offset field, as loaded.
 const IPV4_FRAG_OFFSET: u16 = 0x1fffu16.to_be();
 const IPPROTO_TCP: u8 = 6;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ESP: u8 = 50;
+const IPPROTO_ICMPV6: u8 = 58;
 const IPV4_HLEN: usize = 20;
 const IPV6_HLEN: usize = 40;
 /// Header offsets beyond this are not parsed (keeps the verifier's offset ranges bounded).
@@ -167,8 +174,9 @@ enum Kind {
     Malformed,
     /// A non-first fragment that may belong to a TCP segment: no ports to judge.
     Fragment,
-    /// Not TCP (non-first IPv4 fragments of other protocols too).
-    Other,
+    /// Not TCP (non-first IPv4 fragments of other protocols too): the protocol, its header
+    /// at the offset returned beside (0 for a non-first fragment, which has none).
+    Other(u8),
     /// TCP, its header at the offset returned beside.
     Tcp,
 }
@@ -187,10 +195,17 @@ fn walk_v4(data: usize, end: usize, l3: usize) -> (Kind, usize) {
     }
     let tcp = proto == IPPROTO_TCP;
     if frag & IPV4_FRAG_OFFSET != 0 {
-        return (if tcp { Kind::Fragment } else { Kind::Other }, 0);
+        return (
+            if tcp {
+                Kind::Fragment
+            } else {
+                Kind::Other(proto)
+            },
+            0,
+        );
     }
     if !tcp {
-        return (Kind::Other, 0);
+        return (Kind::Other(proto), l3 + ihl);
     }
     // IP options end where IHL says; the TCP header follows.
     (Kind::Tcp, l3 + ihl)
@@ -243,7 +258,7 @@ fn walk_v6(data: usize, end: usize, l3: usize) -> (Kind, usize) {
                 next = following;
                 8
             }
-            _ => return (Kind::Other, 0),
+            _ => return (Kind::Other(next), off),
         };
         off += len;
         if off > MAX_L4_OFFSET {
@@ -394,18 +409,67 @@ fn by_policy(p: Policy) -> u32 {
     }
 }
 
-/// A packet without ports to judge it by, judged by the server it heads for (`server`).
+/// A packet without ports to judge it by, judged by the server it heads for (`server`, its
+/// value in the servers map); `l4` is where a non-TCP protocol's header starts.
 #[inline(always)]
-fn by_server(kind: Kind, server: Option<u32>) -> u32 {
+fn by_server(kind: Kind, server: Option<u32>, data: usize, end: usize, l4: usize) -> u32 {
+    if let Some(v) = server
+        && v & SERVER_ESP_ONLY != 0
+    {
+        let slot = v & !SERVER_ESP_ONLY;
+        let allowed = match kind {
+            Kind::Other(proto) => ipsec_or_pmtu(proto, data, end, l4),
+            _ => false,
+        };
+        return if allowed {
+            pass(slot, COUNTER_PASSED)
+        } else {
+            drop_counted(slot, COUNTER_DROPPED)
+        };
+    }
     match (kind, server) {
         (Kind::Fragment, Some(slot)) => drop_counted(slot, COUNTER_DROPPED),
-        (Kind::Fragment | Kind::Other, slot) => pass(slot.unwrap_or(0), COUNTER_PASSED),
+        (Kind::Fragment | Kind::Other(_), slot) => pass(slot.unwrap_or(0), COUNTER_PASSED),
         // What cannot be parsed cannot be proven harmless: drop it if it heads for a
         // protected server, let the kernel judge it otherwise.
         (Kind::Cut | Kind::Malformed | Kind::Tcp, Some(slot)) => {
             drop_counted(slot, COUNTER_MALFORMED)
         }
         (Kind::Cut | Kind::Malformed | Kind::Tcp, None) => pass(0, COUNTER_MALFORMED),
+    }
+}
+
+/// What may reach a server that only IPsec may reach: ESP, IKE (UDP to 500 or 4500), and
+/// the ICMP that path MTU discovery (and, for IPv6, neighbour discovery) needs.
+#[inline(always)]
+fn ipsec_or_pmtu(proto: u8, data: usize, end: usize, l4: usize) -> bool {
+    if proto == IPPROTO_ESP {
+        return true;
+    }
+    // A non-first fragment has no header to judge: only ESP's pass.
+    if l4 == 0 || l4 > MAX_L4_OFFSET {
+        return false;
+    }
+    match proto {
+        // UDP's destination port sits where TCP's does.
+        IPPROTO_UDP => matches!(dport(data, end, l4), Some(500 | 4500)),
+        // Destination unreachable, fragmentation needed.
+        IPPROTO_ICMP => load::<[u8; 2]>(data, end, l4) == Some([3, 4]),
+        // Packet too big; router and neighbour solicitation and advertisement, redirect. Type
+        // and code are read together: the verifier cannot bound a one-byte read here.
+        IPPROTO_ICMPV6 => {
+            load::<[u8; 2]>(data, end, l4).is_some_and(|[t, _]| t == 2 || (133..=137).contains(&t))
+        }
+        _ => false,
+    }
+}
+
+/// A TCP segment no policy covers: passed, unless its server is one only IPsec may reach.
+#[inline(always)]
+fn no_policy(server: Option<u32>) -> u32 {
+    match server {
+        Some(v) if v & SERVER_ESP_ONLY != 0 => drop_counted(v & !SERVER_ESP_ONLY, COUNTER_DROPPED),
+        v => pass(v.unwrap_or(0), COUNTER_PASSED),
     }
 }
 
@@ -428,14 +492,14 @@ fn xdp_v4(data: usize, end: usize, l3: usize) -> u32 {
         return pass(0, COUNTER_MALFORMED);
     };
     if kind != Kind::Tcp {
-        return by_server(kind, server_v4(&dst));
+        return by_server(kind, server_v4(&dst), data, end, l4);
     }
     let Some(port) = dport(data, end, l4) else {
-        return by_server(Kind::Malformed, server_v4(&dst));
+        return by_server(Kind::Malformed, server_v4(&dst), data, end, 0);
     };
     match policy_v4(dst, port) {
         Some(p) => by_policy(p),
-        None => pass(server_v4(&dst).unwrap_or(0), COUNTER_PASSED),
+        None => no_policy(server_v4(&dst)),
     }
 }
 
@@ -449,14 +513,14 @@ fn xdp_v6(data: usize, end: usize, l3: usize) -> u32 {
     // server lookup takes its key straight from the packet.
     let dst: &[u8; 16] = unsafe { &*(at as *const [u8; 16]) };
     if kind != Kind::Tcp {
-        return by_server(kind, server_v6(dst));
+        return by_server(kind, server_v6(dst), data, end, l4);
     }
     let Some(port) = dport(data, end, l4) else {
-        return by_server(Kind::Malformed, server_v6(dst));
+        return by_server(Kind::Malformed, server_v6(dst), data, end, 0);
     };
     match policy_v6(dst, port) {
         Some(p) => by_policy(p),
-        None => pass(server_v6(dst).unwrap_or(0), COUNTER_PASSED),
+        None => no_policy(server_v6(dst)),
     }
 }
 
@@ -495,7 +559,7 @@ fn tc_verdict(ctx: &TcContext) -> Option<i32> {
     match kind {
         Kind::Tcp => {}
         Kind::Cut | Kind::Malformed => return None,
-        Kind::Fragment | Kind::Other => return Some(TC_ACT_OK),
+        Kind::Fragment | Kind::Other(_) => return Some(TC_ACT_OK),
     }
     let port = dport(data, end, l4)?;
     let ip = bytes(data, end, l3, if v6 { IPV6_HLEN } else { IPV4_HLEN })?;

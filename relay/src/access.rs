@@ -54,6 +54,31 @@ impl Identity {
         Some(id)
     }
 
+    /// The names an IKE identity (RFC 7296 ID payload, as charon reports it) stands for. charon
+    /// has checked that the peer's certificate carries it, as its subject DN or as a SAN: a DN
+    /// gives its CN, a DNS name itself; an address or e-mail name gives nothing to match.
+    pub fn from_ike(id: &str) -> Identity {
+        let id = id.trim();
+        if id.contains('=') {
+            let cn = id
+                .split([',', '/'])
+                .filter_map(|part| part.trim().split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("CN"))
+                .map(|(_, v)| v.trim().to_string());
+            return Identity {
+                cn,
+                ..Identity::default()
+            };
+        }
+        if id.contains('@') || id.parse::<std::net::IpAddr>().is_ok() {
+            return Identity::default();
+        }
+        Identity {
+            dns: vec![id.to_string()],
+            ..Identity::default()
+        }
+    }
+
     /// The one name that stands for the client in logs and PROXY headers: its first URI SAN
     /// (a SPIFFE ID is the most specific), else its first DNS SAN, else its CN.
     pub fn principal(&self) -> String {

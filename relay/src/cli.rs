@@ -180,6 +180,9 @@ pub enum ServiceCommand {
         ca: Option<PathBuf>,
         #[arg(long)]
         server_name: Option<String>,
+        /// Outbound ipsec: the IKE identity the backend must prove (e.g. "CN=db.example").
+        #[arg(long)]
+        identity: Option<String>,
         /// Client certificate toward the backend (outbound mtls).
         #[arg(long)]
         outbound_cert: Option<PathBuf>,
@@ -209,6 +212,7 @@ pub enum LevelArg {
     Plain,
     Tls,
     Mtls,
+    Ipsec,
 }
 
 impl From<LevelArg> for crate::config::Level {
@@ -217,6 +221,7 @@ impl From<LevelArg> for crate::config::Level {
             LevelArg::Plain => Self::Plain,
             LevelArg::Tls => Self::Tls,
             LevelArg::Mtls => Self::Mtls,
+            LevelArg::Ipsec => Self::Ipsec,
         }
     }
 }

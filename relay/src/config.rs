@@ -26,10 +26,12 @@ use crate::access;
 mod acme;
 mod cluster;
 mod directory;
+mod ipsec;
 
 pub use acme::{ACME, Acme, Challenge as AcmeChallenge};
 pub use cluster::Cluster;
 pub use directory::Directory;
+pub use ipsec::{Ipsec, Require, Server};
 
 /// Security level of one side of a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +40,9 @@ pub enum Level {
     Plain,
     Tls,
     Mtls,
+    /// IPsec ESP between the gateway and the peer, keyed by strongSwan's charon (`[ipsec]`);
+    /// the bytes themselves travel in clear over the protected path.
+    Ipsec,
 }
 
 impl fmt::Display for Level {
@@ -46,6 +51,7 @@ impl fmt::Display for Level {
             Level::Plain => "plain",
             Level::Tls => "tls",
             Level::Mtls => "mtls",
+            Level::Ipsec => "ipsec",
         })
     }
 }
@@ -62,6 +68,11 @@ pub struct Config {
     pub directory: Option<Directory>,
     /// An ACME server issuing the certificates of services with `cert = "acme"` (`acme`).
     pub acme: Option<Acme>,
+    /// The strongSwan charon that keys `level = "ipsec"` (`ipsec`).
+    pub ipsec: Option<Ipsec>,
+    /// Server addresses with a data path policy of their own (`require = "esp"`).
+    #[serde(default, rename = "server")]
+    pub servers: Vec<Server>,
     #[serde(default, rename = "service")]
     pub services: Vec<Service>,
 }
@@ -294,6 +305,10 @@ pub struct Outbound {
     pub server_name: Option<String>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    /// `level = "ipsec"`: the IKE identity the backend must prove with a certificate from
+    /// `ca` (a DN such as `"CN=db.example"`, a DNS name, or an address).
+    #[serde(default)]
+    pub identity: Option<String>,
     #[serde(default)]
     pub proxy_protocol: ProxyProtocol,
     #[serde(default = "yes")]
@@ -538,6 +553,10 @@ impl Config {
         if let Some(d) = &self.directory {
             directory::validate(d)?;
         }
+        if let Some(i) = &self.ipsec {
+            ipsec::validate(i)?;
+        }
+        self.validate_servers()?;
         if let Some(a) = &self.acme {
             acme::validate(a)?;
             if a.challenge == acme::Challenge::Http01
@@ -641,6 +660,187 @@ impl Config {
         Ok(())
     }
 
+    /// `outbound.level = "ipsec"`: a charon to key it, the gateway's certificate, the backend's
+    /// CA and identity, and one backend the SA can cover.
+    fn validate_ipsec_outbound(&self, i: usize, s: &Service) -> Result<(), (Vec<Seg>, String)> {
+        use Seg::{Index, Key};
+        let at = |k: &'static str| vec![Key("service"), Index(i), Key("outbound"), Key(k)];
+        let out = &s.outbound;
+        if self.ipsec.is_none() {
+            return Err((
+                at("level"),
+                "\"ipsec\" needs an [ipsec] section (the strongSwan charon that keys the SA)"
+                    .into(),
+            ));
+        }
+        for (k, v, what) in [
+            ("cert", &out.cert, "the gateway's IKE certificate"),
+            ("key", &out.key, "the key of `cert`"),
+            (
+                "ca",
+                &out.ca,
+                "the CA that signs the backend's IKE certificate",
+            ),
+        ] {
+            if v.is_none() {
+                return Err((at(k), format!("required with level = \"ipsec\": {what}")));
+            }
+        }
+        match out.identity.as_deref() {
+            None => {
+                return Err((
+                    at("identity"),
+                    "required with level = \"ipsec\": the IKE identity the backend must prove \
+                     (e.g. \"CN=db.example\" or a DNS name in its certificate)"
+                        .into(),
+                ));
+            }
+            Some(id) if id.trim().is_empty() || id.contains(['"', '\n', '\0']) => {
+                return Err((at("identity"), format!("{id:?} is not an IKE identity")));
+            }
+            Some(_) => {}
+        }
+        if out.server_name.is_some() {
+            return Err((
+                at("server_name"),
+                "has no effect with level = \"ipsec\"; the backend proves `identity`".into(),
+            ));
+        }
+        let ip = s.backend_addr().ip();
+        if let Some(other) = self.services.iter().find(|o| {
+            o.outbound.level != Level::Ipsec
+                && (o.backend_addr().ip() == ip
+                    || o.inbound
+                        .sni
+                        .iter()
+                        .any(|e| e.backend.is_some_and(|b| b.ip() == ip)))
+        }) {
+            return Err((
+                at("level"),
+                format!(
+                    "service {:?} reaches {ip} in clear, and the gateway lets nothing reach an \
+                     ipsec backend but through its SA: give it level = \"ipsec\" too",
+                    other.name
+                ),
+            ));
+        }
+        if let Some(n) = s.inbound.sni.iter().position(|e| e.backend.is_some()) {
+            return Err((
+                vec![
+                    Key("service"),
+                    Index(i),
+                    Key("inbound"),
+                    Key("sni"),
+                    Index(n),
+                    Key("backend"),
+                ],
+                "not with outbound.level = \"ipsec\": the SA protects the service's backend only"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `inbound.level = "ipsec"`: a charon to key it, the gateway's certificate and key, the
+    /// clients' CA; `allow` rules match the identity a client proved in IKE.
+    fn validate_ipsec_inbound(&self, i: usize, inb: &Inbound) -> Result<(), (Vec<Seg>, String)> {
+        use Seg::{Index, Key};
+        let at = |k: &'static str| vec![Key("service"), Index(i), Key("inbound"), Key(k)];
+        if self.ipsec.is_none() {
+            return Err((
+                at("level"),
+                "\"ipsec\" needs an [ipsec] section (the strongSwan charon that keys the SAs)"
+                    .into(),
+            ));
+        }
+        if self.services[i].listen.is_none() {
+            return Err((
+                vec![Key("service"), Index(i), Key("listen")],
+                "required with inbound.level = \"ipsec\": clients' ESP ends at the gateway, \
+                 so the service listens on a gateway address (explicit mode)"
+                    .into(),
+            ));
+        }
+        if inb.is_acme() {
+            return Err((
+                at("cert"),
+                "\"acme\" is for TLS; the gateway's IKE certificate is a file".into(),
+            ));
+        }
+        for (k, v, what) in [
+            ("cert", &inb.cert, "the gateway's IKE certificate"),
+            ("key", &inb.key, "the key of `cert`"),
+            (
+                "client_ca",
+                &inb.client_ca,
+                "the CA that signs the clients' IKE certificates",
+            ),
+        ] {
+            if v.is_none() {
+                return Err((at(k), format!("required with level = \"ipsec\": {what}")));
+            }
+        }
+        let tls_only = [
+            ("crl", inb.crl.is_some()),
+            ("crl_expired", inb.crl_expired.is_some()),
+            ("plaintext", inb.plaintext.is_some()),
+            ("sni", !inb.sni.is_empty()),
+            ("answer_http01", inb.answer_http01),
+        ];
+        if let Some((k, _)) = tls_only.iter().find(|(_, set)| *set) {
+            return Err((
+                at(k),
+                "has no effect with level = \"ipsec\" (a TLS setting); remove it".into(),
+            ));
+        }
+        match access::Allow::parse(&inb.allow) {
+            Err((n, message)) => {
+                let mut path = at("allow");
+                path.push(Index(n));
+                Err((path, message))
+            }
+            Ok(allow) if !allow.directory_rules().is_empty() => Err((
+                at("allow"),
+                "with level = \"ipsec\", rules match the IKE identity: use dns: or cn:".into(),
+            )),
+            Ok(_) => Ok(()),
+        }
+    }
+
+    /// `[[server]]`: distinct addresses, a data path to enforce them, and none a service's
+    /// front (the relay cannot terminate what only ESP may reach).
+    fn validate_servers(&self) -> Result<(), (Vec<Seg>, String)> {
+        use Seg::{Index, Key};
+        let mut seen = HashSet::new();
+        for (n, srv) in self.servers.iter().enumerate() {
+            let at = vec![Key("server"), Index(n), Key("address")];
+            if self.datapath.is_none() {
+                return Err((
+                    vec![Key("server"), Index(n), Key("require")],
+                    "needs a [datapath] section: the XDP program enforces it".into(),
+                ));
+            }
+            if !seen.insert(srv.address) {
+                return Err((at, format!("{} is listed twice", srv.address)));
+            }
+            if let Some(s) = self
+                .services
+                .iter()
+                .find(|s| s.server == srv.address && s.listen.is_none())
+            {
+                return Err((
+                    at,
+                    format!(
+                        "{} is the server of service {:?}, which the relay terminates; \
+                         require = \"esp\" lets only IPsec reach it",
+                        srv.address, s.name
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// `cert = "acme"`: names to issue for, and an `[acme]` to issue them.
     fn validate_acme(&self, i: usize, inb: &Inbound) -> Result<(), (Vec<Seg>, String)> {
         use Seg::{Index, Key};
@@ -688,6 +888,9 @@ impl Config {
         use Seg::{Index, Key};
         let at = |k: &'static str| vec![Key("service"), Index(i), Key("inbound"), Key(k)];
         let level = inb.level;
+        if level == Level::Ipsec {
+            return self.validate_ipsec_inbound(i, inb);
+        }
         if level == Level::Plain {
             for (k, v) in [
                 ("cert", &inb.cert),
@@ -874,6 +1077,14 @@ impl Config {
                     ));
                 }
             }
+        }
+        if level == Level::Ipsec {
+            self.validate_ipsec_outbound(i, s)?;
+        } else if out.identity.is_some() {
+            return Err((
+                at("identity"),
+                "needs level = \"ipsec\" (the backend's IKE identity)".into(),
+            ));
         }
         if let Some(name) = &out.server_name
             && let Err(e) = rustls::pki_types::ServerName::try_from(name.as_str())

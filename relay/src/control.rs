@@ -175,6 +175,9 @@ pub struct ServiceInfo {
     /// `cert = "acme"`: its orders.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acme: Option<crate::acme::State>,
+    /// `outbound.level = "ipsec"`: its SA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipsec: Option<crate::ipsec::SaInfo>,
 }
 
 /// A certificate a service serves.
@@ -209,6 +212,7 @@ impl From<&Service> for ServiceInfo {
             outbound: s.outbound.level.to_string(),
             certificates: Vec::new(),
             acme: None,
+            ipsec: None,
         }
     }
 }

@@ -44,8 +44,9 @@ use nix::{getsockopt_impl, setsockopt_impl, sockopt_impl};
 use relay_common::{
     ACTION_DROP, ACTION_STEER, COUNTER_DROPPED, COUNTER_MALFORMED, COUNTER_NO_LISTENER,
     COUNTER_PASSED, COUNTER_STEERED, COUNTERS, LISTENER_V4, LISTENER_V6, MAX_SERVICES, NAME_LEN,
-    PORT_WORDS, Policy, PolicyEntryV4, PolicyEntryV6, PolicyKeyV4, PolicyKeyV6, STEER_MARK,
-    STEER_MARK_MASK, ServerEntryV4, ServerEntryV6, ServiceName, counter_index, port_bit,
+    PORT_WORDS, Policy, PolicyEntryV4, PolicyEntryV6, PolicyKeyV4, PolicyKeyV6, SERVER_ESP_ONLY,
+    STEER_MARK, STEER_MARK_MASK, ServerEntryV4, ServerEntryV6, ServiceName, counter_index,
+    port_bit,
 };
 use tracing::{info, warn};
 
@@ -188,9 +189,14 @@ impl Maps {
     /// into the hash maps, and only after all of them the stale keys come out; then the caches
     /// take their new entries (`cache` explains the steps), and the port bits no port needs any
     /// longer go last.
-    pub fn sync(&mut self, services: &[Service]) -> anyhow::Result<()> {
-        let slots = self.counters.assign_slots(services)?;
-        let w = Wanted::from_services(services, &slots);
+    pub fn sync(&mut self, services: &[Service], servers: &[config::Server]) -> anyhow::Result<()> {
+        let names: Vec<String> = services
+            .iter()
+            .map(|s| s.name.clone())
+            .chain(servers.iter().map(esp_slot_name))
+            .collect();
+        let slots = self.counters.assign_slots(&names)?;
+        let w = Wanted::from_services(services, servers, &slots);
         let ports = (0..PORT_WORDS)
             .map(|i| self.service_ports.get(&i, 0))
             .collect::<Result<Vec<u64>, _>>()
@@ -248,8 +254,17 @@ impl Maps {
     }
 }
 
+/// The counter slot name of a server only IPsec may reach (no service name has a colon).
+fn esp_slot_name(s: &config::Server) -> String {
+    format!("esp:{}", s.address)
+}
+
 impl Wanted {
-    fn from_services(services: &[Service], slots: &StdHashMap<String, u32>) -> Wanted {
+    fn from_services(
+        services: &[Service],
+        servers: &[config::Server],
+        slots: &StdHashMap<String, u32>,
+    ) -> Wanted {
         let mut w = Wanted {
             service_ports: vec![0; PORT_WORDS as usize],
             ..Wanted::default()
@@ -275,6 +290,13 @@ impl Wanted {
             match s.server {
                 IpAddr::V4(a) => w.servers_v4.entry(a.octets()).or_insert(slot),
                 IpAddr::V6(a) => w.servers_v6.entry(a.octets()).or_insert(slot),
+            };
+        }
+        for s in servers {
+            let value = slots[&esp_slot_name(s)] | SERVER_ESP_ONLY;
+            match s.address {
+                IpAddr::V4(a) => w.servers_v4.insert(a.octets(), value),
+                IpAddr::V6(a) => w.servers_v6.insert(a.octets(), value),
             };
         }
         w
@@ -315,8 +337,8 @@ impl Counters {
     }
 
     /// Gives each service a counter slot, keeping the slot (and counters) it had before.
-    fn assign_slots(&mut self, services: &[Service]) -> anyhow::Result<StdHashMap<String, u32>> {
-        let wanted: HashSet<&str> = services.iter().map(|s| s.name.as_str()).collect();
+    fn assign_slots(&mut self, names: &[String]) -> anyhow::Result<StdHashMap<String, u32>> {
+        let wanted: HashSet<&str> = names.iter().map(String::as_str).collect();
         let mut slots = StdHashMap::new();
         let mut free = Vec::new();
         for slot in 1..=MAX_SERVICES {
@@ -334,19 +356,19 @@ impl Counters {
         }
         free.reverse();
         let cpus = cpus()?;
-        for s in services {
-            if slots.contains_key(&s.name) {
+        for name in names {
+            if slots.contains_key(name) {
                 continue;
             }
             let slot = free
                 .pop()
-                .with_context(|| format!("more than {MAX_SERVICES} services"))?;
+                .with_context(|| format!("more than {MAX_SERVICES} services and servers"))?;
             for c in 0..COUNTERS {
                 let zeros = PerCpuValues::try_from(vec![0u64; cpus])?;
                 self.counters.set(counter_index(slot, c), zeros, 0)?;
             }
-            self.names.set(slot, encode_name(&s.name), 0)?;
-            slots.insert(s.name.clone(), slot);
+            self.names.set(slot, encode_name(name), 0)?;
+            slots.insert(name.clone(), slot);
         }
         Ok(slots)
     }
@@ -435,7 +457,9 @@ impl Datapath {
             .load(EBPF_OBJECT)
             .context("load the eBPF object (are you root, with BTF in the kernel?)")?;
         let xdp: &mut Xdp = program(&mut ebpf, "relay_xdp")?;
-        xdp.load().context("verifier rejected relay_xdp")?;
+        xdp.load()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))
+            .context("verifier rejected relay_xdp")?;
         let tc: &mut SchedClassifier = program(&mut ebpf, "relay_tc")?;
         tc.load().context("verifier rejected relay_tc")?;
         let maps = Maps::take(&mut ebpf)?;
@@ -832,7 +856,7 @@ impl Routing {
     }
 }
 
-fn ip<S: AsRef<str>>(args: &[S]) -> anyhow::Result<String> {
+pub fn ip<S: AsRef<str>>(args: &[S]) -> anyhow::Result<String> {
     let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
     let out = Command::new("ip")
         .args(&args)

@@ -77,6 +77,8 @@ pub enum ToWorker {
     /// The ACME tls-alpn-01 answers to serve from now on (all of them); answered with
     /// `Applied`.
     Challenges(crate::tls::challenge::AnswerSet),
+    /// Whether each `ipsec` service's SA is up (all of them).
+    Ipsec(crate::ipsec::PathSet),
     /// Report connection counters.
     Status,
     /// Report the metrics in the exposition format.

@@ -34,6 +34,7 @@ pub mod copy;
 pub mod datapath;
 pub mod directory;
 pub mod handoff;
+pub mod ipsec;
 pub mod metrics;
 pub mod net;
 pub mod proxy;

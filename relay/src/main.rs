@@ -290,6 +290,33 @@ fn print_certificates(services: &[relay::control::ServiceInfo]) {
     }
 }
 
+/// Each `ipsec` service's SA.
+fn print_ipsec(services: &[relay::control::ServiceInfo]) {
+    if services.iter().all(|v| v.ipsec.is_none()) {
+        return;
+    }
+    println!(
+        "\n  {:<20} {:<6} {:<40} {:>6} {:>8} {:>6}",
+        "service", "SA", "peer", "tries", "failures", "rekeys"
+    );
+    for v in services {
+        let Some(sa) = &v.ipsec else { continue };
+        let state = if sa.up { "up" } else { "down" };
+        println!(
+            "  {:<20} {:<6} {:<40} {:>6} {:>8} {:>6}",
+            v.name,
+            state,
+            format!("{} ({})", sa.peer, sa.identity),
+            sa.initiations,
+            sa.failures,
+            sa.rekeys
+        );
+        if let Some(p) = &sa.problem {
+            println!("  {:<20} {p}", "");
+        }
+    }
+}
+
 fn print_status(s: &Status) {
     let worker = s.worker.as_ref().map_or_else(
         || "being started".to_string(),
@@ -325,6 +352,7 @@ fn print_status(s: &Status) {
         None => println!("  (the worker did not answer)"),
     }
     print_certificates(&s.services);
+    print_ipsec(&s.services);
     if let Some(d) = &s.directory {
         println!(
             "\n  directory {}: {}; {} lookup(s), {} cache hit(s), {} failure(s), {} stale \
@@ -462,6 +490,7 @@ fn service(target: &Target, command: ServiceCommand) -> anyhow::Result<()> {
             outbound_level,
             ca,
             server_name,
+            identity,
             outbound_cert,
             outbound_key,
             proxy_protocol,
@@ -504,6 +533,7 @@ fn service(target: &Target, command: ServiceCommand) -> anyhow::Result<()> {
                     server_name,
                     cert: abs(outbound_cert)?,
                     key: abs(outbound_key)?,
+                    identity,
                     proxy_protocol,
                     resumption: true,
                 },
@@ -529,7 +559,20 @@ fn service(target: &Target, command: ServiceCommand) -> anyhow::Result<()> {
 
 fn detach(config: Option<&Path>) -> anyhow::Result<()> {
     let dp = datapath_config(config)?;
-    let removed = datapath::detach(&dp)?;
+    let mut removed = datapath::detach(&dp)?;
+    // A relay that did not stop cleanly left its IPsec fail-closed routes (on purpose).
+    if let Some(path) = config {
+        let c = Config::load(path)?;
+        if let Some(settings) = &c.ipsec {
+            let addrs: Vec<std::net::IpAddr> = c
+                .services
+                .iter()
+                .filter(|s| s.outbound.level == relay::config::Level::Ipsec)
+                .map(|s| s.backend_addr().ip())
+                .collect();
+            removed.extend(relay::ipsec::remove_guard(settings, &addrs));
+        }
+    }
     if removed.is_empty() {
         println!("nothing to detach");
     }

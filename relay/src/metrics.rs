@@ -61,10 +61,12 @@ pub enum Outcome {
     AcmeValidation,
     /// `cert = "acme"` and no certificate issued yet.
     NoCertificate,
+    /// `outbound.level = "ipsec"` and no SA up toward the backend: the client was reset.
+    IpsecUnavailable,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 17] = [
+    pub const ALL: [Outcome; 18] = [
         Outcome::Closed,
         Outcome::IdleTimeout,
         Outcome::HandshakeTimeout,
@@ -82,6 +84,7 @@ impl Outcome {
         Outcome::UnknownSni,
         Outcome::AcmeValidation,
         Outcome::NoCertificate,
+        Outcome::IpsecUnavailable,
     ];
 
     pub fn label(self) -> &'static str {
@@ -102,6 +105,7 @@ impl Outcome {
             Outcome::Redirected => "redirected",
             Outcome::UnknownSni => "unknown_sni",
             Outcome::AcmeValidation => "acme_validation",
+            Outcome::IpsecUnavailable => "ipsec_unavailable",
             Outcome::NoCertificate => "no_certificate",
         }
     }
@@ -603,6 +607,39 @@ fn register_certificates(registry: &mut Registry, services: &[crate::control::Se
     );
 }
 
+/// `outbound.level = "ipsec"`: each service's SA.
+fn register_ipsec(registry: &mut Registry, services: &[crate::control::ServiceInfo]) {
+    let up = Family::<ServiceLabel, Gauge>::default();
+    let [initiations, failures, rekeys] =
+        [(); 3].map(|()| Family::<ServiceLabel, Counter>::default());
+    for s in services {
+        let Some(sa) = &s.ipsec else { continue };
+        let label = ServiceLabel {
+            service: s.name.clone(),
+        };
+        up.get_or_create(&label).set(i64::from(sa.up));
+        initiations.get_or_create(&label).inc_by(sa.initiations);
+        failures.get_or_create(&label).inc_by(sa.failures);
+        rekeys.get_or_create(&label).inc_by(sa.rekeys);
+    }
+    registry.register(
+        "ipsec_sa_up",
+        "1 while the IPsec SA toward the service's backend is up (connections are forwarded)",
+        up,
+    );
+    registry.register(
+        "ipsec_initiations",
+        "IPsec SAs the relay asked charon to bring up",
+        initiations,
+    );
+    registry.register(
+        "ipsec_failures",
+        "IPsec SAs that could not be brought up (peer unreachable, refused, not trusted)",
+        failures,
+    );
+    registry.register("ipsec_rekeys", "IPsec CHILD_SAs rekeyed", rekeys);
+}
+
 fn register_cluster(registry: &mut Registry, c: &crate::control::ClusterInfo) {
     let gauge = |v: i64| {
         let g = Gauge::<i64>::default();
@@ -719,6 +756,7 @@ pub fn encode_supervisor(
         register_cluster(&mut registry, c);
     }
     register_certificates(&mut registry, services);
+    register_ipsec(&mut registry, services);
     let mut out = String::new();
     let _ = encode(&mut out, &registry);
     out.strip_suffix("# EOF\n").unwrap_or(&out).to_string()

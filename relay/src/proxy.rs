@@ -27,7 +27,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
-    config::{Plaintext, ProxyProtocol, RelaySection, Service},
+    access,
+    config::{Level, Plaintext, ProxyProtocol, RelaySection, Service},
     copy::{self, CopyError, Side},
     metrics::{Outcome, ServiceMetrics},
     proxy_protocol,
@@ -94,6 +95,11 @@ pub struct ServiceRuntime {
     directory: Option<Arc<crate::directory::Directory>>,
     /// The worker's ACME validation answers (`tls::challenge`).
     challenges: Arc<Challenges>,
+    /// Whether the SA of each `ipsec` service is up, and who the inbound ones' clients are
+    /// (`crate::ipsec`).
+    ipsec: Arc<crate::ipsec::Paths>,
+    /// Inbound `ipsec`: the `allow` rules, matched against the IKE identity.
+    ike_allow: access::Allow,
 }
 
 impl ServiceRuntime {
@@ -102,6 +108,7 @@ impl ServiceRuntime {
         metrics: Arc<ServiceMetrics>,
         directory: Option<Arc<crate::directory::Directory>>,
         challenges: Arc<Challenges>,
+        ipsec: Arc<crate::ipsec::Paths>,
     ) -> Self {
         let Compiled {
             config,
@@ -109,14 +116,22 @@ impl ServiceRuntime {
             connector,
         } = compiled;
         let limit = config.max_connections.map(|n| Arc::new(Semaphore::new(n)));
+        let ike_allow = if config.inbound.level == Level::Ipsec {
+            // Checked with the configuration.
+            access::Allow::parse(&config.inbound.allow).unwrap_or_default()
+        } else {
+            access::Allow::default()
+        };
         Self {
             config,
             server_side,
             connector,
             limit,
             metrics,
+            ike_allow,
             directory,
             challenges,
+            ipsec,
         }
     }
 
@@ -274,7 +289,10 @@ fn handle(
             // the connection's task, which lives as long as the connection.
             let (inbound, outbound) = {
                 let accepted = Box::pin(accept_inbound(socket, service, t.handshake)).await?;
-                identity = accepted.tls.as_ref().and_then(TlsFacts::identity);
+                identity = accepted
+                    .ike
+                    .clone()
+                    .or_else(|| accepted.tls.as_ref().and_then(TlsFacts::identity));
                 let header = match service.config.outbound.proxy_protocol {
                     ProxyProtocol::None => Vec::new(),
                     kind => destination
@@ -342,6 +360,8 @@ struct Accepted {
     conn: Side,
     tls: Option<TlsFacts>,
     backend: Option<SocketAddr>,
+    /// Inbound `ipsec`: the IKE identity the client proved.
+    ike: Option<String>,
 }
 
 impl Accepted {
@@ -351,6 +371,7 @@ impl Accepted {
             conn: Side::Plain(socket),
             tls: None,
             backend: None,
+            ike: None,
         }
     }
 }
@@ -360,6 +381,9 @@ async fn accept_inbound(
     service: &ServiceRuntime,
     limit: Duration,
 ) -> Result<Accepted, Failure> {
+    if service.config.inbound.level == Level::Ipsec {
+        return ipsec_client(socket, service, limit).await;
+    }
     let Some(server) = &service.server_side else {
         if service.config.inbound.answer_http01 && service.challenges.awaits_http() {
             return acme_http(socket, service, limit).await;
@@ -377,6 +401,52 @@ async fn accept_inbound(
         Ok(r) => r,
     }
 }
+
+/// Inbound `ipsec`: the client is known by the IKE identity of the one SA whose traffic
+/// selectors cover its address, and `allow` decides on that identity.
+///
+/// The address alone would not prove much on a network where addresses can be forged, but
+/// the gateway's answers to an address an SA covers leave through that SA: a forger never sees
+/// the SYN-ACK it would need to complete the connection.
+async fn ipsec_client(
+    socket: TcpStream,
+    service: &ServiceRuntime,
+    limit: Duration,
+) -> Result<Accepted, Failure> {
+    let peer = socket
+        .peer_addr()
+        .map_err(|e| Failure::new(Outcome::IoError, e))?
+        .ip();
+    let wait = limit.min(IPSEC_PEER_WAIT);
+    let Some(ike) = service.ipsec.wait_peer(service.name(), peer, wait).await else {
+        return Err(Failure::new(
+            Outcome::Denied,
+            format!("no IPsec SA covers {peer}: clients of this service come over ESP"),
+        ));
+    };
+    if !service.ike_allow.is_empty() {
+        match service.ike_allow.decide(&access::Identity::from_ike(&ike)) {
+            Ok(a) => info!(
+                service = %service.name(), identity = %ike, rule = %a.rule, "client allowed"
+            ),
+            Err(_) => {
+                return Err(Failure::new(
+                    Outcome::Denied,
+                    format!("IKE identity {ike:?} matches no allow rule"),
+                ));
+            }
+        }
+    }
+    Ok(Accepted {
+        conn: Side::Plain(socket),
+        tls: None,
+        backend: None,
+        ike: Some(ike),
+    })
+}
+
+/// How long a client's first connection may wait for the report of its SA.
+const IPSEC_PEER_WAIT: Duration = Duration::from_secs(3);
 
 /// A plain service with `answer_http01`, while an http-01 validation is awaited: the ACME
 /// server's request is answered; anything else (another token too: the backend may run an
@@ -498,6 +568,7 @@ async fn establish_tls(
         conn: Side::Tls(socket, Box::new(accepted.established)),
         tls: Some(facts),
         backend: accepted.backend,
+        ike: None,
     })
 }
 
@@ -558,7 +629,22 @@ async fn connect_outbound(
     t: Timeouts,
 ) -> Result<Side, Failure> {
     let addr = backend.unwrap_or_else(|| service.config.backend_addr());
+    let ipsec = service.config.outbound.level == Level::Ipsec;
+    if ipsec && let Err(why) = service.ipsec.check(&service.config.name) {
+        // Never in clear: without an SA the client is reset.
+        return Err(Failure::new(
+            Outcome::IpsecUnavailable,
+            format!("backend {addr}: {why}"),
+        ));
+    }
     let mut socket = match timeout(t.connect, TcpStream::connect(addr)).await {
+        // The fail-closed route refused the packet: the SA went away since it was reported up.
+        Ok(Err(e)) if ipsec && e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(Failure::new(
+                Outcome::IpsecUnavailable,
+                format!("backend {addr}: no IPsec SA (the fail-closed route refused: {e})"),
+            ));
+        }
         Err(_) => {
             return Err(Failure::new(
                 Outcome::ConnectTimeout,

@@ -101,17 +101,23 @@ fn compile_one(
     declined: OnDeclined,
 ) -> Result<Compiled, TlsError> {
     let server_side = match s.inbound.level {
-        Level::Plain => None,
-        _ => Some(tls::server_side(
+        Level::Plain | Level::Ipsec => None,
+        Level::Tls | Level::Mtls => Some(tls::server_side(
             &s.name, &s.inbound, files, resumption, declined,
         )?),
     };
     let connector = match s.outbound.level {
         Level::Plain => None,
-        _ => Some((
+        Level::Tls | Level::Mtls => Some((
             tls::client_config(&s.outbound, files)?,
             tls::server_name(s)?,
         )),
+        // charon proves the identities; building the client configuration checks that the
+        // certificate, key and CA it will get parse and fit.
+        Level::Ipsec => {
+            tls::client_config(&s.outbound, files)?;
+            None
+        }
     };
     Ok(Compiled {
         config: s.clone(),

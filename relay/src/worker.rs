@@ -160,6 +160,12 @@ async fn run(channel_fd: OwnedFd, pairs: Option<crate::sockmap::Pairs>) -> anyho
                 };
                 Some(FromWorker::Applied { error })
             }
+            ToWorker::Ipsec(paths) => {
+                if let Some(w) = &worker {
+                    w.ipsec.set(paths);
+                }
+                None
+            }
             ToWorker::Tickets(keys) => {
                 if let Some(w) = &worker {
                     w.ticketer.set(&keys);
@@ -224,6 +230,8 @@ struct Worker {
     directory: Option<Arc<crate::directory::Directory>>,
     /// ACME validations answered on the services' front ports.
     challenges: Arc<Challenges>,
+    /// Whether each `ipsec` service's SA is up.
+    ipsec: Arc<crate::ipsec::Paths>,
 }
 
 impl Worker {
@@ -250,6 +258,7 @@ impl Worker {
             kernel_copy,
             directory: None,
             challenges: Arc::default(),
+            ipsec: Arc::default(),
         }
     }
 
@@ -339,6 +348,7 @@ impl Worker {
                 metrics,
                 directory.clone(),
                 Arc::clone(&self.challenges),
+                Arc::clone(&self.ipsec),
             ));
             if let Some(dst) = transparent {
                 by_destination.insert(dst, Arc::clone(&runtime));

@@ -184,7 +184,7 @@ impl Harness {
         );
         let config = Config::parse(Path::new("xdp_packets.toml"), config).unwrap();
         let mut dp = Datapath::load(None).expect("load and verify the programs");
-        dp.maps.sync(&config.services).unwrap();
+        dp.maps.sync(&config.services, &config.servers).unwrap();
         Harness { dp }
     }
 
@@ -329,6 +329,148 @@ fn ipv4_policy_vlan_options_and_protocols() {
     let mut arp = eth(&[], 0x0806);
     arp.extend_from_slice(&[0u8; 28]);
     h.expect("ARP", &arp, XDP_PASS, UNMATCHED, "passed");
+}
+
+/// `[[server]] require = "esp"`: only ESP, IKE and path MTU ICMP reach the server, over
+/// either family; everything else heading for it is dropped and counted on its slot.
+#[test]
+fn only_ipsec_reaches_a_server_that_requires_esp() {
+    let config = format!(
+        "{CONFIG}\n[[server]]\naddress = \"198.51.100.11\"\nrequire = \"esp\"\n\
+         [[server]]\naddress = \"2001:db8:b::11\"\nrequire = \"esp\"\n"
+    );
+    let h = Harness::with_config(&config);
+    let (esp4, esp6) = ("esp:198.51.100.11", "esp:2001:db8:b::11");
+    let udp4 = |port: u16| {
+        let mut p = V4::to(OTHER4, port);
+        p.proto = UDP;
+        p.build()
+    };
+    let proto4 = |proto: u8, payload: Vec<u8>| {
+        let mut p = V4::to(OTHER4, 0);
+        p.proto = proto;
+        p.payload = payload;
+        p.build()
+    };
+    // What IPsec needs passes.
+    h.expect("v4 ESP", &proto4(50, vec![0; 16]), XDP_PASS, esp4, "passed");
+    h.expect("v4 IKE", &udp4(500), XDP_PASS, esp4, "passed");
+    h.expect("v4 IKE NAT-T", &udp4(4500), XDP_PASS, esp4, "passed");
+    h.expect(
+        "v4 fragmentation needed",
+        &proto4(1, vec![3, 4, 0, 0, 0, 0, 5, 0xdc]),
+        XDP_PASS,
+        esp4,
+        "passed",
+    );
+    // Everything else heading for it is dropped: plaintext TCP to any port, other UDP,
+    // other ICMP, other protocols, fragments that are not ESP.
+    for port in [22, 80, 443, 8080] {
+        h.expect(
+            &format!("v4 TCP to port {port}"),
+            &V4::to(OTHER4, port).build(),
+            XDP_DROP,
+            esp4,
+            "dropped",
+        );
+    }
+    h.expect("v4 UDP to 53", &udp4(53), XDP_DROP, esp4, "dropped");
+    h.expect(
+        "v4 echo request",
+        &proto4(1, vec![8, 0, 0, 0, 0, 1, 0, 1]),
+        XDP_DROP,
+        esp4,
+        "dropped",
+    );
+    h.expect("v4 GRE", &proto4(47, vec![0; 8]), XDP_DROP, esp4, "dropped");
+    h.expect(
+        "v4 UDP cut short",
+        &proto4(UDP, vec![0x01]),
+        XDP_DROP,
+        esp4,
+        "dropped",
+    );
+    let mut later = V4::to(OTHER4, 0);
+    later.proto = UDP;
+    later.frag = 10; // a non-first fragment: no header to judge
+    h.expect(
+        "v4 non-first UDP fragment",
+        &later.build(),
+        XDP_DROP,
+        esp4,
+        "dropped",
+    );
+    later.proto = 50;
+    h.expect(
+        "v4 non-first ESP fragment",
+        &later.build(),
+        XDP_PASS,
+        esp4,
+        "passed",
+    );
+    // IPv6: the same, behind extension headers too; neighbour discovery passes.
+    let udp6 = |port: u16| {
+        let mut u = tcp(port, 0);
+        u.truncate(8);
+        u
+    };
+    h.expect(
+        "v6 ESP",
+        &v6(OTHER6, &[], 50, &[0; 16]),
+        XDP_PASS,
+        esp6,
+        "passed",
+    );
+    h.expect(
+        "v6 IKE",
+        &v6(OTHER6, &[(60, opts8())], UDP, &udp6(500)),
+        XDP_PASS,
+        esp6,
+        "passed",
+    );
+    h.expect(
+        "v6 packet too big",
+        &v6(OTHER6, &[], 58, &[2, 0, 0, 0]),
+        XDP_PASS,
+        esp6,
+        "passed",
+    );
+    h.expect(
+        "v6 neighbour solicitation",
+        &v6(OTHER6, &[], 58, &[135, 0, 0, 0]),
+        XDP_PASS,
+        esp6,
+        "passed",
+    );
+    h.expect(
+        "v6 echo request",
+        &v6(OTHER6, &[], 58, &[128, 0, 0, 0]),
+        XDP_DROP,
+        esp6,
+        "dropped",
+    );
+    h.expect(
+        "v6 TCP",
+        &v6(OTHER6, &[], TCP, &tcp(443, SYN)),
+        XDP_DROP,
+        esp6,
+        "dropped",
+    );
+    h.expect(
+        "v6 UDP to 53",
+        &v6(OTHER6, &[], UDP, &udp6(53)),
+        XDP_DROP,
+        esp6,
+        "dropped",
+    );
+    // The services' own server keeps its policy.
+    h.expect(
+        "service server",
+        &V4::to(SERVER4, 22).build(),
+        XDP_PASS,
+        "shop4",
+        "passed",
+    );
 }
 
 #[test]

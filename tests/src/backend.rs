@@ -57,8 +57,17 @@ impl Backend {
     }
 
     pub async fn start(bind: SocketAddr, tls: Option<BackendTls<'_>>) -> anyhow::Result<Backend> {
+        Backend::serve_on(std::net::TcpListener::bind(bind)?, tls)
+    }
+
+    /// A backend on a listener made elsewhere (in another network namespace, say).
+    pub fn serve_on(
+        listener: std::net::TcpListener,
+        tls: Option<BackendTls<'_>>,
+    ) -> anyhow::Result<Backend> {
         let acceptor = tls.map(|t| tokio_rustls::TlsAcceptor::from(server_config(&t)));
-        let listener = TcpListener::bind(bind).await?;
+        listener.set_nonblocking(true)?;
+        let listener = TcpListener::from_std(listener)?;
         let addr = listener.local_addr()?;
         let served = Arc::new(AtomicUsize::new(0));
         let counter = Arc::clone(&served);

@@ -60,7 +60,15 @@ pub async fn connect_named(
     level: &ClientLevel<'_>,
     server_name: &str,
 ) -> std::io::Result<Box<dyn Stream>> {
-    let tcp = TcpStream::connect(addr).await?;
+    over(TcpStream::connect(addr).await?, level, server_name).await
+}
+
+/// [`connect_named`] over a connection made elsewhere (from another network namespace, say).
+pub async fn over(
+    tcp: TcpStream,
+    level: &ClientLevel<'_>,
+    server_name: &str,
+) -> std::io::Result<Box<dyn Stream>> {
     let config = match level {
         ClientLevel::Plain => return Ok(Box::new(tcp)),
         ClientLevel::Tls { ca } => tls_config(ca, None),

@@ -9,6 +9,7 @@
 //! Nothing here mocks TLS or the network: peers talk over loopback sockets.
 
 pub mod backend;
+pub mod charon;
 pub mod client;
 pub mod cluster;
 pub mod config;

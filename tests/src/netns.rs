@@ -206,6 +206,24 @@ impl Topology {
     }
 }
 
+/// Runs `f` on a thread inside network namespace `ns`: sockets it makes belong to `ns` and
+/// can be used from anywhere afterwards.
+pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            use std::os::fd::AsRawFd as _;
+            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            // SAFETY: setns(2) changes this thread's network namespace only; the fd is open.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("the thread in the namespace panicked")
+    })
+}
+
 /// Kills the processes left in namespace `ns` (by PID) and deletes it, which deletes its
 /// veths. For namespaces a test created, named by its unique prefix.
 pub fn remove(ns: &str) {

@@ -50,6 +50,11 @@ const APT_PACKAGES: &[&str] = &[
     "ldap-utils",
     // The certificate tests' ACME server (Let's Encrypt's pebble, with its test DNS).
     "pebble",
+    // IPsec: strongSwan's charon keys `level = "ipsec"` (the relay drives it over VICI);
+    // kernel-libipsec (ESP in userspace, for kernels without ESP) is in the extra plugins.
+    "strongswan-charon",
+    "strongswan-swanctl",
+    "libcharon-extra-plugins",
 ];
 
 pub fn setup() -> anyhow::Result<()> {

@@ -524,3 +524,110 @@ fn a_half_written_certificate_is_pointed_at_by_line() {
         "{message}"
     );
 }
+
+#[test]
+fn ipsec_levels_and_servers_are_checked_with_their_keys() {
+    let f = Fixture::new();
+    let ipsec = "[ipsec]\nvici = \"/run/test.vici\"\n";
+    let outbound = "level = \"ipsec\"\ncert = \"server.pem\"\nkey = \"server.key\"\nca = \"ca.pem\"\n\
+                    identity = \"CN=db.test\"\n";
+    let tls_to = |out: &str| TLS_TO_PLAIN.replace("level = \"plain\"\n", out);
+    let good = format!("{}\n{ipsec}", tls_to(outbound));
+    let c = f.parse(&good).unwrap();
+    assert_eq!(c.services[0].outbound.level, Level::Ipsec);
+    let i = c.ipsec.unwrap();
+    assert_eq!(
+        (i.ike_mark, i.table),
+        (0x42, 221),
+        "charon's recipe by default"
+    );
+    let inbound_ipsec = TLS_TO_PLAIN.replace(
+        "level = \"tls\"\ncert = \"server.pem\"\nkey = \"server.key\"\n",
+        "level = \"ipsec\"\ncert = \"server.pem\"\nkey = \"server.key\"\nclient_ca = \"ca.pem\"\n\
+         allow = [\"dns:client.test\"]\n",
+    );
+    f.parse(&format!("{inbound_ipsec}\n{ipsec}")).unwrap();
+    let second_plain = "\n[[service]]\nname = \"other\"\nserver = \"203.0.113.10\"\nport = 444\n\
+                        backend_port = 8081\nlisten = \"127.0.0.1:8444\"\n\
+                        [service.inbound]\nlevel = \"plain\"\n[service.outbound]\nlevel = \"plain\"\n";
+    for (text, key, needle) in [
+        (tls_to(outbound), "service[0].outbound.level", "[ipsec]"),
+        (
+            format!(
+                "{}\n{ipsec}",
+                tls_to(&outbound.replace("ca = \"ca.pem\"\n", ""))
+            ),
+            "service[0].outbound.ca",
+            "required",
+        ),
+        (
+            format!(
+                "{}\n{ipsec}",
+                tls_to(&outbound.replace("identity = \"CN=db.test\"\n", ""))
+            ),
+            "service[0].outbound.identity",
+            "required",
+        ),
+        (
+            format!(
+                "{}\n{ipsec}",
+                tls_to("level = \"tls\"\nidentity = \"CN=db.test\"\n")
+            ),
+            "service[0].outbound.identity",
+            "needs level = \"ipsec\"",
+        ),
+        (
+            format!("{}{second_plain}\n{ipsec}", tls_to(outbound)),
+            "service[0].outbound.level",
+            "in clear",
+        ),
+        (
+            format!(
+                "{}\n{ipsec}",
+                inbound_ipsec.replace("listen = \"127.0.0.1:8443\"\n", "")
+            ),
+            "service[0].listen",
+            "explicit mode",
+        ),
+        (
+            format!(
+                "{}\n{ipsec}",
+                inbound_ipsec.replace("client_ca = \"ca.pem\"\n", "")
+            ),
+            "service[0].inbound.client_ca",
+            "required",
+        ),
+        (
+            format!(
+                "{}\n{ipsec}",
+                inbound_ipsec.replace("[\"dns:client.test\"]", "[\"group:cn=ops\"]")
+            ),
+            "service[0].inbound.allow",
+            "IKE identity",
+        ),
+        (format!("{ipsec}table = 220\n"), "ipsec.table", "reserved"),
+        (
+            format!("{TLS_TO_PLAIN}\n[[server]]\naddress = \"198.51.100.20\"\nrequire = \"esp\"\n"),
+            "server[0].require",
+            "[datapath]",
+        ),
+    ] {
+        let (_, got_key, message) = f.error(&text);
+        assert_eq!(got_key, key, "{message}");
+        assert!(message.contains(needle), "{key}: {message}");
+    }
+}
+
+#[test]
+fn an_ike_identity_gives_the_names_allow_rules_match() {
+    use crate::access::Identity;
+    assert_eq!(Identity::from_ike("client.test").dns, ["client.test"]);
+    assert_eq!(
+        Identity::from_ike("C=CH, O=strongSwan, CN=moon.test")
+            .cn
+            .as_deref(),
+        Some("moon.test")
+    );
+    assert_eq!(Identity::from_ike("192.0.2.2"), Identity::default());
+    assert_eq!(Identity::from_ike("ops@example.org"), Identity::default());
+}

@@ -116,6 +116,7 @@ impl Supervisor {
     /// The services in force as `relay status` shows them, with their certificates.
     pub(super) fn service_infos(&self) -> Vec<ServiceInfo> {
         let states = self.acme.as_ref().map(acme::Manager::states);
+        let sas = self.ipsec.as_ref().map(crate::ipsec::Manager::infos);
         self.config
             .services
             .iter()
@@ -123,6 +124,7 @@ impl Supervisor {
                 let mut info = ServiceInfo::from(s);
                 info.certificates = self.certificates(s);
                 info.acme = states.as_ref().and_then(|st| st.get(&s.name).cloned());
+                info.ipsec = sas.as_ref().and_then(|sa| sa.get(&s.name).cloned());
                 info
             })
             .collect()

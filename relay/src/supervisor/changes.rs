@@ -374,7 +374,7 @@ impl Supervisor {
     /// The worker took it (or there is none to tell): data path, listeners, configuration.
     fn commit(&mut self, change: Change, p: Prepared) {
         if let Some(d) = &mut self.datapath
-            && let Err(e) = d.maps.sync(&p.next.services)
+            && let Err(e) = d.maps.sync(&p.next.services, &p.next.servers)
         {
             // The worker serves the new services; the maps still say the old ones.
             let e = e.context("sync the policy maps");
@@ -398,6 +398,7 @@ impl Supervisor {
         self.directory = p.directory;
         self.watch_files();
         self.acme_sync();
+        self.ipsec_sync();
         self.cluster_forget(&p.shadowed);
         self.finish(change, Ok(p.summary));
     }

@@ -18,6 +18,7 @@ mod acme;
 mod changes;
 mod cluster;
 mod control_server;
+mod ipsec;
 mod metrics_http;
 mod worker_proc;
 
@@ -129,6 +130,9 @@ struct Supervisor {
     acme: Option<crate::acme::Manager>,
     /// Orders waiting for a worker to serve their validation answers.
     answers_waiting: Vec<oneshot::Sender<anyhow::Result<()>>>,
+    /// `[ipsec]`: the task that keeps the SAs of `ipsec` services up, and where it reports.
+    ipsec: Option<crate::ipsec::Manager>,
+    ipsec_tx: mpsc::UnboundedSender<crate::ipsec::PathSet>,
 }
 
 pub async fn run(
@@ -177,6 +181,8 @@ pub async fn run(
         .acme
         .clone()
         .map(|a| crate::acme::Manager::new(a, acme_tx));
+    // Without [ipsec] nothing ever arrives here.
+    let (ipsec_tx, mut ipsec_paths) = mpsc::unbounded_channel();
     let mut sup = Supervisor {
         config_path,
         config,
@@ -203,6 +209,8 @@ pub async fn run(
         cluster: None,
         acme,
         answers_waiting: Vec::new(),
+        ipsec: None,
+        ipsec_tx,
     };
     // Without [cluster] nothing ever arrives here.
     let (_no_cluster, mut cluster_updates) = mpsc::unbounded_channel();
@@ -223,6 +231,7 @@ pub async fn run(
         sup.start_worker();
         sup.watch_files();
         sup.acme_sync();
+        sup.ipsec_sync();
         let mut inputs = Inputs {
             asked: &mut asked,
             scrapes: &mut scrapes,
@@ -230,6 +239,7 @@ pub async fn run(
             changed: &mut changed,
             cluster_updates: &mut cluster_updates,
             acme_events: &mut acme_events,
+            ipsec_paths: &mut ipsec_paths,
         };
         sup.main_loop(&mut inputs).await
     }
@@ -247,6 +257,7 @@ struct Inputs<'a> {
     changed: &'a mut mpsc::UnboundedReceiver<PathBuf>,
     cluster_updates: &'a mut mpsc::UnboundedReceiver<crate::cluster::Update>,
     acme_events: &'a mut mpsc::UnboundedReceiver<crate::acme::Event>,
+    ipsec_paths: &'a mut mpsc::UnboundedReceiver<crate::ipsec::PathSet>,
 }
 
 impl Supervisor {
@@ -288,6 +299,7 @@ impl Supervisor {
                 _ = rotate.tick(), if self.cluster.is_none() => self.rotate_tickets(),
                 Some(update) = i.cluster_updates.recv() => self.cluster_update(update),
                 Some(event) = i.acme_events.recv() => self.acme_event(event),
+                Some(paths) = i.ipsec_paths.recv() => self.send_paths(paths),
             }
         }
     }
@@ -461,6 +473,7 @@ impl Supervisor {
         // the ACME validation answers of an order under way.
         self.send_tickets();
         self.answers_to_new_worker();
+        self.paths_to_new_worker();
         self.publish_member();
         // A change that waited for a worker goes on now.
         self.next_queued();
@@ -623,7 +636,7 @@ impl Supervisor {
             }
             // Policy first: a freshly attached program must drop backend ports at once.
             d.maps
-                .sync(&self.config.services)
+                .sync(&self.config.services, &self.config.servers)
                 .context("sync the policy maps")?;
             Routing {
                 table: dp.route_table,
@@ -736,6 +749,7 @@ impl Supervisor {
                 "data path stays attached (backend ports stay dropped); `relay detach` removes it"
             );
         }
+        self.ipsec_stop();
         info!("relay stopped");
     }
 }

@@ -1,0 +1,1271 @@
+//! `outbound.level = "ipsec"`: the path from the gateway to a backend protected by IPsec ESP,
+//! keyed by strongSwan's charon, which the supervisor drives over VICI.
+//!
+//! For each such service the supervisor loads a connection into charon (the gateway's
+//! certificate and key, the backend's CA and identity, traffic selectors narrowed to TCP from
+//! the gateway to the backend's port, ESP with AES-GCM), brings its SA up and keeps it up. The
+//! worker connects to the backend with an ordinary socket, in clear: the kernel routes the
+//! packets through the SA. Two things keep a byte from ever leaving in clear:
+//! - the worker forwards a connection only while the supervisor reports the SA up
+//!   ([`PathSet`]), and otherwise resets the client, counted as `ipsec_unavailable`;
+//! - between the report and the packet, a *fail-closed route* decides: charon routes the
+//!   backend into its SA (table 220), and the relay's table after it holds a `prohibit` route
+//!   for the backend, so that a packet the SA does not take (charon gone, SA deleted) is
+//!   refused by the kernel instead of sent. charon's own IKE packets carry `ike_mark` and skip
+//!   the relay's table.
+//!
+//! The state comes from polling `list-sas` (once a second, and after every change), which
+//! also counts rekeys: a CHILD_SA that stays up under a new id was rekeyed.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::Context;
+use futures_util::{StreamExt, pin_mut};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::config;
+
+/// The prefix of every connection the relay loads into charon: what it may unload.
+const PREFIX: &str = "relay-";
+/// How often the SAs' state is read from charon.
+const POLL: Duration = Duration::from_secs(1);
+/// Waits between attempts to reach charon, or to bring a failed SA up again.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------- the worker's view
+
+/// Whether the protected path of each `ipsec` service is up; the supervisor sends the whole
+/// set after every change. A later generation replaces an earlier one, never the reverse.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PathSet {
+    pub generation: u64,
+    pub paths: Vec<(String, PathState)>,
+    /// Inbound `ipsec`: the clients with an SA up, by the traffic selectors charon installed.
+    pub peers: Vec<Peer>,
+}
+
+/// A client of an inbound `ipsec` service with its CHILD_SA installed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Peer {
+    pub service: String,
+    /// The client's side of the CHILD_SA: what it may send from (`192.0.2.2/32[tcp]`).
+    pub ts: Vec<String>,
+    /// The IKE identity its certificate proved.
+    pub identity: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum PathState {
+    Up,
+    /// Why not: charon unreachable, the SA refused by the peer, ...
+    Down(String),
+}
+
+/// The worker's copy of the latest [`PathSet`].
+#[derive(Default)]
+pub struct Paths {
+    latest: RwLock<Latest>,
+    changed: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Latest {
+    generation: u64,
+    paths: HashMap<String, PathState>,
+    peers: Vec<Peer>,
+}
+
+impl Paths {
+    pub fn set(&self, set: PathSet) {
+        let mut latest = self.latest.write().unwrap_or_else(|e| e.into_inner());
+        if set.generation >= latest.generation {
+            *latest = Latest {
+                generation: set.generation,
+                paths: set.paths.into_iter().collect(),
+                peers: set.peers,
+            };
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// The IKE identity of the client at `ip` of inbound `ipsec` service `service`: the one
+    /// identity whose installed CHILD_SA covers the address. `None` if none does, or if
+    /// several identities do (nothing is decided on a guess).
+    pub fn peer(&self, service: &str, ip: IpAddr) -> Option<String> {
+        let latest = self.latest.read().unwrap_or_else(|e| e.into_inner());
+        let mut found = latest
+            .peers
+            .iter()
+            .filter(|p| p.service == service && p.ts.iter().any(|ts| covers(ts, ip)))
+            .map(|p| &p.identity);
+        let first = found.next()?;
+        found.all(|other| other == first).then(|| first.clone())
+    }
+
+    /// [`Paths::peer`], waiting up to `limit` for the supervisor to report the client's SA (a
+    /// client's first connection often comes right after its SA, before the next report).
+    pub async fn wait_peer(&self, service: &str, ip: IpAddr, limit: Duration) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let changed = self.changed.notified();
+            if let Some(id) = self.peer(service, ip) {
+                return Some(id);
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// `Ok` if `service`'s path is up; otherwise why it is not. A service the supervisor has
+    /// not reported on is down: nothing is forwarded on a guess.
+    pub fn check(&self, service: &str) -> Result<(), String> {
+        let latest = self.latest.read().unwrap_or_else(|e| e.into_inner());
+        match latest.paths.get(service) {
+            Some(PathState::Up) => Ok(()),
+            Some(PathState::Down(why)) => Err(why.clone()),
+            None => Err("its IPsec SA has not been brought up yet".into()),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- what the supervisor wants
+
+/// The connections the relay keeps loaded in charon, with the files' bytes (already checked
+/// by compiling).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Wanted {
+    /// `outbound.level = "ipsec"`: the gateway initiates toward the backend.
+    pub backends: Vec<Backend>,
+    /// `inbound.level = "ipsec"`: clients initiate toward the gateway.
+    pub responders: Vec<Responder>,
+}
+
+impl Wanted {
+    /// The `ipsec` sides of `services`, with their files from `files`.
+    pub fn of(services: &[config::Service], files: &crate::tls::Files) -> Wanted {
+        let file = |p: &Option<std::path::PathBuf>| {
+            p.as_ref()
+                .and_then(|p| files.get(p))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let backends = services
+            .iter()
+            .filter(|s| s.outbound.level == config::Level::Ipsec)
+            .map(|s| Backend {
+                service: s.name.clone(),
+                addr: s.backend_addr(),
+                identity: s.outbound.identity.clone().unwrap_or_default(),
+                cert: file(&s.outbound.cert),
+                key: file(&s.outbound.key),
+                ca: file(&s.outbound.ca),
+            })
+            .collect();
+        let responders = services
+            .iter()
+            .filter(|s| s.inbound.level == config::Level::Ipsec)
+            .filter_map(|s| {
+                Some(Responder {
+                    service: s.name.clone(),
+                    listen: s.listen?,
+                    cert: file(&s.inbound.cert),
+                    key: file(&s.inbound.key),
+                    ca: file(&s.inbound.client_ca),
+                })
+            })
+            .collect();
+        Wanted {
+            backends,
+            responders,
+        }
+    }
+
+    /// Backend addresses that need a fail-closed route.
+    pub fn guarded(&self) -> Vec<IpAddr> {
+        let mut addrs: Vec<IpAddr> = self.backends.iter().map(|b| b.addr.ip()).collect();
+        addrs.sort();
+        addrs.dedup();
+        addrs
+    }
+
+    fn is_empty(&self) -> bool {
+        self.backends.is_empty() && self.responders.is_empty()
+    }
+
+    fn wants(&self, service: &str) -> bool {
+        self.backends.iter().any(|b| b.service == service)
+            || self.responders.iter().any(|r| r.service == service)
+    }
+}
+
+/// An inbound `ipsec` service as charon gets it: clients whose certificate `ca` signed may
+/// reach its listener over ESP.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Responder {
+    pub service: String,
+    pub listen: SocketAddr,
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+    pub ca: Vec<u8>,
+}
+
+impl Responder {
+    fn conn_name(&self) -> String {
+        format!("{PREFIX}in-{}", self.service)
+    }
+}
+
+/// An outbound `ipsec` service as charon gets it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Backend {
+    pub service: String,
+    pub addr: SocketAddr,
+    pub identity: String,
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+    pub ca: Vec<u8>,
+}
+
+impl Backend {
+    fn conn_name(&self) -> String {
+        format!("{PREFIX}out-{}", self.service)
+    }
+}
+
+/// What `relay status` and the metrics show of one service's SA.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SaInfo {
+    pub up: bool,
+    /// The backend's address and the identity it proved (while up) or must prove.
+    pub peer: String,
+    pub identity: String,
+    /// Unix seconds the CHILD_SA was installed, while up.
+    pub since: Option<u64>,
+    pub initiations: u64,
+    pub failures: u64,
+    pub rekeys: u64,
+    /// Why the path is down, while it is.
+    pub problem: Option<String>,
+}
+
+// ---------------------------------------------------------------- the supervisor's side
+
+/// The task that keeps the SAs of the `ipsec` services up, and what it reports.
+pub struct Manager {
+    wanted: watch::Sender<Wanted>,
+    shared: Arc<Mutex<Shared>>,
+}
+
+#[derive(Default)]
+struct Shared {
+    generation: u64,
+    infos: BTreeMap<String, SaInfo>,
+    peers: Vec<Peer>,
+}
+
+impl Manager {
+    /// Starts the task; every change of a path's state reaches `changed` as a new [`PathSet`].
+    pub fn new(settings: config::Ipsec, changed: mpsc::UnboundedSender<PathSet>) -> Manager {
+        let (wanted, wanted_rx) = watch::channel(Wanted::default());
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let task = Task {
+            settings,
+            wanted: wanted_rx,
+            shared: Arc::clone(&shared),
+            changed,
+            guard: Vec::new(),
+            retry: HashMap::new(),
+            children: HashMap::new(),
+            keys: HashMap::new(),
+            loaded: HashMap::new(),
+        };
+        tokio::spawn(task.run());
+        Manager { wanted, shared }
+    }
+
+    /// The `ipsec` services in force now.
+    pub fn set(&self, wanted: Wanted) {
+        self.wanted.send_if_modified(|w| {
+            let changed = *w != wanted;
+            *w = wanted;
+            changed
+        });
+    }
+
+    /// The paths' state now, for a worker that just started.
+    pub fn paths(&self) -> PathSet {
+        let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        shared.path_set()
+    }
+
+    pub fn infos(&self) -> BTreeMap<String, SaInfo> {
+        let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        shared.infos.clone()
+    }
+}
+
+impl Shared {
+    fn path_set(&self) -> PathSet {
+        PathSet {
+            generation: self.generation,
+            paths: self
+                .infos
+                .iter()
+                .map(|(name, i)| {
+                    let state = if i.up {
+                        PathState::Up
+                    } else {
+                        PathState::Down(i.problem.clone().unwrap_or_else(|| "no SA".into()))
+                    };
+                    (name.clone(), state)
+                })
+                .collect(),
+            peers: self.peers.clone(),
+        }
+    }
+}
+
+struct Task {
+    settings: config::Ipsec,
+    wanted: watch::Receiver<Wanted>,
+    shared: Arc<Mutex<Shared>>,
+    changed: mpsc::UnboundedSender<PathSet>,
+    /// Backend addresses with a fail-closed route now.
+    guard: Vec<IpAddr>,
+    /// When a failed SA may be initiated again, and the wait after that.
+    retry: HashMap<String, (Instant, Duration)>,
+    /// The CHILD_SA id each service's path had when last seen up.
+    children: HashMap<String, String>,
+    /// The id charon gave each connection's private key.
+    keys: HashMap<String, String>,
+    /// What charon holds, as loaded in this VICI session: by connection name, the key and
+    /// the `load-conn` message.
+    loaded: HashMap<String, (Vec<u8>, Message)>,
+}
+
+impl Task {
+    async fn run(mut self) {
+        let mut wait = RETRY_FIRST;
+        loop {
+            self.guard_routes();
+            let problem = match rsvici::unix::connect(&self.settings.vici).await {
+                Ok(client) => {
+                    wait = RETRY_FIRST;
+                    info!(vici = %self.settings.vici.display(), "connected to charon");
+                    match self.session(client).await {
+                        Ok(()) => return,
+                        Err(e) => format!("lost charon's VICI connection: {e:#}"),
+                    }
+                }
+                Err(e) => format!(
+                    "cannot reach charon at {}: {e}",
+                    self.settings.vici.display()
+                ),
+            };
+            self.loaded.clear();
+            self.keys.clear();
+            self.all_down(&problem);
+            if self.wanted.borrow().is_empty() {
+                // Nothing needs charon: wait for a service that does.
+                if self.wanted.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            warn!("ipsec: {problem}; ipsec services refuse connections until it is back");
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                r = self.wanted.changed() => if r.is_err() { return },
+            }
+            wait = (wait * 2).min(RETRY_MAX);
+        }
+    }
+
+    /// One VICI session: loads what is wanted and keeps the SAs up until the connection
+    /// breaks (`Err`) or the manager is dropped (`Ok`).
+    async fn session(&mut self, mut client: rsvici::Client) -> anyhow::Result<()> {
+        self.unload_strays(&mut client).await?;
+        let mut tick = tokio::time::interval(POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let wanted = self.wanted.borrow_and_update().clone();
+            self.guard_routes();
+            self.load(&mut client, &wanted).await?;
+            let sas = list_sas(&mut client).await?;
+            self.update(&wanted, &sas);
+            for b in &wanted.backends {
+                let up = self.shared().infos.get(&b.service).is_some_and(|i| i.up);
+                let due = self
+                    .retry
+                    .get(&b.service)
+                    .is_none_or(|(at, _)| Instant::now() >= *at);
+                if !up && due {
+                    self.initiate(&mut client, b).await?;
+                }
+            }
+            tokio::select! {
+                _ = tick.tick() => {}
+                r = self.wanted.changed() => if r.is_err() { return Ok(()) },
+            }
+        }
+    }
+
+    fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reports `infos` if a path changed state.
+    fn publish(&self, infos: BTreeMap<String, SaInfo>, peers: Option<Vec<Peer>>) {
+        let mut shared = self.shared();
+        let before: Vec<(&String, bool, &Option<String>)> = shared
+            .infos
+            .iter()
+            .map(|(n, i)| (n, i.up, &i.problem))
+            .collect();
+        let after: Vec<(&String, bool, &Option<String>)> =
+            infos.iter().map(|(n, i)| (n, i.up, &i.problem)).collect();
+        let mut changed = before != after;
+        shared.infos = infos;
+        if let Some(peers) = peers
+            && peers != shared.peers
+        {
+            shared.peers = peers;
+            changed = true;
+        }
+        if changed {
+            shared.generation += 1;
+            let _ = self.changed.send(shared.path_set());
+        }
+    }
+
+    fn all_down(&mut self, problem: &str) {
+        let wanted = self.wanted.borrow().clone();
+        let mut infos = self.shared().infos.clone();
+        infos.retain(|name, _| wanted.wants(name));
+        for b in &wanted.backends {
+            let info = infos.entry(b.service.clone()).or_default();
+            info.peer = b.addr.ip().to_string();
+            info.identity = b.identity.clone();
+            info.up = false;
+            info.since = None;
+            info.problem = Some(problem.to_string());
+        }
+        for r in &wanted.responders {
+            let info = infos.entry(r.service.clone()).or_default();
+            info.up = false;
+            info.peer = "clients".into();
+            info.problem = Some(problem.to_string());
+        }
+        self.children.clear();
+        self.publish(infos, Some(Vec::new()));
+    }
+
+    /// Keeps a fail-closed route for exactly the wanted backends' addresses.
+    fn guard_routes(&mut self) {
+        let addrs = self.wanted.borrow().guarded();
+        if addrs == self.guard {
+            return;
+        }
+        let guard = Guard::new(&self.settings);
+        if let Err(e) = guard.install(&addrs) {
+            // Without it, a lost SA could let bytes out in clear: say so loudly. The worker
+            // still forwards only over an SA reported up.
+            warn!("ipsec: fail-closed routes not installed: {e:#}");
+            return;
+        }
+        for gone in self.guard.iter().filter(|a| !addrs.contains(a)) {
+            if let Err(e) = guard.remove_route(*gone) {
+                warn!("ipsec: fail-closed route for {gone} not removed: {e:#}");
+            }
+        }
+        self.guard = addrs;
+    }
+
+    /// Unloads connections an earlier relay left in charon that no service wants now.
+    async fn unload_strays(&mut self, client: &mut rsvici::Client) -> anyhow::Result<()> {
+        let conns = client.stream_request::<(), HashMap<String, serde::de::IgnoredAny>>(
+            "list-conns",
+            "list-conn",
+            (),
+        );
+        pin_mut!(conns);
+        let mut names = Vec::new();
+        while let Some(c) = conns.next().await {
+            names.extend(c.context("list-conns")?.into_keys());
+        }
+        let wanted = self.wanted.borrow().clone();
+        for name in names {
+            let wanted_now = wanted.backends.iter().any(|b| b.conn_name() == name)
+                || wanted.responders.iter().any(|r| r.conn_name() == name);
+            if name.starts_with(PREFIX) && !wanted_now {
+                unload_conn(client, &name).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Brings charon's connections in line with `wanted`.
+    async fn load(&mut self, client: &mut rsvici::Client, wanted: &Wanted) -> anyhow::Result<()> {
+        // (connection name, service, its key, the load-conn message)
+        let items: Vec<(String, &str, &[u8], Message)> = wanted
+            .backends
+            .iter()
+            .map(|b| (b.conn_name(), &*b.service, &*b.key, conn(b, &self.settings)))
+            .chain(
+                wanted
+                    .responders
+                    .iter()
+                    .map(|r| (r.conn_name(), &*r.service, &*r.key, responder_conn(r))),
+            )
+            .collect();
+        let gone: Vec<String> = self
+            .loaded
+            .keys()
+            .filter(|name| !items.iter().any(|(n, ..)| n == *name))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.loaded.remove(&name);
+            unload_conn(client, &name).await?;
+            if let Some(id) = self.keys.remove(&name) {
+                unload_key(client, &id).await;
+            }
+            info!(connection = %name, "ipsec: connection unloaded");
+        }
+        self.retry.retain(|service, _| wanted.wants(service));
+        for (name, service, key, message) in items {
+            if self
+                .loaded
+                .get(&name)
+                .is_some_and(|(k, m)| k == key && *m == message)
+            {
+                continue;
+            }
+            self.loaded.remove(&name);
+            let old_key = self.keys.remove(&name);
+            let refused = match load_key(client, key).await? {
+                Ok(key_id) => {
+                    if let Some(old) = old_key.filter(|old| *old != key_id) {
+                        unload_key(client, &old).await;
+                    }
+                    self.keys.insert(name.clone(), key_id);
+                    let answer: Answer = client
+                        .request("load-conn", &message)
+                        .await
+                        .with_context(|| format!("{name}: load-conn"))?;
+                    answer
+                        .ok()
+                        .err()
+                        .map(|e| format!("charon refused the connection: {e}"))
+                }
+                Err(e) => Some(format!("charon refused the key: {e}")),
+            };
+            if let Some(why) = refused {
+                // What charon refuses cannot come up; the service stays down with why.
+                warn!(service = %service, "ipsec: {why}");
+                self.fail(service, why);
+                continue;
+            }
+            info!(service = %service, connection = %name, "ipsec: connection loaded");
+            self.loaded.insert(name, (key.to_vec(), message));
+            // A changed connection is brought up at once.
+            self.retry.remove(service);
+        }
+        Ok(())
+    }
+
+    /// The wanted services' state from `sas`, counting rekeys, and the inbound services'
+    /// clients.
+    fn update(&mut self, wanted: &Wanted, sas: &[IkeSa]) {
+        let mut infos = self.shared().infos.clone();
+        infos.retain(|name, _| wanted.wants(name));
+        // charon may set up a CHILD_SA inside another connection's IKE_SA with the same peer
+        // (`reuse_ikesa`): the child's name is what counts.
+        let installed = |name: &str| {
+            sas.iter()
+                .filter(|ike| ike.state == "ESTABLISHED")
+                .flat_map(|ike| {
+                    ike.children
+                        .values()
+                        .filter(|c| c.name == name && c.state == "INSTALLED")
+                        .map(move |c| (ike, c))
+                })
+                .collect::<Vec<_>>()
+        };
+        for b in &wanted.backends {
+            let info = infos.entry(b.service.clone()).or_default();
+            info.peer = b.addr.ip().to_string();
+            info.identity = b.identity.clone();
+            match installed(&b.conn_name()).first() {
+                Some((ike, c)) => {
+                    if let Some(id) = ike.remote_id.as_deref() {
+                        info.identity = id.to_string();
+                    }
+                    let previous = self.children.insert(b.service.clone(), c.uniqueid.clone());
+                    if info.up && previous.is_some_and(|p| p != c.uniqueid) {
+                        info.rekeys += 1;
+                        info!(service = %b.service, "ipsec: CHILD_SA rekeyed");
+                    }
+                    if !info.up {
+                        info!(service = %b.service, backend = %b.addr,
+                              identity = %info.identity, "ipsec: SA up");
+                    }
+                    info.up = true;
+                    info.problem = None;
+                    let installed = c.install_time.unwrap_or(0);
+                    info.since = Some(unix_now().saturating_sub(installed));
+                    self.retry.remove(&b.service);
+                }
+                None => {
+                    if info.up {
+                        warn!(service = %b.service, "ipsec: SA down; bringing it up again");
+                        info.problem = Some("the SA went down".into());
+                    }
+                    self.children.remove(&b.service);
+                    info.up = false;
+                    info.since = None;
+                    if info.problem.is_none() {
+                        info.problem = Some("its IPsec SA has not been brought up yet".into());
+                    }
+                }
+            }
+        }
+        let mut peers = Vec::new();
+        for r in &wanted.responders {
+            let clients = installed(&r.conn_name());
+            let info = infos.entry(r.service.clone()).or_default();
+            let loaded = self.loaded.contains_key(&r.conn_name());
+            info.up = loaded;
+            info.peer = format!("{} client SA(s)", clients.len());
+            if loaded {
+                info.problem = None;
+            }
+            for (ike, c) in clients {
+                peers.push(Peer {
+                    service: r.service.clone(),
+                    ts: c.remote_ts.clone(),
+                    identity: ike.remote_id.clone().unwrap_or_default(),
+                });
+            }
+        }
+        self.publish(infos, Some(peers));
+    }
+
+    /// Initiates `b`'s CHILD_SA and waits for the outcome (at most `initiate_timeout`).
+    async fn initiate(&mut self, client: &mut rsvici::Client, b: &Backend) -> anyhow::Result<()> {
+        if !self.loaded.contains_key(&b.conn_name()) {
+            return Ok(());
+        }
+        if let Some(info) = self.shared().infos.get_mut(&b.service) {
+            info.initiations += 1;
+        }
+        let name = b.conn_name();
+        let timeout = self.settings.initiate_timeout;
+        let request = Initiate {
+            child: name.clone(),
+            ike: name,
+            timeout: timeout.as_millis() as u64,
+            init_limits: false,
+            loglevel: 1,
+        };
+        let stream = client.stream_request::<_, Log>("initiate", "control-log", request);
+        pin_mut!(stream);
+        // charon's own account of a failure: the last lines before it gave up.
+        let mut last: Vec<String> = Vec::new();
+        let outcome = loop {
+            match stream.next().await {
+                Some(Ok(log)) => {
+                    if last.len() == 3 {
+                        last.remove(0);
+                    }
+                    last.push(log.msg);
+                }
+                Some(Err(e)) => break Err(e),
+                None => break Ok(()),
+            }
+        };
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_command_failed() => {
+                let why = relevant(&last).unwrap_or_else(|| e.to_string());
+                warn!(service = %b.service, backend = %b.addr, identity = %b.identity,
+                      "ipsec: SA not established: {why}");
+                self.fail(
+                    &b.service,
+                    format!("no IPsec SA with {}: {why}", b.addr.ip()),
+                );
+                Ok(())
+            }
+            Err(e) => Err(e).context("initiate"),
+        }
+    }
+
+    /// Counts a failure, schedules the next attempt and reports the path down with `why`.
+    fn fail(&mut self, service: &str, why: String) {
+        let (_, wait) = self
+            .retry
+            .get(service)
+            .copied()
+            .unwrap_or((Instant::now(), RETRY_FIRST / 2));
+        let wait = (wait * 2).min(RETRY_MAX);
+        self.retry
+            .insert(service.to_string(), (Instant::now() + wait, wait));
+        let mut infos = self.shared().infos.clone();
+        let info = infos.entry(service.to_string()).or_default();
+        info.failures += 1;
+        info.up = false;
+        info.since = None;
+        info.problem = Some(why);
+        self.publish(infos, None);
+    }
+}
+
+/// Of charon's last log lines, the one that says why (an authentication or proposal error
+/// rather than "establishing CHILD_SA failed").
+fn relevant(lines: &[String]) -> Option<String> {
+    let telling = |l: &&String| {
+        let l = l.to_ascii_lowercase();
+        [
+            "constraint",
+            "authentication",
+            "no trusted",
+            "no proposal",
+            "not responding",
+            "identity",
+            "received",
+            "failed",
+            "retransmit",
+        ]
+        .iter()
+        .any(|w| l.contains(w))
+    };
+    lines
+        .iter()
+        .rev()
+        .find(|l| telling(l) && !l.contains("initiate failed") && !l.contains("establishing"))
+        .or(lines.last())
+        .cloned()
+}
+
+/// Whether traffic selector `ts` (`192.0.2.2/32[tcp]`, `2001:db8::/64`) covers `ip`.
+fn covers(ts: &str, ip: IpAddr) -> bool {
+    let net = ts.split('[').next().unwrap_or(ts).trim();
+    let (addr, len) = match net.split_once('/') {
+        Some((a, l)) => (a, l.parse::<u32>().ok()),
+        None => (net, None),
+    };
+    let Ok(addr) = addr.parse::<IpAddr>() else {
+        return false;
+    };
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    match (addr, ip) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => {
+            let len = len.unwrap_or(32).min(32);
+            let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+            u32::from(a) & mask == u32::from(b) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(b)) => {
+            let len = len.unwrap_or(128).min(128);
+            let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
+            u128::from(a) & mask == u128::from(b) & mask
+        }
+        _ => false,
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+// ---------------------------------------------------------------- VICI messages
+
+/// A command's answer.
+#[derive(Deserialize)]
+struct Answer {
+    success: bool,
+    errmsg: Option<String>,
+}
+
+impl Answer {
+    fn ok(self) -> Result<(), String> {
+        if self.success {
+            Ok(())
+        } else {
+            Err(self.errmsg.unwrap_or_else(|| "(no reason given)".into()))
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct LoadKey<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    data: &'a str,
+}
+
+#[derive(Deserialize)]
+struct KeyAnswer {
+    success: bool,
+    errmsg: Option<String>,
+    id: Option<String>,
+}
+
+/// Loads a private key: its id, or (inner `Err`) why charon refused it; the outer `Err` is a
+/// broken VICI connection.
+async fn load_key(
+    client: &mut rsvici::Client,
+    pem: &[u8],
+) -> anyhow::Result<Result<String, String>> {
+    let Ok(data) = std::str::from_utf8(pem) else {
+        return Ok(Err("the key is not PEM".into()));
+    };
+    let answer: KeyAnswer = client
+        .request("load-key", LoadKey { kind: "any", data })
+        .await
+        .context("load-key")?;
+    Ok(match (answer.success, answer.id) {
+        (true, Some(id)) => Ok(id),
+        (true, None) => Err("charon named no key id".into()),
+        (false, _) => Err(answer.errmsg.unwrap_or_else(|| "(no reason given)".into())),
+    })
+}
+
+async fn unload_key(client: &mut rsvici::Client, id: &str) {
+    #[derive(Serialize)]
+    struct Id<'a> {
+        id: &'a str,
+    }
+    // A key left loaded is harmless; a failure here changes nothing the relay relies on.
+    let _ = client.request::<_, Answer>("unload-key", Id { id }).await;
+}
+
+async fn unload_conn(client: &mut rsvici::Client, name: &str) -> anyhow::Result<()> {
+    #[derive(Serialize)]
+    struct Name<'a> {
+        name: &'a str,
+    }
+    #[derive(Serialize)]
+    struct Terminate<'a> {
+        child: &'a str,
+        timeout: i64,
+    }
+    let answer: Answer = client
+        .request("unload-conn", Name { name })
+        .await
+        .with_context(|| format!("unload-conn {name}"))?;
+    if let Err(e) = answer.ok() {
+        warn!("ipsec: charon kept connection {name}: {e}");
+    }
+    // Unloading leaves established SAs; they go too (without waiting for the peer). The
+    // CHILD_SA is named after the connection, its IKE_SA perhaps another's (`reuse_ikesa`).
+    let _ = client
+        .request::<_, serde::de::IgnoredAny>(
+            "terminate",
+            Terminate {
+                child: name,
+                timeout: -1,
+            },
+        )
+        .await;
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct Initiate {
+    child: String,
+    ike: String,
+    timeout: u64,
+    #[serde(rename = "init-limits")]
+    init_limits: bool,
+    loglevel: i32,
+}
+
+#[derive(Deserialize)]
+struct Log {
+    msg: String,
+}
+
+/// `load-conn` for `b`: IKEv2 with certificates both ways, one CHILD_SA narrowed to TCP from
+/// this gateway to the backend's port, ESP with AES-GCM, trapped so that a packet before the
+/// SA is up waits for it inside charon rather than leaving.
+fn conn(b: &Backend, settings: &config::Ipsec) -> HashMap<String, Conn> {
+    let name = b.conn_name();
+    let ip = b.addr.ip();
+    let host = match ip {
+        IpAddr::V4(_) => format!("{ip}/32"),
+        IpAddr::V6(_) => format!("{ip}/128"),
+    };
+    let pem = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    let child = Child {
+        local_ts: vec!["dynamic[tcp]".into()],
+        remote_ts: vec![format!("{host}[tcp/{}]", b.addr.port())],
+        esp_proposals: vec!["aes256gcm16-x25519".into(), "aes256gcm16".into()],
+        start_action: "trap",
+        close_action: "trap",
+        dpd_action: "trap",
+        mode: "tunnel",
+    };
+    let conn = Conn {
+        version: 2,
+        local_addrs: Vec::new(),
+        remote_addrs: vec![ip.to_string()],
+        proposals: vec![
+            "aes256gcm16-prfsha384-x25519".into(),
+            "aes256gcm16-prfsha256-ecp256".into(),
+        ],
+        dpd_delay: settings.initiate_timeout.as_secs().clamp(5, 30),
+        local: Auth {
+            auth: "pubkey",
+            certs: vec![pem(&b.cert)],
+            id: None,
+            cacerts: Vec::new(),
+        },
+        remote: Auth {
+            auth: "pubkey",
+            certs: Vec::new(),
+            id: Some(b.identity.clone()),
+            cacerts: vec![pem(&b.ca)],
+        },
+        children: HashMap::from([(name.clone(), child)]),
+    };
+    HashMap::from([(name, conn)])
+}
+
+/// `load-conn` for an inbound service: any client whose certificate `ca` signed may set up a
+/// CHILD_SA for TCP from its own address to the service's listener; who may pass is decided
+/// per connection by `allow` against the identity it proved.
+fn responder_conn(r: &Responder) -> HashMap<String, Conn> {
+    let name = r.conn_name();
+    let ip = r.listen.ip();
+    let local = if ip.is_unspecified() {
+        "dynamic".to_string()
+    } else {
+        match ip {
+            IpAddr::V4(_) => format!("{ip}/32"),
+            IpAddr::V6(_) => format!("{ip}/128"),
+        }
+    };
+    let pem = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    let child = Child {
+        local_ts: vec![format!("{local}[tcp/{}]", r.listen.port())],
+        remote_ts: vec!["dynamic[tcp]".into()],
+        esp_proposals: vec!["aes256gcm16-x25519".into(), "aes256gcm16".into()],
+        start_action: "none",
+        close_action: "none",
+        dpd_action: "clear",
+        mode: "tunnel",
+    };
+    let conn = Conn {
+        version: 2,
+        local_addrs: if ip.is_unspecified() {
+            Vec::new()
+        } else {
+            vec![ip.to_string()]
+        },
+        remote_addrs: Vec::new(),
+        proposals: vec![
+            "aes256gcm16-prfsha384-x25519".into(),
+            "aes256gcm16-prfsha256-ecp256".into(),
+        ],
+        dpd_delay: 30,
+        local: Auth {
+            auth: "pubkey",
+            certs: vec![pem(&r.cert)],
+            id: None,
+            cacerts: Vec::new(),
+        },
+        remote: Auth {
+            auth: "pubkey",
+            certs: Vec::new(),
+            id: None,
+            cacerts: vec![pem(&r.ca)],
+        },
+        children: HashMap::from([(name.clone(), child)]),
+    };
+    HashMap::from([(name, conn)])
+}
+
+/// A `load-conn` request: one connection by its name.
+type Message = HashMap<String, Conn>;
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+struct Conn {
+    version: u32,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    local_addrs: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    remote_addrs: Vec<String>,
+    proposals: Vec<String>,
+    dpd_delay: u64,
+    local: Auth,
+    remote: Auth,
+    children: HashMap<String, Child>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+struct Auth {
+    auth: &'static str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    certs: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    cacerts: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+struct Child {
+    local_ts: Vec<String>,
+    remote_ts: Vec<String>,
+    esp_proposals: Vec<String>,
+    start_action: &'static str,
+    close_action: &'static str,
+    dpd_action: &'static str,
+    mode: &'static str,
+}
+
+/// An IKE_SA as `list-sas` tells it (the fields the relay reads).
+#[derive(Debug, Deserialize)]
+struct IkeSa {
+    state: String,
+    #[serde(rename = "remote-id")]
+    remote_id: Option<String>,
+    #[serde(rename = "child-sas", default)]
+    children: HashMap<String, ChildSa>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChildSa {
+    name: String,
+    uniqueid: String,
+    state: String,
+    /// Seconds since the CHILD_SA was installed.
+    #[serde(rename = "install-time")]
+    install_time: Option<u64>,
+    /// The peer's side (`192.0.2.2/32[tcp]`).
+    #[serde(rename = "remote-ts", default)]
+    remote_ts: Vec<String>,
+}
+
+/// Every IKE_SA charon has.
+async fn list_sas(client: &mut rsvici::Client) -> anyhow::Result<Vec<IkeSa>> {
+    let stream = client.stream_request::<(), HashMap<String, IkeSa>>("list-sas", "list-sa", ());
+    pin_mut!(stream);
+    let mut sas = Vec::new();
+    while let Some(sa) = stream.next().await {
+        sas.extend(sa.context("list-sas")?.into_values());
+    }
+    Ok(sas)
+}
+
+// ---------------------------------------------------------------- the fail-closed routes
+
+/// The fail-closed routing: a rule that sends the gateway's own packets (not charon's IKE)
+/// to `table` after charon's table 220, and a `prohibit` route there per `ipsec` backend.
+struct Guard {
+    table: u32,
+    mark: u32,
+}
+
+impl Guard {
+    fn new(settings: &config::Ipsec) -> Guard {
+        Guard {
+            table: settings.table,
+            mark: settings.ike_mark,
+        }
+    }
+
+    /// The two rules: charon's marked IKE packets take the main table before the guard; the
+    /// host's own other packets meet it. Forwarded traffic is not the relay's to judge.
+    fn rules(&self) -> [Vec<String>; 2] {
+        let (t, p) = (self.table.to_string(), self.table.to_string());
+        [
+            vec![
+                "priority".into(),
+                p.clone(),
+                "fwmark".into(),
+                format!("{:#x}", self.mark),
+                "lookup".into(),
+                "main".into(),
+            ],
+            vec![
+                "priority".into(),
+                (self.table + 1).to_string(),
+                "iif".into(),
+                "lo".into(),
+                "lookup".into(),
+                t,
+            ],
+        ]
+    }
+
+    fn install(&self, addrs: &[IpAddr]) -> anyhow::Result<()> {
+        for family in ["-4", "-6"] {
+            for rule in self.rules() {
+                let mut list = vec![family.to_string(), "rule".into(), "list".into()];
+                list.extend(rule.iter().cloned());
+                if crate::datapath::ip(&list)?.trim().is_empty() {
+                    let mut add = vec![family.to_string(), "rule".into(), "add".into()];
+                    add.extend(rule);
+                    crate::datapath::ip(&add)?;
+                }
+            }
+        }
+        for addr in addrs {
+            crate::datapath::ip(&[
+                "route",
+                "replace",
+                "prohibit",
+                &addr.to_string(),
+                "table",
+                &self.table.to_string(),
+            ])?;
+        }
+        Ok(())
+    }
+
+    fn remove_route(&self, addr: IpAddr) -> anyhow::Result<()> {
+        crate::datapath::ip(&[
+            "route",
+            "del",
+            "prohibit",
+            &addr.to_string(),
+            "table",
+            &self.table.to_string(),
+        ])
+        .map(drop)
+    }
+}
+
+/// Removes the fail-closed routing `settings` names (at a clean stop: nothing left behind).
+/// Returns what was removed.
+pub fn remove_guard(settings: &config::Ipsec, addrs: &[IpAddr]) -> Vec<String> {
+    let guard = Guard::new(settings);
+    let mut removed = Vec::new();
+    for addr in addrs {
+        if guard.remove_route(*addr).is_ok() {
+            removed.push(format!("ip route prohibit {addr} table {}", guard.table));
+        }
+    }
+    for family in ["-4", "-6"] {
+        for rule in guard.rules() {
+            let mut del = vec![family.to_string(), "rule".into(), "del".into()];
+            del.extend(rule.iter().cloned());
+            if crate::datapath::ip(&del).is_ok() {
+                removed.push(format!("ip {family} rule {}", rule.join(" ")));
+            }
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_later_path_set_wins_and_an_unknown_service_is_down() {
+        let paths = Paths::default();
+        assert!(paths.check("db").is_err());
+        paths.set(PathSet {
+            generation: 2,
+            paths: vec![("db".into(), PathState::Up)],
+            peers: Vec::new(),
+        });
+        assert_eq!(paths.check("db"), Ok(()));
+        // An older set that arrives late changes nothing.
+        paths.set(PathSet {
+            generation: 1,
+            paths: vec![("db".into(), PathState::Down("gone".into()))],
+            peers: Vec::new(),
+        });
+        assert_eq!(paths.check("db"), Ok(()));
+        paths.set(PathSet {
+            generation: 3,
+            paths: vec![("db".into(), PathState::Down("charon gone".into()))],
+            peers: Vec::new(),
+        });
+        assert_eq!(paths.check("db"), Err("charon gone".into()));
+        assert!(paths.check("other").is_err());
+    }
+
+    #[test]
+    fn the_connection_narrows_the_child_sa_to_the_backend_port() {
+        let b = Backend {
+            service: "db".into(),
+            addr: "192.0.2.2:5432".parse().unwrap(),
+            identity: "CN=db.test".into(),
+            cert: b"CERT".to_vec(),
+            key: b"KEY".to_vec(),
+            ca: b"CA".to_vec(),
+        };
+        let settings: config::Ipsec = toml::from_str("").unwrap();
+        let c = &conn(&b, &settings)["relay-out-db"];
+        assert_eq!(c.remote_addrs, ["192.0.2.2"]);
+        assert_eq!(c.remote.id.as_deref(), Some("CN=db.test"));
+        assert_eq!(c.remote.cacerts, ["CA"]);
+        let child = &c.children["relay-out-db"];
+        assert_eq!(child.remote_ts, ["192.0.2.2/32[tcp/5432]"]);
+        assert_eq!(child.local_ts, ["dynamic[tcp]"]);
+        assert!(
+            child
+                .esp_proposals
+                .iter()
+                .all(|p| p.starts_with("aes256gcm16"))
+        );
+        assert_eq!(child.start_action, "trap");
+    }
+
+    #[test]
+    fn a_client_is_known_only_by_the_one_identity_whose_sa_covers_it() {
+        let paths = Paths::default();
+        let peer = |ts: &str, id: &str| Peer {
+            service: "app".into(),
+            ts: vec![ts.into()],
+            identity: id.into(),
+        };
+        paths.set(PathSet {
+            generation: 1,
+            paths: Vec::new(),
+            peers: vec![
+                peer("192.0.2.2/32[tcp]", "client.test"),
+                peer("192.0.2.0/24[tcp]", "lan.test"),
+                peer("2001:db8:a::/64[tcp]", "v6.test"),
+            ],
+        });
+        let at = |ip: &str| paths.peer("app", ip.parse().unwrap());
+        // Two identities cover 192.0.2.2: nothing is decided on a guess.
+        assert_eq!(at("192.0.2.2"), None);
+        assert_eq!(at("192.0.2.3").as_deref(), Some("lan.test"));
+        assert_eq!(at("::ffff:192.0.2.3").as_deref(), Some("lan.test"));
+        assert_eq!(at("2001:db8:a::7").as_deref(), Some("v6.test"));
+        assert_eq!(at("198.51.100.1"), None);
+        assert_eq!(paths.peer("other", "192.0.2.3".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn the_telling_log_line_is_kept() {
+        let lines = [
+            "received AUTHENTICATION_FAILED notify error".to_string(),
+            "establishing CHILD_SA relay-db{1} failed".to_string(),
+        ];
+        assert_eq!(
+            relevant(&lines).as_deref(),
+            Some("received AUTHENTICATION_FAILED notify error")
+        );
+    }
+}
