@@ -60,11 +60,17 @@ impl Identity {
     pub fn from_ike(id: &str) -> Identity {
         let id = id.trim();
         if id.contains('=') {
-            let cn = id
+            let mut cns = id
                 .split([',', '/'])
                 .filter_map(|part| part.trim().split_once('='))
-                .find(|(k, _)| k.trim().eq_ignore_ascii_case("CN"))
+                .filter(|(k, _)| k.trim().eq_ignore_ascii_case("CN"))
                 .map(|(_, v)| v.trim().to_string());
+            // charon prints attribute values unescaped: a value holding ", CN=" would read as
+            // a second CN. More than one gives no name rather than a guess.
+            let cn = match (cns.next(), cns.next()) {
+                (Some(cn), None) if !id.contains(['"', '\\']) => Some(cn),
+                _ => None,
+            };
             return Identity {
                 cn,
                 ..Identity::default()

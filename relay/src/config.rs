@@ -753,11 +753,14 @@ impl Config {
                     .into(),
             ));
         }
-        if self.services[i].listen.is_none() {
+        if self.services[i]
+            .listen
+            .is_none_or(|l| l.ip().is_unspecified())
+        {
             return Err((
                 vec![Key("service"), Index(i), Key("listen")],
-                "required with inbound.level = \"ipsec\": clients' ESP ends at the gateway, \
-                 so the service listens on a gateway address (explicit mode)"
+                "required with inbound.level = \"ipsec\", on one gateway address (not 0.0.0.0 \
+                 or [::]): clients' ESP ends there, and their SAs cover that address alone"
                     .into(),
             ));
         }

@@ -178,6 +178,9 @@ pub struct ServiceInfo {
     /// `outbound.level = "ipsec"`: its SA.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipsec: Option<crate::ipsec::SaInfo>,
+    /// `inbound.level = "ipsec"`: its clients' SAs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipsec_clients: Option<crate::ipsec::ClientsInfo>,
 }
 
 /// A certificate a service serves.
@@ -213,6 +216,7 @@ impl From<&Service> for ServiceInfo {
             certificates: Vec::new(),
             acme: None,
             ipsec: None,
+            ipsec_clients: None,
         }
     }
 }

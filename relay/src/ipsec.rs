@@ -24,7 +24,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use futures_util::{StreamExt, pin_mut};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
@@ -64,7 +64,8 @@ pub struct Peer {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum PathState {
-    Up,
+    /// Up toward this backend: a service whose backend changed is not up until its new SA is.
+    Up(SocketAddr),
     /// Why not: charon unreachable, the SA refused by the peer, ...
     Down(String),
 }
@@ -125,12 +126,15 @@ impl Paths {
         }
     }
 
-    /// `Ok` if `service`'s path is up; otherwise why it is not. A service the supervisor has
-    /// not reported on is down: nothing is forwarded on a guess.
-    pub fn check(&self, service: &str) -> Result<(), String> {
+    /// `Ok` if `service`'s path to `backend` is up; otherwise why it is not. A service the
+    /// supervisor has not reported on is down: nothing is forwarded on a guess.
+    pub fn check(&self, service: &str, backend: SocketAddr) -> Result<(), String> {
         let latest = self.latest.read().unwrap_or_else(|e| e.into_inner());
         match latest.paths.get(service) {
-            Some(PathState::Up) => Ok(()),
+            Some(PathState::Up(a)) if *a == backend => Ok(()),
+            Some(PathState::Up(a)) => Err(format!(
+                "its IPsec SA protects {a}, not {backend} (a change under way)"
+            )),
             Some(PathState::Down(why)) => Err(why.clone()),
             None => Err("its IPsec SA has not been brought up yet".into()),
         }
@@ -141,7 +145,7 @@ impl Paths {
 
 /// The connections the relay keeps loaded in charon, with the files' bytes (already checked
 /// by compiling).
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Default, PartialEq)]
 pub struct Wanted {
     /// `outbound.level = "ipsec"`: the gateway initiates toward the backend.
     pub backends: Vec<Backend>,
@@ -197,6 +201,14 @@ impl Wanted {
         addrs
     }
 
+    /// Inbound listeners whose answers may leave only through an SA.
+    pub fn listeners(&self) -> Vec<SocketAddr> {
+        let mut listens: Vec<SocketAddr> = self.responders.iter().map(|r| r.listen).collect();
+        listens.sort();
+        listens.dedup();
+        listens
+    }
+
     fn is_empty(&self) -> bool {
         self.backends.is_empty() && self.responders.is_empty()
     }
@@ -209,7 +221,7 @@ impl Wanted {
 
 /// An inbound `ipsec` service as charon gets it: clients whose certificate `ca` signed may
 /// reach its listener over ESP.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct Responder {
     pub service: String,
     pub listen: SocketAddr,
@@ -225,7 +237,7 @@ impl Responder {
 }
 
 /// An outbound `ipsec` service as charon gets it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct Backend {
     pub service: String,
     pub addr: SocketAddr,
@@ -245,6 +257,9 @@ impl Backend {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SaInfo {
     pub up: bool,
+    /// The backend the SA protects.
+    #[serde(default)]
+    pub backend: Option<SocketAddr>,
     /// The backend's address and the identity it proved (while up) or must prove.
     pub peer: String,
     pub identity: String,
@@ -254,6 +269,16 @@ pub struct SaInfo {
     pub failures: u64,
     pub rekeys: u64,
     /// Why the path is down, while it is.
+    pub problem: Option<String>,
+}
+
+/// What `relay status` shows of an inbound `ipsec` service.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClientsInfo {
+    /// Whether charon holds the service's responder connection.
+    pub loaded: bool,
+    /// Clients with their CHILD_SA installed, by identity.
+    pub clients: Vec<String>,
     pub problem: Option<String>,
 }
 
@@ -268,7 +293,10 @@ pub struct Manager {
 #[derive(Default)]
 struct Shared {
     generation: u64,
+    /// Outbound services.
     infos: BTreeMap<String, SaInfo>,
+    /// Inbound services.
+    clients: BTreeMap<String, ClientsInfo>,
     peers: Vec<Peer>,
 }
 
@@ -282,7 +310,8 @@ impl Manager {
             wanted: wanted_rx,
             shared: Arc::clone(&shared),
             changed,
-            guard: Vec::new(),
+            guard: (Vec::new(), Vec::new()),
+            guard_error: None,
             retry: HashMap::new(),
             children: HashMap::new(),
             keys: HashMap::new(),
@@ -311,6 +340,11 @@ impl Manager {
         let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
         shared.infos.clone()
     }
+
+    pub fn clients(&self) -> BTreeMap<String, ClientsInfo> {
+        let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        shared.clients.clone()
+    }
 }
 
 impl Shared {
@@ -321,10 +355,9 @@ impl Shared {
                 .infos
                 .iter()
                 .map(|(name, i)| {
-                    let state = if i.up {
-                        PathState::Up
-                    } else {
-                        PathState::Down(i.problem.clone().unwrap_or_else(|| "no SA".into()))
+                    let state = match (i.up, i.backend) {
+                        (true, Some(backend)) => PathState::Up(backend),
+                        _ => PathState::Down(i.problem.clone().unwrap_or_else(|| "no SA".into())),
                     };
                     (name.clone(), state)
                 })
@@ -339,9 +372,11 @@ struct Task {
     wanted: watch::Receiver<Wanted>,
     shared: Arc<Mutex<Shared>>,
     changed: mpsc::UnboundedSender<PathSet>,
-    /// Backend addresses with a fail-closed route now.
-    guard: Vec<IpAddr>,
-    /// When a failed SA may be initiated again, and the wait after that.
+    /// Backend addresses with a fail-closed route, and listeners whose answers have one, now.
+    guard: (Vec<IpAddr>, Vec<SocketAddr>),
+    /// Why the fail-closed routing could not be installed: every outbound path is down then.
+    guard_error: Option<String>,
+    /// When a failed service may be tried again (loaded, initiated), and the wait after that.
     retry: HashMap<String, (Instant, Duration)>,
     /// The CHILD_SA id each service's path had when last seen up.
     children: HashMap<String, String>,
@@ -351,6 +386,9 @@ struct Task {
     /// the `load-conn` message.
     loaded: HashMap<String, (Vec<u8>, Message)>,
 }
+
+/// How long one round of VICI requests (load, list) may take before charon counts as hung.
+const VICI_TIMEOUT: Duration = Duration::from_secs(15);
 
 impl Task {
     async fn run(mut self) {
@@ -391,25 +429,31 @@ impl Task {
     }
 
     /// One VICI session: loads what is wanted and keeps the SAs up until the connection
-    /// breaks (`Err`) or the manager is dropped (`Ok`).
+    /// breaks or charon stops answering (`Err`), or the manager is dropped (`Ok`).
     async fn session(&mut self, mut client: rsvici::Client) -> anyhow::Result<()> {
-        self.unload_strays(&mut client).await?;
+        let started = tokio::time::timeout(VICI_TIMEOUT, async {
+            check_backend(&mut client).await?;
+            self.unload_strays(&mut client).await
+        });
+        started.await.context("charon did not answer")??;
         let mut tick = tokio::time::interval(POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let wanted = self.wanted.borrow_and_update().clone();
             self.guard_routes();
-            self.load(&mut client, &wanted).await?;
-            let sas = list_sas(&mut client).await?;
+            let round = tokio::time::timeout(VICI_TIMEOUT, async {
+                self.load(&mut client, &wanted).await?;
+                list_sas(&mut client).await
+            });
+            let sas = round.await.context("charon did not answer")??;
             self.update(&wanted, &sas);
             for b in &wanted.backends {
                 let up = self.shared().infos.get(&b.service).is_some_and(|i| i.up);
-                let due = self
-                    .retry
-                    .get(&b.service)
-                    .is_none_or(|(at, _)| Instant::now() >= *at);
-                if !up && due {
-                    self.initiate(&mut client, b).await?;
+                if !up && self.due(&b.service) {
+                    let limit = self.settings.initiate_timeout + VICI_TIMEOUT;
+                    tokio::time::timeout(limit, self.initiate(&mut client, b))
+                        .await
+                        .context("charon did not answer an initiate")??;
                 }
             }
             tokio::select! {
@@ -419,27 +463,37 @@ impl Task {
         }
     }
 
+    fn due(&self, service: &str) -> bool {
+        self.retry
+            .get(service)
+            .is_none_or(|(at, _)| Instant::now() >= *at)
+    }
+
     fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Reports `infos` if a path changed state.
-    fn publish(&self, infos: BTreeMap<String, SaInfo>, peers: Option<Vec<Peer>>) {
+    /// Reports the outbound `infos`, and the inbound `clients` and `peers` when given, to the
+    /// worker if a path changed state.
+    fn publish(
+        &self,
+        infos: BTreeMap<String, SaInfo>,
+        inbound: Option<(BTreeMap<String, ClientsInfo>, Vec<Peer>)>,
+    ) {
         let mut shared = self.shared();
-        let before: Vec<(&String, bool, &Option<String>)> = shared
-            .infos
-            .iter()
-            .map(|(n, i)| (n, i.up, &i.problem))
-            .collect();
-        let after: Vec<(&String, bool, &Option<String>)> =
-            infos.iter().map(|(n, i)| (n, i.up, &i.problem)).collect();
-        let mut changed = before != after;
+        let state = |i: &BTreeMap<String, SaInfo>| -> Vec<(String, bool, Option<SocketAddr>)> {
+            i.iter()
+                .map(|(n, i)| (n.clone(), i.up, i.backend))
+                .collect()
+        };
+        let mut changed = state(&shared.infos) != state(&infos);
         shared.infos = infos;
-        if let Some(peers) = peers
-            && peers != shared.peers
-        {
-            shared.peers = peers;
-            changed = true;
+        if let Some((clients, peers)) = inbound {
+            shared.clients = clients;
+            if peers != shared.peers {
+                shared.peers = peers;
+                changed = true;
+            }
         }
         if changed {
             shared.generation += 1;
@@ -450,44 +504,58 @@ impl Task {
     fn all_down(&mut self, problem: &str) {
         let wanted = self.wanted.borrow().clone();
         let mut infos = self.shared().infos.clone();
-        infos.retain(|name, _| wanted.wants(name));
+        infos.retain(|name, _| wanted.backends.iter().any(|b| &b.service == name));
         for b in &wanted.backends {
             let info = infos.entry(b.service.clone()).or_default();
             info.peer = b.addr.ip().to_string();
+            info.backend = Some(b.addr);
             info.identity = b.identity.clone();
             info.up = false;
             info.since = None;
             info.problem = Some(problem.to_string());
         }
-        for r in &wanted.responders {
-            let info = infos.entry(r.service.clone()).or_default();
-            info.up = false;
-            info.peer = "clients".into();
-            info.problem = Some(problem.to_string());
-        }
+        let clients = wanted
+            .responders
+            .iter()
+            .map(|r| {
+                let info = ClientsInfo {
+                    problem: Some(problem.to_string()),
+                    ..ClientsInfo::default()
+                };
+                (r.service.clone(), info)
+            })
+            .collect();
         self.children.clear();
-        self.publish(infos, Some(Vec::new()));
+        self.publish(infos, Some((clients, Vec::new())));
     }
 
-    /// Keeps a fail-closed route for exactly the wanted backends' addresses.
+    /// Keeps the fail-closed routing for exactly the wanted backends and listeners; a failure
+    /// takes every outbound path down (`guard_error`).
     fn guard_routes(&mut self) {
-        let addrs = self.wanted.borrow().guarded();
-        if addrs == self.guard {
+        let wanted = self.wanted.borrow().clone();
+        let next = (wanted.guarded(), wanted.listeners());
+        if next == self.guard && self.guard_error.is_none() {
             return;
         }
         let guard = Guard::new(&self.settings);
-        if let Err(e) = guard.install(&addrs) {
-            // Without it, a lost SA could let bytes out in clear: say so loudly. The worker
-            // still forwards only over an SA reported up.
-            warn!("ipsec: fail-closed routes not installed: {e:#}");
+        if let Err(e) = guard.install(&next.0, &next.1) {
+            let e = format!("the fail-closed routes could not be installed: {e:#}");
+            warn!("ipsec: {e}; ipsec services refuse connections");
+            self.guard_error = Some(e);
             return;
         }
-        for gone in self.guard.iter().filter(|a| !addrs.contains(a)) {
+        self.guard_error = None;
+        for gone in self.guard.0.iter().filter(|a| !next.0.contains(a)) {
             if let Err(e) = guard.remove_route(*gone) {
                 warn!("ipsec: fail-closed route for {gone} not removed: {e:#}");
             }
         }
-        self.guard = addrs;
+        for gone in self.guard.1.iter().filter(|l| !next.1.contains(l)) {
+            if let Err(e) = guard.remove_listener(*gone) {
+                warn!("ipsec: fail-closed rule for {gone} not removed: {e:#}");
+            }
+        }
+        self.guard = next;
     }
 
     /// Unloads connections an earlier relay left in charon that no service wants now.
@@ -513,7 +581,9 @@ impl Task {
         Ok(())
     }
 
-    /// Brings charon's connections in line with `wanted`.
+    /// Brings charon's connections in line with `wanted`. A connection that changed loses
+    /// its SAs: they were authenticated under the old settings (an identity or CA since
+    /// removed, say).
     async fn load(&mut self, client: &mut rsvici::Client, wanted: &Wanted) -> anyhow::Result<()> {
         // (connection name, service, its key, the load-conn message)
         let items: Vec<(String, &str, &[u8], Message)> = wanted
@@ -536,9 +606,7 @@ impl Task {
         for name in gone {
             self.loaded.remove(&name);
             unload_conn(client, &name).await?;
-            if let Some(id) = self.keys.remove(&name) {
-                unload_key(client, &id).await;
-            }
+            self.release_key(client, &name).await;
             info!(connection = %name, "ipsec: connection unloaded");
         }
         self.retry.retain(|service, _| wanted.wants(service));
@@ -550,13 +618,13 @@ impl Task {
             {
                 continue;
             }
-            self.loaded.remove(&name);
-            let old_key = self.keys.remove(&name);
+            if !self.due(service) {
+                continue;
+            }
+            let changed = self.loaded.remove(&name).is_some();
+            self.release_key(client, &name).await;
             let refused = match load_key(client, key).await? {
                 Ok(key_id) => {
-                    if let Some(old) = old_key.filter(|old| *old != key_id) {
-                        unload_key(client, &old).await;
-                    }
                     self.keys.insert(name.clone(), key_id);
                     let answer: Answer = client
                         .request("load-conn", &message)
@@ -570,10 +638,14 @@ impl Task {
                 Err(e) => Some(format!("charon refused the key: {e}")),
             };
             if let Some(why) = refused {
-                // What charon refuses cannot come up; the service stays down with why.
+                // What charon refuses cannot come up; the service stays down with why, and
+                // is tried again after a backoff.
                 warn!(service = %service, "ipsec: {why}");
                 self.fail(service, why);
                 continue;
+            }
+            if changed {
+                terminate(client, &name).await;
             }
             info!(service = %service, connection = %name, "ipsec: connection loaded");
             self.loaded.insert(name, (key.to_vec(), message));
@@ -583,30 +655,58 @@ impl Task {
         Ok(())
     }
 
+    /// Unloads the key of connection `name`, unless another connection uses the same key
+    /// (charon holds one copy of equal keys, under one id).
+    async fn release_key(&mut self, client: &mut rsvici::Client, name: &str) {
+        if let Some(id) = self.keys.remove(name)
+            && !self.keys.values().any(|other| *other == id)
+        {
+            unload_key(client, &id).await;
+        }
+    }
+
     /// The wanted services' state from `sas`, counting rekeys, and the inbound services'
     /// clients.
     fn update(&mut self, wanted: &Wanted, sas: &[IkeSa]) {
         let mut infos = self.shared().infos.clone();
-        infos.retain(|name, _| wanted.wants(name));
+        infos.retain(|name, _| wanted.backends.iter().any(|b| &b.service == name));
         // charon may set up a CHILD_SA inside another connection's IKE_SA with the same peer
-        // (`reuse_ikesa`): the child's name is what counts.
+        // (`reuse_ikesa`): the child's name is what counts. During a rekey the old and the
+        // new SA both carry traffic.
         let installed = |name: &str| {
-            sas.iter()
-                .filter(|ike| ike.state == "ESTABLISHED")
+            let mut found: Vec<(&IkeSa, &ChildSa)> = sas
+                .iter()
+                .filter(|ike| matches!(ike.state.as_str(), "ESTABLISHED" | "REKEYING"))
                 .flat_map(|ike| {
                     ike.children
                         .values()
-                        .filter(|c| c.name == name && c.state == "INSTALLED")
+                        .filter(|c| {
+                            c.name == name
+                                && matches!(
+                                    c.state.as_str(),
+                                    "INSTALLED" | "REKEYING" | "REKEYED" | "UPDATING"
+                                )
+                        })
                         .map(move |c| (ike, c))
                 })
-                .collect::<Vec<_>>()
+                .collect();
+            // The newest installed child first.
+            found.sort_by_key(|(_, c)| {
+                (
+                    std::cmp::Reverse(c.state == "INSTALLED"),
+                    std::cmp::Reverse(c.uniqueid.parse::<u64>().unwrap_or(0)),
+                )
+            });
+            found
         };
         for b in &wanted.backends {
             let info = infos.entry(b.service.clone()).or_default();
             info.peer = b.addr.ip().to_string();
+            info.backend = Some(b.addr);
             info.identity = b.identity.clone();
-            match installed(&b.conn_name()).first() {
-                Some((ike, c)) => {
+            let up = installed(&b.conn_name()).first().copied();
+            match (up, &self.guard_error) {
+                (Some((ike, c)), None) => {
                     if let Some(id) = ike.remote_id.as_deref() {
                         info.identity = id.to_string();
                     }
@@ -625,7 +725,12 @@ impl Task {
                     info.since = Some(unix_now().saturating_sub(installed));
                     self.retry.remove(&b.service);
                 }
-                None => {
+                (_, Some(e)) => {
+                    info.up = false;
+                    info.since = None;
+                    info.problem = Some(e.clone());
+                }
+                (None, None) => {
                     if info.up {
                         warn!(service = %b.service, "ipsec: SA down; bringing it up again");
                         info.problem = Some("the SA went down".into());
@@ -640,24 +745,26 @@ impl Task {
             }
         }
         let mut peers = Vec::new();
+        let mut clients = self.shared().clients.clone();
+        clients.retain(|name, _| wanted.responders.iter().any(|r| &r.service == name));
         for r in &wanted.responders {
-            let clients = installed(&r.conn_name());
-            let info = infos.entry(r.service.clone()).or_default();
-            let loaded = self.loaded.contains_key(&r.conn_name());
-            info.up = loaded;
-            info.peer = format!("{} client SA(s)", clients.len());
-            if loaded {
+            let info = clients.entry(r.service.clone()).or_default();
+            info.loaded = self.loaded.contains_key(&r.conn_name());
+            if info.loaded {
                 info.problem = None;
             }
-            for (ike, c) in clients {
+            info.clients.clear();
+            for (ike, c) in installed(&r.conn_name()) {
+                let identity = ike.remote_id.clone().unwrap_or_default();
+                info.clients.push(identity.clone());
                 peers.push(Peer {
                     service: r.service.clone(),
                     ts: c.remote_ts.clone(),
-                    identity: ike.remote_id.clone().unwrap_or_default(),
+                    identity,
                 });
             }
         }
-        self.publish(infos, Some(peers));
+        self.publish(infos, Some((clients, peers)));
     }
 
     /// Initiates `b`'s CHILD_SA and waits for the outcome (at most `initiate_timeout`).
@@ -709,7 +816,7 @@ impl Task {
         }
     }
 
-    /// Counts a failure, schedules the next attempt and reports the path down with `why`.
+    /// Counts a failure, schedules the next attempt and reports the service down with `why`.
     fn fail(&mut self, service: &str, why: String) {
         let (_, wait) = self
             .retry
@@ -719,14 +826,60 @@ impl Task {
         let wait = (wait * 2).min(RETRY_MAX);
         self.retry
             .insert(service.to_string(), (Instant::now() + wait, wait));
+        let wanted = self.wanted.borrow().clone();
         let mut infos = self.shared().infos.clone();
-        let info = infos.entry(service.to_string()).or_default();
-        info.failures += 1;
-        info.up = false;
-        info.since = None;
-        info.problem = Some(why);
-        self.publish(infos, None);
+        let mut clients = self.shared().clients.clone();
+        if wanted.responders.iter().any(|r| r.service == service) {
+            clients.entry(service.to_string()).or_default().problem = Some(why.clone());
+        }
+        if wanted.backends.iter().any(|b| b.service == service) {
+            let info = infos.entry(service.to_string()).or_default();
+            info.failures += 1;
+            info.up = false;
+            info.since = None;
+            info.problem = Some(why);
+        }
+        let peers = self.shared().peers.clone();
+        self.publish(infos, Some((clients, peers)));
     }
+}
+
+/// Refuses a charon that would carry the relay's traffic through kernel ESP: the fail-closed
+/// routes assume kernel-libipsec, which routes every SA's traffic through its TUN device
+/// (table 220); kernel-netlink installs no route for a port-narrowed SA, so the relay's
+/// prohibit route would refuse the protected traffic too. Not supported yet: say so.
+async fn check_backend(client: &mut rsvici::Client) -> anyhow::Result<()> {
+    #[derive(Deserialize)]
+    struct Stats {
+        #[serde(default)]
+        plugins: Vec<String>,
+    }
+    let stats: Stats = client.request("stats", ()).await.context("stats")?;
+    if !stats.plugins.iter().any(|p| p == "kernel-libipsec") {
+        bail!(
+            "charon runs without the kernel-libipsec plugin; this relay's fail-closed routing \
+             supports charon with kernel-libipsec only (see README, IPsec)"
+        );
+    }
+    Ok(())
+}
+
+/// Ends the SAs of connection `name` (without waiting for the peer).
+async fn terminate(client: &mut rsvici::Client, name: &str) {
+    #[derive(Serialize)]
+    struct Terminate<'a> {
+        child: &'a str,
+        timeout: i64,
+    }
+    let _ = client
+        .request::<_, serde::de::IgnoredAny>(
+            "terminate",
+            Terminate {
+                child: name,
+                timeout: -1,
+            },
+        )
+        .await;
 }
 
 /// Of charon's last log lines, the one that says why (an authentication or proposal error
@@ -858,11 +1011,6 @@ async fn unload_conn(client: &mut rsvici::Client, name: &str) -> anyhow::Result<
     struct Name<'a> {
         name: &'a str,
     }
-    #[derive(Serialize)]
-    struct Terminate<'a> {
-        child: &'a str,
-        timeout: i64,
-    }
     let answer: Answer = client
         .request("unload-conn", Name { name })
         .await
@@ -870,17 +1018,9 @@ async fn unload_conn(client: &mut rsvici::Client, name: &str) -> anyhow::Result<
     if let Err(e) = answer.ok() {
         warn!("ipsec: charon kept connection {name}: {e}");
     }
-    // Unloading leaves established SAs; they go too (without waiting for the peer). The
-    // CHILD_SA is named after the connection, its IKE_SA perhaps another's (`reuse_ikesa`).
-    let _ = client
-        .request::<_, serde::de::IgnoredAny>(
-            "terminate",
-            Terminate {
-                child: name,
-                timeout: -1,
-            },
-        )
-        .await;
+    // Unloading leaves established SAs; they go too. The CHILD_SA is named after the
+    // connection, its IKE_SA perhaps another's (`reuse_ikesa`).
+    terminate(client, name).await;
     Ok(())
 }
 
@@ -1074,8 +1214,13 @@ async fn list_sas(client: &mut rsvici::Client) -> anyhow::Result<Vec<IkeSa>> {
 
 // ---------------------------------------------------------------- the fail-closed routes
 
-/// The fail-closed routing: a rule that sends the gateway's own packets (not charon's IKE)
-/// to `table` after charon's table 220, and a `prohibit` route there per `ipsec` backend.
+/// The fail-closed routing, consulted after charon's table 220 (which routes what an SA
+/// carries into it), for the gateway's own packets (`iif lo`) only; charon's IKE packets
+/// (marked) take the main table before it:
+/// - priority `table`: marked packets → main;
+/// - priority `table + 1`: → `table`, a `prohibit` route per outbound `ipsec` backend;
+/// - priority `table + 2`: TCP from an inbound `ipsec` listener → `table + 1`, which holds
+///   only `prohibit` defaults: the answers to a client go through its SA or nowhere.
 struct Guard {
     table: u32,
     mark: u32,
@@ -1089,44 +1234,69 @@ impl Guard {
         }
     }
 
-    /// The two rules: charon's marked IKE packets take the main table before the guard; the
-    /// host's own other packets meet it. Forwarded traffic is not the relay's to judge.
-    fn rules(&self) -> [Vec<String>; 2] {
-        let (t, p) = (self.table.to_string(), self.table.to_string());
+    fn base_rules(&self) -> [Vec<String>; 2] {
         [
-            vec![
-                "priority".into(),
-                p.clone(),
-                "fwmark".into(),
-                format!("{:#x}", self.mark),
-                "lookup".into(),
-                "main".into(),
-            ],
-            vec![
-                "priority".into(),
-                (self.table + 1).to_string(),
-                "iif".into(),
-                "lo".into(),
-                "lookup".into(),
-                t,
-            ],
+            strings(&[
+                "priority",
+                &self.table.to_string(),
+                "fwmark",
+                &format!("{:#x}", self.mark),
+                "lookup",
+                "main",
+            ]),
+            strings(&[
+                "priority",
+                &(self.table + 1).to_string(),
+                "iif",
+                "lo",
+                "lookup",
+                &self.table.to_string(),
+            ]),
         ]
     }
 
-    fn install(&self, addrs: &[IpAddr]) -> anyhow::Result<()> {
+    fn listener_rule(&self, listen: SocketAddr) -> Vec<String> {
+        strings(&[
+            "priority",
+            &(self.table + 2).to_string(),
+            "iif",
+            "lo",
+            "from",
+            &listen.ip().to_string(),
+            "ipproto",
+            "tcp",
+            "sport",
+            &listen.port().to_string(),
+            "lookup",
+            &(self.table + 1).to_string(),
+        ])
+    }
+
+    fn family(ip: IpAddr) -> &'static str {
+        if ip.is_ipv4() { "-4" } else { "-6" }
+    }
+
+    /// `ip <family> rule add <rule>` unless it is there.
+    fn add_rule(family: &str, rule: &[String]) -> anyhow::Result<()> {
+        let mut list = vec![family.to_string(), "rule".into(), "list".into()];
+        list.extend(rule.iter().cloned());
+        if crate::datapath::ip(&list)?.trim().is_empty() {
+            let mut add = vec![family.to_string(), "rule".into(), "add".into()];
+            add.extend(rule.iter().cloned());
+            crate::datapath::ip(&add)?;
+        }
+        Ok(())
+    }
+
+    fn install(&self, addrs: &[IpAddr], listens: &[SocketAddr]) -> anyhow::Result<()> {
         for family in ["-4", "-6"] {
-            for rule in self.rules() {
-                let mut list = vec![family.to_string(), "rule".into(), "list".into()];
-                list.extend(rule.iter().cloned());
-                if crate::datapath::ip(&list)?.trim().is_empty() {
-                    let mut add = vec![family.to_string(), "rule".into(), "add".into()];
-                    add.extend(rule);
-                    crate::datapath::ip(&add)?;
-                }
+            for rule in self.base_rules() {
+                Self::add_rule(family, &rule)?;
             }
         }
         for addr in addrs {
             crate::datapath::ip(&[
+                Self::family(*addr),
                 "route",
                 "replace",
                 "prohibit",
@@ -1135,11 +1305,28 @@ impl Guard {
                 &self.table.to_string(),
             ])?;
         }
+        if !listens.is_empty() {
+            for (family, default) in [("-4", "0.0.0.0/0"), ("-6", "::/0")] {
+                crate::datapath::ip(&[
+                    family,
+                    "route",
+                    "replace",
+                    "prohibit",
+                    default,
+                    "table",
+                    &(self.table + 1).to_string(),
+                ])?;
+            }
+        }
+        for listen in listens {
+            Self::add_rule(Self::family(listen.ip()), &self.listener_rule(*listen))?;
+        }
         Ok(())
     }
 
     fn remove_route(&self, addr: IpAddr) -> anyhow::Result<()> {
         crate::datapath::ip(&[
+            Self::family(addr),
             "route",
             "del",
             "prohibit",
@@ -1149,11 +1336,29 @@ impl Guard {
         ])
         .map(drop)
     }
+
+    fn remove_listener(&self, listen: SocketAddr) -> anyhow::Result<()> {
+        let mut del = vec![
+            Self::family(listen.ip()).to_string(),
+            "rule".into(),
+            "del".into(),
+        ];
+        del.extend(self.listener_rule(listen));
+        crate::datapath::ip(&del).map(drop)
+    }
 }
 
-/// Removes the fail-closed routing `settings` names (at a clean stop: nothing left behind).
-/// Returns what was removed.
-pub fn remove_guard(settings: &config::Ipsec, addrs: &[IpAddr]) -> Vec<String> {
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| a.to_string()).collect()
+}
+
+/// Removes the fail-closed routing `settings` names for these backends and listeners (at a
+/// clean stop, or `relay detach`: nothing left behind). Returns what was removed.
+pub fn remove_guard(
+    settings: &config::Ipsec,
+    addrs: &[IpAddr],
+    listens: &[SocketAddr],
+) -> Vec<String> {
     let guard = Guard::new(settings);
     let mut removed = Vec::new();
     for addr in addrs {
@@ -1161,8 +1366,25 @@ pub fn remove_guard(settings: &config::Ipsec, addrs: &[IpAddr]) -> Vec<String> {
             removed.push(format!("ip route prohibit {addr} table {}", guard.table));
         }
     }
+    for listen in listens {
+        if guard.remove_listener(*listen).is_ok() {
+            removed.push(format!(
+                "ip rule {}",
+                guard.listener_rule(*listen).join(" ")
+            ));
+        }
+    }
+    for (family, default) in [("-4", "0.0.0.0/0"), ("-6", "::/0")] {
+        let table = (guard.table + 1).to_string();
+        let del = ["route", "del", "prohibit", default, "table", &table];
+        if crate::datapath::ip(&[&[family][..], &del[..]].concat()).is_ok() {
+            removed.push(format!(
+                "ip {family} route prohibit {default} table {table}"
+            ));
+        }
+    }
     for family in ["-4", "-6"] {
-        for rule in guard.rules() {
+        for rule in guard.base_rules() {
             let mut del = vec![family.to_string(), "rule".into(), "del".into()];
             del.extend(rule.iter().cloned());
             if crate::datapath::ip(&del).is_ok() {
@@ -1180,27 +1402,31 @@ mod tests {
     #[test]
     fn a_later_path_set_wins_and_an_unknown_service_is_down() {
         let paths = Paths::default();
-        assert!(paths.check("db").is_err());
+        let db: SocketAddr = "192.0.2.2:5432".parse().unwrap();
+        assert!(paths.check("db", db).is_err());
         paths.set(PathSet {
             generation: 2,
-            paths: vec![("db".into(), PathState::Up)],
+            paths: vec![("db".into(), PathState::Up(db))],
             peers: Vec::new(),
         });
-        assert_eq!(paths.check("db"), Ok(()));
+        assert_eq!(paths.check("db", db), Ok(()));
+        // Up toward another backend is not up toward this one (a reload under way).
+        let moved: SocketAddr = "192.0.2.3:5432".parse().unwrap();
+        assert!(paths.check("db", moved).is_err());
         // An older set that arrives late changes nothing.
         paths.set(PathSet {
             generation: 1,
             paths: vec![("db".into(), PathState::Down("gone".into()))],
             peers: Vec::new(),
         });
-        assert_eq!(paths.check("db"), Ok(()));
+        assert_eq!(paths.check("db", db), Ok(()));
         paths.set(PathSet {
             generation: 3,
             paths: vec![("db".into(), PathState::Down("charon gone".into()))],
             peers: Vec::new(),
         });
-        assert_eq!(paths.check("db"), Err("charon gone".into()));
-        assert!(paths.check("other").is_err());
+        assert_eq!(paths.check("db", db), Err("charon gone".into()));
+        assert!(paths.check("other", db).is_err());
     }
 
     #[test]

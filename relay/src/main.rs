@@ -292,6 +292,20 @@ fn print_certificates(services: &[relay::control::ServiceInfo]) {
 
 /// Each `ipsec` service's SA.
 fn print_ipsec(services: &[relay::control::ServiceInfo]) {
+    for v in services {
+        if let Some(c) = &v.ipsec_clients {
+            let state = if c.loaded { "loaded" } else { "not loaded" };
+            println!(
+                "\n  {}: inbound ipsec ({state}), {} client SA(s): {}",
+                v.name,
+                c.clients.len(),
+                c.clients.join(", ")
+            );
+            if let Some(p) = &c.problem {
+                println!("  {:<20} {p}", "");
+            }
+        }
+    }
     if services.iter().all(|v| v.ipsec.is_none()) {
         return;
     }
@@ -564,13 +578,20 @@ fn detach(config: Option<&Path>) -> anyhow::Result<()> {
     if let Some(path) = config {
         let c = Config::load(path)?;
         if let Some(settings) = &c.ipsec {
+            let ipsec = |l: relay::config::Level| l == relay::config::Level::Ipsec;
             let addrs: Vec<std::net::IpAddr> = c
                 .services
                 .iter()
-                .filter(|s| s.outbound.level == relay::config::Level::Ipsec)
+                .filter(|s| ipsec(s.outbound.level))
                 .map(|s| s.backend_addr().ip())
                 .collect();
-            removed.extend(relay::ipsec::remove_guard(settings, &addrs));
+            let listens: Vec<std::net::SocketAddr> = c
+                .services
+                .iter()
+                .filter(|s| ipsec(s.inbound.level))
+                .filter_map(|s| s.listen)
+                .collect();
+            removed.extend(relay::ipsec::remove_guard(settings, &addrs, &listens));
         }
     }
     if removed.is_empty() {

@@ -630,7 +630,7 @@ async fn connect_outbound(
 ) -> Result<Side, Failure> {
     let addr = backend.unwrap_or_else(|| service.config.backend_addr());
     let ipsec = service.config.outbound.level == Level::Ipsec;
-    if ipsec && let Err(why) = service.ipsec.check(&service.config.name) {
+    if ipsec && let Err(why) = service.ipsec.check(&service.config.name, addr) {
         // Never in clear: without an SA the client is reset.
         return Err(Failure::new(
             Outcome::IpsecUnavailable,

@@ -65,10 +65,14 @@ pub enum Require {
 
 pub(super) fn validate(i: &Ipsec) -> Result<(), (Vec<Seg>, String)> {
     use Seg::Key;
-    if matches!(i.table, 0 | 220 | 253..=255) {
+    // Its rules take priorities `table` to `table + 2`: after charon's 220, before the main
+    // table's 32766; it uses tables `table` and `table + 1`.
+    if !(221..=32000).contains(&i.table) || matches!(i.table, 252..=255) {
         return Err((
             vec![Key("ipsec"), Key("table")],
-            "0, 220 (charon's), 253, 254 and 255 are reserved routing tables".into(),
+            "must be 221-32000 and not 252-255: its rules sit between charon's (220) and the \
+             main table's (32766), and 253-255 are reserved tables"
+                .into(),
         ));
     }
     if i.ike_mark == 0 {

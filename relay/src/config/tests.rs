@@ -605,7 +605,15 @@ fn ipsec_levels_and_servers_are_checked_with_their_keys() {
             "service[0].inbound.allow",
             "IKE identity",
         ),
-        (format!("{ipsec}table = 220\n"), "ipsec.table", "reserved"),
+        (format!("{ipsec}table = 220\n"), "ipsec.table", "221-32000"),
+        (
+            format!(
+                "{}\n{ipsec}",
+                inbound_ipsec.replace("127.0.0.1:8443", "0.0.0.0:8443")
+            ),
+            "service[0].listen",
+            "one gateway address",
+        ),
         (
             format!("{TLS_TO_PLAIN}\n[[server]]\naddress = \"198.51.100.20\"\nrequire = \"esp\"\n"),
             "server[0].require",
@@ -629,5 +637,11 @@ fn an_ike_identity_gives_the_names_allow_rules_match() {
         Some("moon.test")
     );
     assert_eq!(Identity::from_ike("192.0.2.2"), Identity::default());
+    // An O value that smuggles a second CN gives no name at all.
+    assert_eq!(
+        Identity::from_ike("O=x, CN=admin.test, CN=user.test").cn,
+        None
+    );
+    assert_eq!(Identity::from_ike("O=\"x, CN=admin.test\", CN=u").cn, None);
     assert_eq!(Identity::from_ike("ops@example.org"), Identity::default());
 }

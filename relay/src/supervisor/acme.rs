@@ -117,6 +117,7 @@ impl Supervisor {
     pub(super) fn service_infos(&self) -> Vec<ServiceInfo> {
         let states = self.acme.as_ref().map(acme::Manager::states);
         let sas = self.ipsec.as_ref().map(crate::ipsec::Manager::infos);
+        let clients = self.ipsec.as_ref().map(crate::ipsec::Manager::clients);
         self.config
             .services
             .iter()
@@ -125,6 +126,7 @@ impl Supervisor {
                 info.certificates = self.certificates(s);
                 info.acme = states.as_ref().and_then(|st| st.get(&s.name).cloned());
                 info.ipsec = sas.as_ref().and_then(|sa| sa.get(&s.name).cloned());
+                info.ipsec_clients = clients.as_ref().and_then(|c| c.get(&s.name).cloned());
                 info
             })
             .collect()

@@ -530,6 +530,13 @@ fn check(
             if file.acme != next.acme {
                 warn!("reload: [acme] changes take effect at the next start");
             }
+            // The IPsec task starts with the first [ipsec]; a changed one waits for a start.
+            if next.ipsec.is_none() {
+                next.ipsec = file.ipsec;
+            } else if file.ipsec != next.ipsec {
+                warn!("reload: [ipsec] changes take effect at the next start");
+            }
+            next.servers = file.servers;
             next.relay = file.relay;
             next.directory = file.directory;
             next.services = file.services;

@@ -49,8 +49,9 @@ impl Supervisor {
         let (Some(_), Some(settings)) = (self.ipsec.take(), &self.config.ipsec) else {
             return;
         };
-        let addrs = Wanted::of(&self.config.services, &self.files).guarded();
-        for removed in crate::ipsec::remove_guard(settings, &addrs) {
+        let wanted = Wanted::of(&self.config.services, &self.files);
+        let (addrs, listens) = (wanted.guarded(), wanted.listeners());
+        for removed in crate::ipsec::remove_guard(settings, &addrs, &listens) {
             tracing::info!("removed {removed}");
         }
     }
