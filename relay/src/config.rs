@@ -673,19 +673,18 @@ impl Config {
                     .into(),
             ));
         }
-        for (k, v, what) in [
-            ("cert", &out.cert, "the gateway's IKE certificate"),
-            ("key", &out.key, "the key of `cert`"),
-            (
-                "ca",
-                &out.ca,
-                "the CA that signs the backend's IKE certificate",
-            ),
-        ] {
-            if v.is_none() {
-                return Err((at(k), format!("required with level = \"ipsec\": {what}")));
-            }
-        }
+        ipsec_files(
+            at,
+            [
+                ("cert", &out.cert, "the gateway's IKE certificate"),
+                ("key", &out.key, "the key of `cert`"),
+                (
+                    "ca",
+                    &out.ca,
+                    "the CA that signs the backend's IKE certificate",
+                ),
+            ],
+        )?;
         match out.identity.as_deref() {
             None => {
                 return Err((
@@ -770,19 +769,18 @@ impl Config {
                 "\"acme\" is for TLS; the gateway's IKE certificate is a file".into(),
             ));
         }
-        for (k, v, what) in [
-            ("cert", &inb.cert, "the gateway's IKE certificate"),
-            ("key", &inb.key, "the key of `cert`"),
-            (
-                "client_ca",
-                &inb.client_ca,
-                "the CA that signs the clients' IKE certificates",
-            ),
-        ] {
-            if v.is_none() {
-                return Err((at(k), format!("required with level = \"ipsec\": {what}")));
-            }
-        }
+        ipsec_files(
+            at,
+            [
+                ("cert", &inb.cert, "the gateway's IKE certificate"),
+                ("key", &inb.key, "the key of `cert`"),
+                (
+                    "client_ca",
+                    &inb.client_ca,
+                    "the CA that signs the clients' IKE certificates",
+                ),
+            ],
+        )?;
         let tls_only = [
             ("crl", inb.crl.is_some()),
             ("crl_expired", inb.crl_expired.is_some()),
@@ -1098,6 +1096,17 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+/// The files an `ipsec` side needs: the first missing one is the error, at its key.
+fn ipsec_files(
+    at: impl Fn(&'static str) -> Vec<Seg>,
+    files: [(&'static str, &Option<PathBuf>, &str); 3],
+) -> Result<(), (Vec<Seg>, String)> {
+    match files.iter().find(|(_, v, _)| v.is_none()) {
+        Some((k, _, what)) => Err((at(k), format!("required with level = \"ipsec\": {what}"))),
+        None => Ok(()),
     }
 }
 

@@ -312,6 +312,7 @@ impl Manager {
             changed,
             guard: (Vec::new(), Vec::new()),
             guard_error: None,
+            held: Default::default(),
             retry: HashMap::new(),
             children: HashMap::new(),
             keys: HashMap::new(),
@@ -385,6 +386,9 @@ struct Task {
     /// What charon holds, as loaded in this VICI session: by connection name, the key and
     /// the `load-conn` message.
     loaded: HashMap<String, (Vec<u8>, Message)>,
+    /// Connections charon held when this session began, loaded by an earlier session or
+    /// relay: what they were loaded with is unknown, so they count as changed.
+    held: std::collections::HashSet<String>,
 }
 
 /// How long one round of VICI requests (load, list) may take before charon counts as hung.
@@ -449,7 +453,7 @@ impl Task {
             self.update(&wanted, &sas);
             for b in &wanted.backends {
                 let up = self.shared().infos.get(&b.service).is_some_and(|i| i.up);
-                if !up && self.due(&b.service) {
+                if !up && self.due(&b.service) && self.guard_error.is_none() {
                     let limit = self.settings.initiate_timeout + VICI_TIMEOUT;
                     tokio::time::timeout(limit, self.initiate(&mut client, b))
                         .await
@@ -481,9 +485,10 @@ impl Task {
         inbound: Option<(BTreeMap<String, ClientsInfo>, Vec<Peer>)>,
     ) {
         let mut shared = self.shared();
-        let state = |i: &BTreeMap<String, SaInfo>| -> Vec<(String, bool, Option<SocketAddr>)> {
+        type State = Vec<(String, bool, Option<SocketAddr>, Option<String>)>;
+        let state = |i: &BTreeMap<String, SaInfo>| -> State {
             i.iter()
-                .map(|(n, i)| (n.clone(), i.up, i.backend))
+                .map(|(n, i)| (n.clone(), i.up, i.backend, i.problem.clone()))
                 .collect()
         };
         let mut changed = state(&shared.infos) != state(&infos);
@@ -571,10 +576,13 @@ impl Task {
             names.extend(c.context("list-conns")?.into_keys());
         }
         let wanted = self.wanted.borrow().clone();
-        for name in names {
+        self.held.clear();
+        for name in names.into_iter().filter(|n| n.starts_with(PREFIX)) {
             let wanted_now = wanted.backends.iter().any(|b| b.conn_name() == name)
                 || wanted.responders.iter().any(|r| r.conn_name() == name);
-            if name.starts_with(PREFIX) && !wanted_now {
+            if wanted_now {
+                self.held.insert(name);
+            } else {
                 unload_conn(client, &name).await?;
             }
         }
@@ -621,7 +629,12 @@ impl Task {
             if !self.due(service) {
                 continue;
             }
-            let changed = self.loaded.remove(&name).is_some();
+            let changed = self.loaded.remove(&name).is_some() | self.held.remove(&name);
+            if changed {
+                // Its SAs were authenticated under the settings being replaced: no connection
+                // is forwarded over them from now on.
+                self.settings_changed(service);
+            }
             self.release_key(client, &name).await;
             let refused = match load_key(client, key).await? {
                 Ok(key_id) => {
@@ -639,13 +652,18 @@ impl Task {
             };
             if let Some(why) = refused {
                 // What charon refuses cannot come up; the service stays down with why, and
-                // is tried again after a backoff.
+                // is tried again after a backoff. The version charon still holds goes, with
+                // its SAs.
                 warn!(service = %service, "ipsec: {why}");
+                if changed {
+                    unload_conn(client, &name).await?;
+                    terminate_all(client, &name).await?;
+                }
                 self.fail(service, why);
                 continue;
             }
             if changed {
-                terminate(client, &name).await;
+                terminate_all(client, &name).await?;
             }
             info!(service = %service, connection = %name, "ipsec: connection loaded");
             self.loaded.insert(name, (key.to_vec(), message));
@@ -653,6 +671,33 @@ impl Task {
             self.retry.remove(service);
         }
         Ok(())
+    }
+
+    /// A connection's settings changed: its service counts as down until its SA is up anew.
+    fn settings_changed(&mut self, service: &str) {
+        let mut infos = self.shared().infos.clone();
+        if let Some(info) = infos.get_mut(service) {
+            info.up = false;
+            info.since = None;
+            info.problem = Some("its settings changed; bringing its SA up anew".into());
+        }
+        self.children.remove(service);
+        let wanted = self.wanted.borrow().clone();
+        let inbound = wanted
+            .responders
+            .iter()
+            .any(|r| r.service == service)
+            .then(|| {
+                let shared = self.shared();
+                let peers = shared
+                    .peers
+                    .iter()
+                    .filter(|p| p.service != service)
+                    .cloned()
+                    .collect();
+                (shared.clients.clone(), peers)
+            });
+        self.publish(infos, inbound);
     }
 
     /// Unloads the key of connection `name`, unless another connection uses the same key
@@ -704,7 +749,12 @@ impl Task {
             info.peer = b.addr.ip().to_string();
             info.backend = Some(b.addr);
             info.identity = b.identity.clone();
-            let up = installed(&b.conn_name()).first().copied();
+            // Up only over the connection loaded now, and toward this backend (a reload may
+            // have moved it while the old SA lives on).
+            let loaded = self.loaded.contains_key(&b.conn_name());
+            let up = installed(&b.conn_name())
+                .into_iter()
+                .find(|(_, c)| loaded && c.remote_ts.iter().any(|ts| covers(ts, b.addr.ip())));
             match (up, &self.guard_error) {
                 (Some((ike, c)), None) => {
                     if let Some(id) = ike.remote_id.as_deref() {
@@ -754,6 +804,14 @@ impl Task {
                 info.problem = None;
             }
             info.clients.clear();
+            if let Some(e) = &self.guard_error {
+                // Without the rule that keeps its answers in the SAs, no client is known.
+                info.problem = Some(e.clone());
+                continue;
+            }
+            if !info.loaded {
+                continue;
+            }
             for (ike, c) in installed(&r.conn_name()) {
                 let identity = ike.remote_id.clone().unwrap_or_default();
                 info.clients.push(identity.clone());
@@ -860,6 +918,35 @@ async fn check_backend(client: &mut rsvici::Client) -> anyhow::Result<()> {
             "charon runs without the kernel-libipsec plugin; this relay's fail-closed routing \
              supports charon with kernel-libipsec only (see README, IPsec)"
         );
+    }
+    Ok(())
+}
+
+/// Ends every IKE_SA of connection `name` or carrying one of its CHILD_SAs (charon may have
+/// put it in another connection's IKE_SA), waiting for charon to have done so: a new CHILD_SA
+/// must not be set up inside an IKE_SA authenticated under replaced settings. Other services'
+/// CHILD_SAs in a shared IKE_SA go too; they are brought up again at the next round.
+async fn terminate_all(client: &mut rsvici::Client, name: &str) -> anyhow::Result<()> {
+    #[derive(Serialize)]
+    struct Terminate<'a> {
+        #[serde(rename = "ike-id")]
+        ike_id: &'a str,
+        timeout: i64,
+    }
+    let sas = list_sas(client).await?;
+    for ike in sas
+        .iter()
+        .filter(|ike| ike.name == name || ike.children.values().any(|c| c.name == name))
+    {
+        let _ = client
+            .request::<_, serde::de::IgnoredAny>(
+                "terminate",
+                Terminate {
+                    ike_id: &ike.uniqueid,
+                    timeout: 5000,
+                },
+            )
+            .await;
     }
     Ok(())
 }
@@ -1181,6 +1268,10 @@ struct Child {
 /// An IKE_SA as `list-sas` tells it (the fields the relay reads).
 #[derive(Debug, Deserialize)]
 struct IkeSa {
+    /// Its connection's name (the key `list-sas` gives it under).
+    #[serde(skip)]
+    name: String,
+    uniqueid: String,
     state: String,
     #[serde(rename = "remote-id")]
     remote_id: Option<String>,
@@ -1207,7 +1298,10 @@ async fn list_sas(client: &mut rsvici::Client) -> anyhow::Result<Vec<IkeSa>> {
     pin_mut!(stream);
     let mut sas = Vec::new();
     while let Some(sa) = stream.next().await {
-        sas.extend(sa.context("list-sas")?.into_values());
+        sas.extend(sa.context("list-sas")?.into_iter().map(|(name, mut ike)| {
+            ike.name = name;
+            ike
+        }));
     }
     Ok(sas)
 }

@@ -16,7 +16,7 @@ use relay_tests::{
     netns::{CLIENT4, CLIENT6, GW_CLIENT_IF, SERVER4, SERVER6, Topology, require_root},
     pebble::{Pebble, Place},
     pki::Pki,
-    relay::{Relay, binary},
+    relay::{Relay, binary, cli_on_gateway, start_on_gateway},
 };
 
 const PAGE: &str = "protected page, served in plaintext on the backend port\n";
@@ -93,24 +93,12 @@ impl Gateway {
     }
 
     fn start_relay(&self) -> Relay {
-        Relay::start_with(
-            self.topo
-                .enter(&self.topo.gw, &binary())
-                .args(["run", "--config"])
-                .arg(&self.config),
-        )
-        .expect("relay starts on the gateway")
+        start_on_gateway(&self.topo, &self.config)
     }
 
     /// `relay <args> --config <config>` on the gateway.
     fn relay_cli(&self, args: &[&str]) -> Output {
-        self.topo
-            .enter(&self.topo.gw, &binary())
-            .args(args)
-            .arg("--config")
-            .arg(&self.config)
-            .output()
-            .unwrap()
+        cli_on_gateway(&self.topo, &self.config, args)
     }
 
     /// TLS request from the client to (server, 443): the steered path.

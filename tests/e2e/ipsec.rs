@@ -26,7 +26,7 @@ use relay_tests::{
     http::HttpServer,
     netns::{GW_CLIENT_IF, Topology, in_ns, require_root},
     pki::{CertFiles, Pki},
-    relay::{Relay, binary},
+    relay::{Relay, cli_on_gateway, start_on_gateway},
     wait_until,
 };
 
@@ -147,23 +147,11 @@ impl Site {
     }
 
     fn start_relay(&self) -> Relay {
-        Relay::start_with(
-            self.topo
-                .enter(&self.topo.gw, &binary())
-                .args(["run", "--config"])
-                .arg(&self.config),
-        )
-        .expect("relay starts on the gateway")
+        start_on_gateway(&self.topo, &self.config)
     }
 
     fn relay_cli(&self, args: &[&str]) -> Output {
-        self.topo
-            .enter(&self.topo.gw, &binary())
-            .args(args)
-            .arg("--config")
-            .arg(&self.config)
-            .output()
-            .unwrap()
+        cli_on_gateway(&self.topo, &self.config, args)
     }
 
     fn status(&self) -> Status {

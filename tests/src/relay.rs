@@ -43,6 +43,27 @@ pub fn cli(args: &[&str]) -> Output {
         .expect("run relay binary")
 }
 
+/// `relay run --config <config>` on the gateway of `topo` (its network namespace only, so
+/// that bpffs pins made there outlive it), once it is ready.
+pub fn start_on_gateway(topo: &crate::netns::Topology, config: &Path) -> Relay {
+    Relay::start_with(
+        topo.enter(&topo.gw, &binary())
+            .args(["run", "--config"])
+            .arg(config),
+    )
+    .expect("relay starts on the gateway")
+}
+
+/// `relay <args> --config <config>` on the gateway of `topo`.
+pub fn cli_on_gateway(topo: &crate::netns::Topology, config: &Path, args: &[&str]) -> Output {
+    topo.enter(&topo.gw, &binary())
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("run relay on the gateway")
+}
+
 pub struct Relay {
     child: Child,
     logs: Arc<Mutex<Vec<String>>>,
