@@ -260,8 +260,7 @@ pub struct SaInfo {
     /// The backend the SA protects.
     #[serde(default)]
     pub backend: Option<SocketAddr>,
-    /// The backend's address and the identity it proved (while up) or must prove.
-    pub peer: String,
+    /// The identity the backend proved (while up) or must prove.
     pub identity: String,
     /// Unix seconds the CHILD_SA was installed, while up.
     pub since: Option<u64>,
@@ -512,7 +511,6 @@ impl Task {
         infos.retain(|name, _| wanted.backends.iter().any(|b| &b.service == name));
         for b in &wanted.backends {
             let info = infos.entry(b.service.clone()).or_default();
-            info.peer = b.addr.ip().to_string();
             info.backend = Some(b.addr);
             info.identity = b.identity.clone();
             info.up = false;
@@ -746,7 +744,6 @@ impl Task {
         };
         for b in &wanted.backends {
             let info = infos.entry(b.service.clone()).or_default();
-            info.peer = b.addr.ip().to_string();
             info.backend = Some(b.addr);
             info.identity = b.identity.clone();
             // Up only over the connection loaded now, and toward this backend (a reload may

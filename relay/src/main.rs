@@ -320,7 +320,11 @@ fn print_ipsec(services: &[relay::control::ServiceInfo]) {
             "  {:<20} {:<6} {:<40} {:>6} {:>8} {:>6}",
             v.name,
             state,
-            format!("{} ({})", sa.peer, sa.identity),
+            format!(
+                "{} ({})",
+                sa.backend.map(|b| b.to_string()).unwrap_or_default(),
+                sa.identity
+            ),
             sa.initiations,
             sa.failures,
             sa.rekeys
@@ -578,20 +582,13 @@ fn detach(config: Option<&Path>) -> anyhow::Result<()> {
     if let Some(path) = config {
         let c = Config::load(path)?;
         if let Some(settings) = &c.ipsec {
-            let ipsec = |l: relay::config::Level| l == relay::config::Level::Ipsec;
-            let addrs: Vec<std::net::IpAddr> = c
-                .services
-                .iter()
-                .filter(|s| ipsec(s.outbound.level))
-                .map(|s| s.backend_addr().ip())
-                .collect();
-            let listens: Vec<std::net::SocketAddr> = c
-                .services
-                .iter()
-                .filter(|s| ipsec(s.inbound.level))
-                .filter_map(|s| s.listen)
-                .collect();
-            removed.extend(relay::ipsec::remove_guard(settings, &addrs, &listens));
+            // What is guarded follows from the services alone; their files are not needed.
+            let wanted = relay::ipsec::Wanted::of(&c.services, &Default::default());
+            removed.extend(relay::ipsec::remove_guard(
+                settings,
+                &wanted.guarded(),
+                &wanted.listeners(),
+            ));
         }
     }
     if removed.is_empty() {
